@@ -1,0 +1,1643 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch",
+#     "torchvision",
+#     "transformers>=5.0",
+#     "accelerate>=1.0",
+#     "openai>=1.40",
+#     "pillow>=10.0",
+#     "tqdm",
+#     "python-dotenv",
+#     "num2words",
+# ]
+# ///
+"""Turn a folder of images and hand-written captions into rich training captions.
+
+For every image `photo.jpg` (with an optional manual caption `photo.txt` beside it):
+
+    photo_generated.txt   what a vision-language model sees in the image
+    photo_combined.txt    the manual and generated captions merged by an LLM
+
+Both are caches: a rerun (after a crash, a Ctrl-C, or from cron) redoes only what is missing.
+
+    accelerate launch enhance_captions.py --dataset_dir images/ \\
+        --model_id florence-community/Florence-2-base --prompt "<MORE_DETAILED_CAPTION>" \\
+        --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+
+Map of this file, top to bottom:
+    constants and types        Config, Item, Failure, Stats
+    pure functions             discovery, caches, images, prompts, reply cleaning, sharding
+    rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
+    chat backends              the OpenAI-compatible endpoint, and a local transformers LLM
+    request with retries       complete_item(): where a reply is checked, cleaned and retried
+    vision captioners          one local path chosen by the processor's capabilities, or a served model
+    stages                     the vision loop, the async LLM stage, overlap or one after the other
+    run()                      orchestration for one process
+    CLI                        build_parser(), main()
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: no dataset lock
+    fcntl = None
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
+GENERATED_SUFFIX = "_generated.txt"
+COMBINED_SUFFIX = "_combined.txt"
+LOCK_NAME = ".enhance_captions.lock"
+SCRIPT_DIR = Path(__file__).resolve().parent
+DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
+DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
+DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_TASK_PROMPT = "<MORE_DETAILED_CAPTION>"
+DEFAULT_CHAT_PROMPT = (
+    "Describe this image in one detailed paragraph for a training caption: subject, clothing, pose, "
+    "setting, lighting, colours, composition and style. State only what is visible."
+)
+# PIL's own decompression-bomb threshold; larger images are refused before their pixels are allocated.
+MAX_IMAGE_PIXELS = 89_478_485
+WINDOW_SECONDS = 60.0
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+STAGE_INPUT, STAGE_VISION, STAGE_LLM = "input", "vision", "llm"
+
+
+class UsageError(Exception):
+    """A configuration or usage problem: one line, exit 2."""
+
+
+class FatalEndpointError(Exception):
+    """The endpoint refuses every request (bad key, unknown model, wrong URL): stop the run, exit 2."""
+
+
+class ItemError(Exception):
+    """One item failed; the run goes on."""
+
+
+# --------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset_dir: Path
+    model_id: str = DEFAULT_MODEL_ID
+    prompt: str | None = None
+    revision: str = "main"
+    trust_remote_code: bool = False
+    system_prompt: str = ""
+    vlm_system_prompt: str | None = None
+    base_url: str | None = None
+    model: str = "llama-3.3-70b-versatile"
+    api_key: str | None = None
+    local_llm: str | None = None
+    vlm_base_url: str | None = None
+    vlm_model: str | None = None
+    vlm_max_side: int = 1024
+    vlm_rpm: float = 0
+    cache_generated: bool = True
+    caption_extension: str = ".txt"
+    rpm: float = 0
+    tpm: float = 0
+    concurrency: int = 16
+    batch_size: int = 8
+    num_workers: int = 2
+    overlap: bool = False
+    max_new_tokens: int = 256
+    max_tokens: int = 512
+    temperature: float = 0.3
+    repetition_penalty: float | None = None
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    device_map: str | None = None
+    quantization: str | None = None
+    max_retries: int = 5
+    timeout: float = 120.0
+    keep_tokens: int = 0
+    limit: int | None = None
+    overwrite: str | None = None
+    dry_run: bool = False
+    export: str | None = None
+    report: Path | None = None
+    verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
+
+
+@dataclasses.dataclass
+class Item:
+    """One image and what is known about it so far."""
+
+    image: Path
+    caption_path: Path
+    generated: str | None = None
+    combined: str | None = None
+
+    @property
+    def base(self) -> Path:
+        return self.image.with_suffix("")
+
+    @property
+    def generated_path(self) -> Path:
+        return self.base.parent / (self.base.name + GENERATED_SUFFIX)
+
+    @property
+    def combined_path(self) -> Path:
+        return self.base.parent / (self.base.name + COMBINED_SUFFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    path: str
+    stage: str
+    error: str
+
+
+@dataclasses.dataclass
+class Stats:
+    counts: dict[str, collections.Counter] = dataclasses.field(
+        default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)}
+    )
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    fatal: str | None = None
+    signal: int | None = None
+
+    def fail(self, path: Path | str, stage: str, error: str) -> None:
+        self.failures.append(Failure(str(path), stage, error))
+        if stage in self.counts:
+            self.counts[stage]["failed"] += 1
+
+    def merge(self, other: Stats) -> None:
+        for stage, counter in other.counts.items():
+            self.counts[stage].update(counter)
+        self.failures.extend(other.failures)
+        self.fatal = self.fatal or other.fatal
+        self.signal = self.signal or other.signal
+
+    def exit_code(self) -> int:
+        if self.fatal:
+            return EXIT_USAGE
+        if self.signal:
+            return EXIT_FOR_SIGNAL.get(self.signal, 128 + self.signal)
+        return EXIT_FAILED if self.failures else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: discovery, caches, images, prompts, reply cleaning, sharding
+# --------------------------------------------------------------------------------------------
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")  # also AppleDouble "._x.jpg" and our own temporary files
+
+
+def walk_images(root: Path) -> tuple[list[Path], list[Failure]]:
+    """All images under root, sorted; follows directory symlinks but reports loops instead of hanging."""
+    found, problems, seen = [], [], set()
+
+    def visit(folder: Path) -> None:
+        real = folder.resolve()
+        if real in seen:
+            problems.append(Failure(str(folder), STAGE_INPUT, "symlink loop (folder already visited), skipped"))
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            problems.append(Failure(str(folder), STAGE_INPUT, f"cannot list folder: {e.strerror or e}"))
+            return
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    visit(path)
+                elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(path)
+            except OSError as e:
+                problems.append(Failure(str(path), STAGE_INPUT, f"cannot read: {e.strerror or e}"))
+
+    visit(root)
+    return sorted(found), problems
+
+
+def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Item], list[Failure]]:
+    """One Item per image; images whose caches or captions would collide are reported, not processed."""
+    items = [Item(image=p, caption_path=p.with_suffix(caption_extension)) for p in images]
+    by_base = collections.defaultdict(list)
+    for item in items:
+        by_base[item.base].append(item)
+    outputs = {item.generated_path: item for item in items} | {item.combined_path: item for item in items}
+    bad: dict[Path, str] = {}
+    for group in by_base.values():
+        if len(group) > 1:
+            names = ", ".join(i.image.name for i in group)
+            for item in group:
+                bad[item.image] = f"shares its stem with another image ({names}): their caches would collide; rename one"
+    for item in items:
+        other = outputs.get(item.caption_path)
+        if other is not None and other is not item:
+            for clash in (item, other):
+                bad[clash.image] = (
+                    f"{item.image.name}'s caption file {item.caption_path.name} is also "
+                    f"{other.image.name}'s cache file; rename one"
+                )
+    failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
+    return [i for i in items if i.image not in bad], failures
+
+
+def read_text(path: Path) -> str | None:
+    """A UTF-8 text file (BOM allowed), stripped; None when missing or blank. Raises ItemError if undecodable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ItemError(f"cannot read {path.name}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise ItemError(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+    return text or None
+
+
+def read_cache(path: Path) -> str | None:
+    """A cache is reused as is when non-empty; an empty, blank or unreadable one counts as missing."""
+    try:
+        return read_text(path)
+    except ItemError:
+        return None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a hidden temporary file in the same folder and rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text.strip() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Open one image as upright RGB, or raise ItemError with a reason a person can act on."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size  # header only: a bomb is refused before its pixels exist
+            if width * height > max_pixels:
+                raise ItemError(f"image is {width}x{height} pixels, over the {max_pixels:,} limit (decompression bomb?)")
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+    except ItemError:
+        raise
+    except UnidentifiedImageError as e:
+        size = path.stat().st_size if path.exists() else 0
+        raise ItemError("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ItemError(f"cannot decode image: {reason}") from e
+
+
+def to_rgb(img):
+    """RGB for any mode: 16-bit scaled down, transparency composited on white, CMYK converted."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def image_data_url(path: Path, max_side: int) -> str:
+    """A JPEG data URL of the image, its longest side at most max_side, for served vision models."""
+    img = load_image(path)
+    img.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def build_user_message(manual: str | None, generated: str, reminder: Sequence[str] = ()) -> str:
+    """The LLM's user turn: each caption once, clearly labelled; says so when there is no manual caption."""
+    parts = []
+    if manual:
+        parts.append(f"Manual caption (written by a person; keep every fact, name and trigger word):\n{manual}")
+    else:
+        parts.append("There is no manual caption for this image; write the caption from the generated one.")
+    parts.append(f"Generated caption (from a vision model; use it for visual detail):\n{generated}")
+    if reminder:
+        quoted = ", ".join(f'"{r}"' for r in reminder)
+        parts.append(f"Your caption must contain these exact phrases, verbatim: {quoted}.")
+    return "\n\n".join(parts)
+
+
+def keep_token_parts(manual: str | None, keep_tokens: int) -> list[str]:
+    """The first N comma-separated parts of the manual caption: trigger words and names that must survive."""
+    if not manual or keep_tokens <= 0:
+        return []
+    parts = [p.strip() for p in manual.split(",")]
+    return [p for p in parts if p][:keep_tokens]
+
+
+THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+CODE_FENCE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|certainly|okay|ok)[,!.]?\s*)?"
+    r"(?:(?:here(?:'s| is)|below is|this is)\b[^:\n]{0,80}:|(?:\*\*)?(?:the\s+)?(?:combined|final|enhanced|merged)?\s*caption(?:\*\*)?\s*:(?:\*\*)?)\s*",
+    re.IGNORECASE,
+)
+QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
+REFUSAL = re.compile(
+    r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:'|no)t|i cannot|i'?m unable|i am unable|i won'?t|as an ai\b)",
+    re.IGNORECASE,
+)
+
+
+def clean_reply(text: str | None) -> str:
+    """Strip reasoning, preambles, fences and quotes from a reply; collapse it to one paragraph."""
+    text = text or ""
+    if "</think>" in text and "<think>" not in text:  # some reasoning servers drop the opening tag
+        text = text.rsplit("</think>", 1)[1]
+    text = THINK_BLOCK.sub("", text).strip()
+    fenced = CODE_FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    text = PREAMBLE.sub("", text, count=1).strip()
+    while len(text) >= 2 and QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return " ".join(text.split())
+
+
+def reply_problem(text: str, finish_reason: str | None) -> str | None:
+    """Why a cleaned reply must not be cached, or None when it is fine."""
+    if finish_reason == "length":
+        return "reply cut off at --max_tokens (finish_reason=length)"
+    if not re.search(r"\w", text):
+        return "empty reply"
+    if REFUSAL.match(text):
+        return f"refusal: {text[:60]!r}"
+    return None
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def process_share(total: int, index: int, count: int) -> int:
+    """This process's whole-number share of a per-run budget; the shares add up to the total exactly."""
+    return total // count + (1 if index < total % count else 0)
+
+
+def redact(text: str, secret: str | None) -> str:
+    text = re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)  # credentials inside a URL
+    return text.replace(secret, "***") if secret else text
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limiter
+# --------------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
+
+    Sits on the HTTP layer, so the openai client's own retries are counted too. A 429 with
+    Retry-After pauses every request of the run, not only the one that got it. Waits, never fails.
+    """
+
+    def __init__(self, requests: int = 0, tokens: int = 0, clock=time.monotonic, sleep=None):
+        self.requests, self.tokens = requests, tokens
+        self.clock, self.sleep = clock, sleep or asyncio.sleep
+        self.sent: collections.deque[list] = collections.deque()  # [time, tokens] per request
+        self.paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
+
+    def _wait(self, now: float, tokens: int) -> float:
+        while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
+            self.sent.popleft()
+        waits = [self.paused_until - now]
+        if self.requests and len(self.sent) >= self.requests:
+            waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
+        if self.tokens and self.sent:
+            used, excess = sum(t for _, t in self.sent), 0
+            excess = used + tokens - self.tokens
+            for when, spent in self.sent:  # wait until enough old tokens leave the window
+                if excess <= 0:
+                    break
+                excess -= spent
+                waits.append(when + WINDOW_SECONDS - now)
+        return max(waits)
+
+    async def acquire(self, tokens: int = 0) -> list:
+        while True:
+            now = self.clock()
+            wait = self._wait(now, tokens)
+            if wait <= 0:
+                entry = [now, tokens]
+                self.sent.append(entry)
+                return entry
+            await self.sleep(wait)
+
+
+# --------------------------------------------------------------------------------------------
+# Chat backends: an OpenAI-compatible endpoint, or a local transformers LLM
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str | None
+
+
+class EndpointChat:
+    """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, model: str, limiter: RateLimiter,
+                 max_retries: int, timeout: float, max_tokens: int, temperature: float):
+        import openai
+
+        self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.limiter, self.api_key, self.base_url = limiter, api_key, base_url
+        self.openai = openai
+        self.pending_usage: dict[int, list] = {}
+        http = openai.DefaultAsyncHttpxClient(
+            event_hooks={"request": [self._before_request], "response": [self._after_response]}
+        )
+        # A local server needs no key, but the client insists on one.
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
+                                         max_retries=max_retries, timeout=timeout, http_client=http)
+
+    async def _before_request(self, request) -> None:
+        if request.method != "POST":
+            return
+        try:
+            body = json.loads(request.content or b"{}")
+        except ValueError:
+            body = {}
+        estimate = estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
+        self.pending_usage[id(request)] = await self.limiter.acquire(estimate)
+
+    async def _after_response(self, response) -> None:
+        entry = self.pending_usage.pop(id(response.request), None)
+        retry_after = response.headers.get("retry-after")
+        if response.status_code in (429, 503) and retry_after:
+            with contextlib.suppress(ValueError):
+                self.limiter.pause(min(float(retry_after), 600.0))
+        if entry is not None and self.limiter.tokens and response.status_code == 200:
+            await response.aread()
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                entry[1] = int(json.loads(response.content)["usage"]["total_tokens"])
+
+    async def check(self) -> None:
+        """Fail fast, before any model loads, on an endpoint that is down or refuses the key."""
+        try:
+            await self.client.with_options(max_retries=1, timeout=min(self.timeout_hint, 15)).models.list()
+        except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as e:
+            raise FatalEndpointError(self._explain(e)) from e
+        except self.openai.APIConnectionError as e:
+            raise FatalEndpointError(f"cannot reach the endpoint {redact(str(self.client.base_url), self.api_key)}: "
+                                     f"{type(e).__name__}; is the server running and --base_url right?") from e
+        except self.openai.APIError:
+            pass  # the endpoint answers; some servers do not list models
+
+    timeout_hint = 15.0
+
+    def _explain(self, e: Exception) -> str:
+        url = redact(str(self.client.base_url), self.api_key)
+        status = getattr(e, "status_code", None)
+        if status == 401:
+            return f"the endpoint {url} rejected the API key (401); check OPENAI_API_KEY"
+        if status == 403:
+            return f"the endpoint {url} refused access (403); check OPENAI_API_KEY and its permissions"
+        if status == 404:
+            return f"the endpoint {url} answered 404 for model {self.model!r}: unknown model or wrong --base_url"
+        return f"the endpoint {url} failed: {redact(str(e), self.api_key)}"
+
+    async def complete(self, messages: list[dict]) -> Reply:
+        o = self.openai
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
+        except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
+            raise FatalEndpointError(self._explain(e)) from e
+        except o.APIStatusError as e:
+            raise ItemError(f"endpoint answered {e.status_code}: {redact(e.message, self.api_key)[:200]}") from e
+        except o.APITimeoutError as e:
+            raise ItemError("request timed out (--timeout)") from e
+        except o.APIConnectionError as e:
+            raise ItemError(f"connection failed: {redact(str(e), self.api_key)[:200]}") from e
+        except (o.APIResponseValidationError, ValueError) as e:
+            raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
+        if not getattr(response, "choices", None):
+            raise RetryableReply("reply has no choices")
+        choice = response.choices[0]
+        return Reply(choice.message.content or "", choice.finish_reason)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class RetryableReply(ItemError):
+    """A reply that came back broken (not JSON, no choices): worth asking again."""
+
+
+class LocalChat:
+    """A transformers causal LM in this process; concurrent requests are gathered into batches."""
+
+    def __init__(self, model_id: str, device, dtype, batch_size: int, max_tokens: int, temperature: float,
+                 revision: str = "main", trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision,
+                                                       trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype).to(device).eval()
+        self.device, self.batch_size = device, batch_size
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.queue: list[tuple[list[dict], asyncio.Future]] = []
+        self.busy = False
+
+    async def complete(self, messages: list[dict]) -> Reply:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((messages, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                await asyncio.sleep(0)  # let the other workers queue their requests into this batch
+                batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
+                try:
+                    replies = await loop.run_in_executor(None, self._generate, [m for m, _ in batch])
+                except Exception as e:  # one broken batch fails its items, not the run
+                    for _, future in batch:
+                        future.set_exception(ItemError(f"local LLM failed: {e}"))
+                    continue
+                for (_, future), reply in zip(batch, replies):
+                    future.set_result(reply)
+        finally:
+            self.busy = False
+
+    def _generate(self, conversations: list[list[dict]]) -> list[Reply]:
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sample = self.temperature > 0
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=sample,
+                                      temperature=self.temperature if sample else None,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        replies = []
+        for row in new.tolist():
+            stopped = any(t in eos for t in row)
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            replies.append(Reply(text, "stop" if stopped or len(row) < self.max_tokens else "length"))
+        return replies
+
+    async def check(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# One request with retries: where a reply is checked, cleaned and asked again
+# --------------------------------------------------------------------------------------------
+
+
+async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], max_retries: int,
+                        must_keep: Sequence[str] = (), sleep=asyncio.sleep) -> str:
+    """Ask until the reply is usable. Transport errors were already retried by the openai client;
+    here bad replies (broken, empty, refused, cut off, missing kept tokens) are asked again."""
+    reminder: Sequence[str] = ()
+    problem = "no attempt made"
+    for attempt in range(max_retries + 1):
+        if attempt:
+            await sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+        try:
+            reply = await backend.complete(build(reminder))
+        except RetryableReply as e:
+            problem = str(e)
+            continue
+        text = clean_reply(reply.text)
+        problem = reply_problem(text, reply.finish_reason)
+        if problem:
+            continue
+        missing = [part for part in must_keep if part not in text]
+        if not missing:
+            return text
+        if reminder:  # the reminder did not help: put the missing parts at the front ourselves
+            return ", ".join(missing) + ", " + text
+        reminder, problem = must_keep, f"reply dropped kept tokens {missing}"
+    raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
+
+
+# --------------------------------------------------------------------------------------------
+# Vision captioners: one local path chosen by the processor's capabilities, or a served model
+# --------------------------------------------------------------------------------------------
+
+
+class LocalCaptioner:
+    """A transformers image-to-text model. `prepare` runs in DataLoader workers, `caption` on the device.
+
+    How a batch is built and decoded depends only on what the processor offers:
+      post_process_generation -> task-token model (Florence-2): prompt as text, processor's post-processing
+      chat_template           -> chat model (Qwen-VL, SmolVLM, LLaVA, Janus, ...): a chat turn, new tokens only
+      otherwise               -> plain captioner (BLIP): image (and optional prompt prefix) in, text out
+    """
+
+    KINDS = "task-token models (Florence-2), chat-template vision models (Qwen-VL, SmolVLM, LLaVA, Janus, ...) " \
+            "and plain image captioners (BLIP)"
+
+    def __init__(self, processor, model, prompt: str | None, system_prompt: str | None, generate_kwargs: dict):
+        self.processor, self.model = processor, model
+        self.kind = self.kind_of(processor)
+        self.prompt = prompt if prompt is not None else self.default_prompt(self.kind)
+        self.system_prompt = system_prompt
+        self.generate_kwargs = generate_kwargs
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None and not getattr(model.config, "is_encoder_decoder", False):
+            tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
+
+    @staticmethod
+    def kind_of(processor) -> str:
+        if callable(getattr(processor, "post_process_generation", None)):
+            return "task"
+        if getattr(processor, "chat_template", None):
+            return "chat"
+        if getattr(processor, "image_processor", None) is not None and getattr(processor, "tokenizer", None):
+            return "plain"
+        raise UsageError(f"{type(processor).__name__} fits no supported kind; supported: {LocalCaptioner.KINDS}")
+
+    @staticmethod
+    def default_prompt(kind: str) -> str:
+        return {"task": DEFAULT_TASK_PROMPT, "chat": DEFAULT_CHAT_PROMPT, "plain": ""}[kind]
+
+    def prepare(self, images: list) -> Any:
+        if self.kind == "task":
+            inputs = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt")
+        elif self.kind == "chat":
+            inputs = self.processor.apply_chat_template(
+                [self.conversation(img) for img in images], add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt", padding=True)
+        else:
+            text = [self.prompt] * len(images) if self.prompt else None
+            inputs = self.processor(images=images, text=text, return_tensors="pt", padding=True)
+        return inputs, [img.size for img in images]
+
+    def conversation(self, image) -> list[dict]:
+        turns = []
+        if self.system_prompt:
+            turns.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        turns.append({"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": self.prompt}]})
+        return turns
+
+    def caption(self, prepared) -> list[str]:
+        import torch
+
+        inputs, sizes = prepared
+        inputs = inputs.to(self.model.device)
+        for key, value in inputs.items():  # pixel values follow the model's dtype; ids stay integers
+            if torch.is_floating_point(value):
+                inputs[key] = value.to(self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generate_kwargs)
+        if self.kind == "task":
+            texts = self.processor.batch_decode(out, skip_special_tokens=False)
+            return [self.processor.post_process_generation(t, task=self.prompt, image_size=s)[self.prompt]
+                    for t, s in zip(texts, sizes)]
+        if self.kind == "chat" or not getattr(self.model.config, "is_encoder_decoder", False):
+            out = out[:, inputs["input_ids"].shape[1]:] if out.shape[1] > inputs["input_ids"].shape[1] else out
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [self.strip_prompt(t) for t in texts]
+
+    def strip_prompt(self, text: str) -> str:
+        text = text.strip()
+        if self.kind == "plain" and self.prompt and text.lower().startswith(self.prompt.lower()):
+            text = text[len(self.prompt):]  # BLIP echoes a conditional prompt
+        return text.strip()
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_captioner(cfg: Config, device) -> LocalCaptioner:
+    """The model loader: processor and model by path or Hub id, with one clear line for what is missing."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.model_id, **common)
+    except ImportError as e:
+        if "torchvision" in str(e).lower():
+            raise UsageError(f"{cfg.model_id}'s processor needs torchvision: pip install torchvision") from e
+        raise UsageError(f"cannot load the processor of {cfg.model_id}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the processor of {cfg.model_id}: {str(e).splitlines()[0]}") from e
+    LocalCaptioner.kind_of(processor)  # fail before the weights load
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = dict(common, dtype=dtype)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    if cfg.quantization:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--quantization {cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from e
+        bits = {"load_in_4bit": True} if cfg.quantization == "4bit" else {"load_in_8bit": True}
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**bits, bnb_4bit_compute_dtype=dtype)
+        kwargs.setdefault("device_map", {"": device})
+    model = None
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):  # remote-code models may register only the latter
+        try:
+            model = auto.from_pretrained(cfg.model_id, **kwargs)
+            break
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise UsageError(f"cannot load {cfg.model_id}: {str(e).splitlines()[0]}") from e
+        except OSError as e:
+            raise UsageError(f"cannot load {cfg.model_id}: {str(e).splitlines()[0]}") from e
+    if model is None:
+        raise UsageError(f"{cfg.model_id} is not an image-to-text model; supported: {LocalCaptioner.KINDS}")
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    model.eval()
+
+    generate_kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+    if cfg.repetition_penalty:
+        generate_kwargs["repetition_penalty"] = cfg.repetition_penalty
+    return LocalCaptioner(processor, model, cfg.prompt, cfg.vlm_system_prompt, generate_kwargs)
+
+
+def free_model(*objects) -> None:
+    """Drop the references and give the GPU memory back before the next model or server needs it."""
+    import torch
+
+    for obj in objects:
+        del obj
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ImageFolder:
+    """A torch Dataset of items: each read returns (position, image or None, error or None)."""
+
+    def __init__(self, items: Sequence[Item]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, load_image(self.items[index].image), None
+        except ItemError as e:
+            return index, None, str(e)
+
+
+def worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers decode; leave the cores to the model
+
+
+def make_collate(captioner: LocalCaptioner):
+    def collate(batch):
+        good = [(i, img) for i, img, _ in batch if img is not None]
+        errors = [(i, err) for i, _, err in batch if err is not None]
+        prepared = captioner.prepare([img for _, img in good]) if good else None
+        return [i for i, _ in good], prepared, errors
+    return collate
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and messages: one reporter prints
+# --------------------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Prints on the main process; bars on a terminal, a line every few seconds elsewhere (cron, CI, tee)."""
+
+    def __init__(self, verbosity: int, is_main: bool, stream=None):
+        self.verbosity, self.is_main = verbosity, is_main
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+
+    def info(self, message: str) -> None:
+        if self.is_main and self.verbosity >= 1:
+            self._write(message)
+
+    def detail(self, message: str) -> None:
+        if self.verbosity >= 2:
+            self._write(message)
+
+    def warn(self, message: str) -> None:
+        self._write(message)
+
+    def _write(self, message: str) -> None:
+        from tqdm import tqdm
+
+        with self.lock:
+            tqdm.write(message, file=self.stream)
+
+    def progress(self, name: str, total: int) -> Progress:
+        return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total > 0)
+
+
+class Progress:
+    def __init__(self, reporter: Reporter, name: str, total: int, enabled: bool, every: float = 5.0):
+        self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
+        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+        self.lock = threading.Lock()
+        self.bar = None
+        if enabled and reporter.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="img", file=reporter.stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+            elif time.monotonic() - self.last >= self.every or self.done == self.total:
+                self.last = time.monotonic()
+                self.reporter._write(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
+        return f"{self.name}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta_text})"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+class AsyncStage:
+    """Bounded concurrent workers on an event loop thread; any thread can submit items.
+
+    `handle(item)` does one item and raises ItemError to fail it; FatalEndpointError stops the stage.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
+                 handle: Callable[[Item], Any], stats: Stats, progress: Progress, stop: threading.Event):
+        self.loop, self.name, self.handle = loop, name, handle
+        self.stats, self.progress, self.stop = stats, progress, stop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.done = asyncio.run_coroutine_threadsafe(self._run(concurrency), loop)
+
+    def submit(self, item: Item | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def close(self) -> None:
+        self.submit(None)
+
+    async def _run(self, concurrency: int) -> None:
+        workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
+        await asyncio.gather(*workers)
+
+    async def _work(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if item is None:  # closing: pass the word on to the next worker
+                self.queue.put_nowait(None)
+                return
+            if self.stop.is_set():
+                continue  # stopping: leave the rest for the next run
+            try:
+                await self.handle(item)
+                self.stats.counts[self.name]["done"] += 1
+            except ItemError as e:
+                self.stats.fail(item.image, self.name, str(e))
+            except FatalEndpointError as e:
+                if not self.stats.fatal:
+                    self.stats.fatal = str(e)
+                self.stop.set()
+            except Exception as e:  # a bug or an unexpected library error: fail the item, keep its reason
+                self.stats.fail(item.image, self.name, f"{type(e).__name__}: {e}")
+            self.progress.update()
+
+
+class EventLoopThread:
+    """An asyncio loop in a background thread, for the request stages while torch runs in the main one."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="requests", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+def wait_future(future) -> None:
+    """Wait for a stage in slices, so signal handlers keep running in the main thread."""
+    while True:
+        try:
+            future.result(timeout=0.2)
+            return
+        except TimeoutError:
+            continue
+
+
+def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
+                    progress: Progress, reporter: Reporter, stop: threading.Event,
+                    on_caption: Callable[[Item], None]) -> None:
+    """The vision loop: decode in DataLoader workers, generate per batch, write each batch's captions at once."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ImageFolder(items), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        collate_fn=make_collate(captioner), worker_init_fn=worker_init if cfg.num_workers else None,
+                        prefetch_factor=2 if cfg.num_workers else None)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+        for indices, prepared, errors in loader:
+            for index, error in errors:
+                stats.fail(items[index].image, STAGE_VISION, error)
+                reporter.warn(f"{items[index].image}: {error}")
+            if indices:
+                try:
+                    captions = captioner.caption(prepared)
+                except Exception as e:  # one bad batch does not stop the run
+                    for index in indices:
+                        stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
+                    captions = []
+                for index, text in zip(indices, captions):
+                    item, text = items[index], " ".join(text.split())
+                    if not text:
+                        stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
+                        continue
+                    item.generated = text
+                    stats.counts[STAGE_VISION]["done"] += 1
+                    if cfg.cache_generated:
+                        writer.submit(save_then, item.generated_path, text, lambda it=item: on_caption(it))
+                    else:
+                        on_caption(item)
+                    reporter.detail(f"captioned {item.image}")
+            progress.update(len(indices) + len(errors))
+            if stop.is_set():
+                break
+
+
+def save_then(path: Path, text: str, then: Callable[[], None]) -> None:
+    atomic_write(path, text)
+    then()
+
+
+def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
+    messages = []
+    if cfg.vlm_system_prompt:
+        messages.append({"role": "system", "content": cfg.vlm_system_prompt})
+    messages.append({"role": "user", "content": [{"type": "text", "text": prompt},
+                                                 {"type": "image_url", "image_url": {"url": url}}]})
+    return messages
+
+
+def llm_messages(item: Item, system_prompt: str, manual: str | None, reminder: Sequence[str]) -> list[dict]:
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": build_user_message(manual, item.generated or "", reminder)}]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and sharding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    items: list[Item]
+    to_generate: list[Item]
+    to_combine: list[Item]
+    failures: list[Failure]
+    cached_generated: int = 0
+    cached_combined: int = 0
+
+
+def plan_work(cfg: Config) -> Plan:
+    """Find the images, read the caches, and decide what each image still needs."""
+    images, failures = walk_images(cfg.dataset_dir)
+    items, conflicts = pair_items(images, cfg.caption_extension)
+    plan = Plan(items, [], [], failures + conflicts)
+    redo_generated = cfg.overwrite in ("generated", "all")
+    redo_combined = cfg.overwrite in ("combined", "all")
+    budget = cfg.limit
+    for item in items:
+        combined = None if redo_combined else read_cache(item.combined_path)
+        generated = None if redo_generated else read_cache(item.generated_path)
+        needs_combined = combined is None
+        needs_generated = generated is None and (cfg.cache_generated or needs_combined)
+        if (needs_combined or needs_generated) and budget is not None:
+            if budget <= 0:
+                continue
+            budget -= 1
+        item.generated, item.combined = generated, combined
+        plan.cached_generated += generated is not None
+        plan.cached_combined += combined is not None
+        if needs_generated:
+            plan.to_generate.append(item)
+        if needs_combined:
+            plan.to_combine.append(item)
+    return plan
+
+
+def my_share(state, items: list[Item]) -> list[Item]:
+    with state.split_between_processes(items) as share:
+        return list(share)
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# run(): orchestration for one process
+# --------------------------------------------------------------------------------------------
+
+
+def make_chat(cfg: Config, state):
+    """The LLM client factory: the endpoint with this process's share of the rate limits, or a local LLM."""
+    if cfg.local_llm:
+        return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
+                         cfg.max_tokens, cfg.temperature, trust_remote_code=cfg.trust_remote_code)
+    limiter = RateLimiter(requests=process_share(cfg.rpm, state.process_index, state.num_processes),
+                          tokens=process_share(cfg.tpm, state.process_index, state.num_processes))
+    return EndpointChat(cfg.base_url, cfg.api_key, cfg.model, limiter, cfg.max_retries, cfg.timeout,
+                        cfg.max_tokens, cfg.temperature)
+
+
+def make_vision_chat(cfg: Config, state) -> EndpointChat:
+    limiter = RateLimiter(requests=process_share(cfg.vlm_rpm, state.process_index, state.num_processes))
+    return EndpointChat(cfg.vlm_base_url, cfg.api_key, cfg.vlm_model, limiter, cfg.max_retries, cfg.timeout,
+                        cfg.max_new_tokens, 0.0)
+
+
+def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Event, *,
+        make_captioner=load_captioner, make_llm=make_chat) -> Stats:
+    """Caption and merge this process's share of the plan; returns its Stats for main() to gather."""
+    stats = Stats()
+    generating = {id(i) for i in plan.to_generate}
+    to_combine = {id(i) for i in plan.to_combine}
+    vision_items = my_share(state, plan.to_generate)
+    llm_only = my_share(state, [i for i in plan.to_combine if id(i) not in generating])
+    n_llm = len(llm_only) + sum(id(i) in to_combine for i in vision_items)
+    if not vision_items and not n_llm:
+        return stats
+
+    events = EventLoopThread()
+    chat = None
+    llm_stage: AsyncStage | None = None
+    llm_progress = reporter.progress("llm", n_llm)
+
+    async def merge(item: Item) -> None:
+        manual = read_text(item.caption_path)
+        text = await complete_item(chat, lambda reminder: llm_messages(item, cfg.system_prompt, manual, reminder),
+                                   cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
+        atomic_write(item.combined_path, text)
+        item.combined = text
+        reporter.detail(f"merged {item.image}")
+
+    def start_llm() -> AsyncStage:
+        nonlocal chat
+        chat = make_llm(cfg, state)
+        stage = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop)
+        for item in llm_only:
+            stage.submit(item)
+        return stage
+
+    def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
+        if llm_stage is not None and id(item) in to_combine:
+            llm_stage.submit(item)
+
+    # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
+    overlap = cfg.overlap and not cfg.local_llm
+    try:
+        if n_llm and overlap:
+            llm_stage = start_llm()
+        if vision_items:
+            vision_progress = reporter.progress("vision", len(vision_items))
+            if cfg.vlm_base_url:
+                caption_served(cfg, state, events, vision_items, stats, vision_progress, stop, forward)
+            else:
+                captioner = make_captioner(cfg, state.device)
+                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, forward)
+                free_model(captioner)
+                del captioner
+            vision_progress.close()
+        if n_llm and llm_stage is None and not stop.is_set():
+            llm_stage = start_llm()
+            for item in vision_items:
+                if item.generated is not None:
+                    forward(item)
+        if llm_stage is not None:
+            llm_stage.close()
+            wait_future(llm_stage.done)
+        llm_progress.close()
+    finally:
+        if chat is not None:
+            with contextlib.suppress(Exception):
+                events.run(chat.close(), timeout=10)
+        events.close()
+    return stats
+
+
+def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[Item], stats: Stats,
+                   progress: Progress, stop: threading.Event, on_caption: Callable[[Item], None]) -> None:
+    """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
+    chat = make_vision_chat(cfg, state)
+    prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
+
+    async def describe(item: Item) -> None:
+        url = await asyncio.to_thread(image_data_url, item.image, cfg.vlm_max_side)
+        messages = vision_messages(url, cfg, prompt)
+        text = await complete_item(chat, lambda _: messages, cfg.max_retries)
+        if cfg.cache_generated:
+            atomic_write(item.generated_path, text)
+        item.generated = text
+        on_caption(item)
+
+    stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop)
+    for item in items:
+        stage.submit(item)
+    stage.close()
+    wait_future(stage.done)
+    events.run(chat.close(), timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Around the run: lock, signals, preflight, dry run, summary, report, export
+# --------------------------------------------------------------------------------------------
+
+
+class DatasetLock:
+    """One run per dataset folder. flock is released by the kernel when the owner dies, so it never goes stale."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.file = None
+
+    def acquire(self) -> str | None:
+        """None when the lock is ours; else why not."""
+        if fcntl is None:
+            return None
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            return f"another run ({owner}) is already working on {self.path.parent}; wait for it to finish"
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.file = handle
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.truncate(0)
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, stats: Stats, reporter: Reporter):
+    """Ctrl-C or SIGTERM: finish the work in flight, save it, report. A second signal aborts at once."""
+    def handle(signum, frame):
+        if stop.is_set() and stats.signal:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        stats.signal = signum
+        stop.set()
+        reporter.warn(f"{signal.Signals(signum).name}: stopping after the work in flight (again to abort)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handle) for s in EXIT_FOR_SIGNAL}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def preflight(cfg: Config, plan: Plan, state) -> None:
+    """Reach every endpoint that the plan needs before any model loads; raise FatalEndpointError if one fails."""
+    checks = []
+    if plan.to_combine and not cfg.local_llm:
+        checks.append(make_chat(cfg, state))
+    if plan.to_generate and cfg.vlm_base_url:
+        checks.append(make_vision_chat(cfg, state))
+
+    async def check_all():
+        try:
+            for chat in checks:
+                await chat.check()
+        finally:
+            for chat in checks:
+                await chat.close()
+
+    if checks:
+        asyncio.run(check_all())
+
+
+def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
+    """What a run would do, without loading a model or calling anything."""
+    from PIL import Image
+
+    problems = list(plan.failures)
+    for item in plan.to_generate:
+        try:
+            with Image.open(item.image) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    problems.append(Failure(str(item.image), STAGE_INPUT, f"image is {img.width}x{img.height} pixels"))
+        except (OSError, SyntaxError, ValueError) as e:
+            problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
+    prompt_tokens = 0
+    for item in plan.to_combine:
+        try:
+            manual = read_text(item.caption_path)
+        except ItemError as e:
+            problems.append(Failure(str(item.caption_path), STAGE_INPUT, str(e)))
+            manual = None
+        generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
+        prompt_tokens += estimate_tokens(cfg.system_prompt + build_user_message(manual, "")) + generated
+    lines = [
+        f"dry run: {len(plan.items)} images under {cfg.dataset_dir}",
+        f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
+        f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
+        f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(plan.to_combine) * cfg.max_tokens:,} out",
+        f"  problems: {len(problems)}",
+    ]
+    lines += [f"    {f.path}: {f.error}" for f in problems]
+    return lines
+
+
+def summary_lines(plan: Plan, stats: Stats) -> list[str]:
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    lines = [f"{stage}: {c['done']} done, {cached[stage]} from cache, {c['failed']} failed"
+             for stage, c in stats.counts.items()]
+    inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
+    if inputs:
+        lines.append(f"input: {inputs} skipped")
+    lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
+    if stats.fatal:
+        lines.append(f"error: {stats.fatal}")
+    return lines
+
+
+def write_report(path: Path, failures: Iterable[Failure]) -> None:
+    atomic_write(path, "\n".join(json.dumps(dataclasses.asdict(f), ensure_ascii=False) for f in failures))
+
+
+def write_export(cfg: Config, plan: Plan) -> int:
+    """A Hugging Face imagefolder metadata.jsonl at the dataset root: every image with a combined caption."""
+    target = Path(cfg.export)
+    if not target.is_absolute():
+        target = cfg.dataset_dir / target
+    rows = []
+    for item in plan.items:
+        text = read_cache(item.combined_path)
+        if text is None:
+            continue
+        try:
+            manual = read_text(item.caption_path)
+        except ItemError:
+            manual = None
+        rows.append(json.dumps({
+            "file_name": item.image.relative_to(cfg.dataset_dir).as_posix(),
+            "text": text,
+            "manual": manual or "",
+            "generated": read_cache(item.generated_path) or item.generated or "",
+        }, ensure_ascii=False))
+    atomic_write(target, "\n".join(rows))
+    return len(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+EPILOG = """examples:
+  accelerate launch enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+  python enhance_captions.py --dataset_dir images/ --model_id Qwen/Qwen2.5-VL-3B-Instruct --batch_size 16 --overlap
+  python enhance_captions.py --dataset_dir images/ --dry_run
+
+exit codes: 0 all done, 1 some items failed (listed at the end), 2 usage or configuration error,
+130/143 stopped by Ctrl-C/SIGTERM (the finished work is saved; rerun to go on).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="enhance_captions.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36, width=110))
+    g = p.add_argument_group("input")
+    g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
+    g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
+    g.add_argument("--limit", type=int, help="process only the first N images that need work")
+    g.add_argument("--overwrite", choices=["generated", "combined", "all"],
+                   help="recompute these caches even where they exist")
+    g.add_argument("--dry_run", action="store_true", help="show what a run would do; load nothing, call nothing")
+
+    g = p.add_argument_group("vision model")
+    g.add_argument("--model_id", default=DEFAULT_MODEL_ID, help="vision model: Hub id or local path")
+    g.add_argument("--revision", default="main", help="model revision (processor and model)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code (processor and model)")
+    g.add_argument("--prompt", help=f"task token or instruction; default {DEFAULT_TASK_PROMPT} for task-token "
+                                    "models, a detailed-description request for chat models, none for BLIP")
+    g.add_argument("--vlm_system_prompt", type=Path, help="file with a system turn for chat vision models")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="vision caption length limit, in tokens")
+    g.add_argument("--repetition_penalty", type=float, help="discourage loops (small models), e.g. 1.1")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+    g.add_argument("--attn_implementation", choices=["sdpa", "flash_attention_2", "eager"],
+                   help="attention kernel (default: the model's own choice)")
+    g.add_argument("--device_map", choices=["auto"], help="split one large model over all GPUs (one process only)")
+    g.add_argument("--quantization", choices=["4bit", "8bit"], help="load the vision model quantized (bitsandbytes)")
+    g.add_argument("--vlm_base_url", help="caption with a served vision model at this OpenAI-compatible URL instead")
+    g.add_argument("--vlm_model", help="the served vision model's name (with --vlm_base_url)")
+    g.add_argument("--vlm_max_side", type=int, default=1024, help="downscale images to this longest side before sending")
+    g.add_argument("--vlm_rpm", type=int, default=0, help="requests per minute to the vision endpoint (0: no limit)")
+
+    g = p.add_argument_group("LLM")
+    g.add_argument("--base_url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
+    g.add_argument("--model", default="llama-3.3-70b-versatile", help="the endpoint's model")
+    g.add_argument("--local_llm", help=f"merge in-process with this transformers instruct model; the default when no "
+                                       f"endpoint or key is configured is {DEFAULT_LOCAL_LLM}")
+    g.add_argument("--system_prompt", type=Path, default=DEFAULT_SYSTEM_PROMPT, help="the LLM's system prompt file")
+    g.add_argument("--max_tokens", type=int, default=512, help="length limit of the merged caption, in tokens")
+    g.add_argument("--temperature", type=float, default=0.3, help="LLM sampling temperature")
+    g.add_argument("--rpm", type=int, default=0, help="requests per minute for the whole run, all processes (0: none)")
+    g.add_argument("--tpm", type=int, default=0, help="tokens per minute for the whole run, all processes (0: none)")
+    g.add_argument("--max_retries", type=int, default=5, help="retries per request (backoff, honours Retry-After)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="the first N comma-separated parts of the manual caption must appear verbatim (0: off)")
+
+    g = p.add_argument_group("performance")
+    g.add_argument("--batch_size", type=int, default=8, help="images per generate call")
+    g.add_argument("--num_workers", type=int, default=2, help="image decoding workers (0: in the main process)")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per process")
+    g.add_argument("--overlap", action="store_true",
+                   help="start LLM requests while the vision model runs (LLM on another machine or GPU)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--cache_generated_captions_to_disk", action=argparse.BooleanOptionalAction, default=True,
+                   help="write {stem}_generated.txt; when off, generated captions live only in memory for this run")
+    g.add_argument("--export", help="after the run write this imagefolder metadata file at the dataset root, "
+                                    "e.g. metadata.jsonl")
+    g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error)")
+    g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
+    g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
+    return p
+
+
+def read_prompt_file(path: Path, what: str) -> str:
+    try:
+        text = read_text(path)
+    except ItemError as e:
+        raise UsageError(f"{what} {path}: {e}") from e
+    if not text:
+        raise UsageError(f"{what} {path} is missing or empty")
+    return text
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Validate the flags and the environment; every problem is one UsageError line."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True))
+    load_dotenv(SCRIPT_DIR / ".env")
+    folder = args.dataset_dir.expanduser()
+    if not folder.exists():
+        raise UsageError(f"--dataset_dir {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"--dataset_dir {folder} is a file, not a folder")
+    for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must not be negative")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.vlm_base_url and not args.vlm_model:
+        raise UsageError("--vlm_base_url needs --vlm_model")
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
+    extension = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
+    return Config(
+        dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        system_prompt=read_prompt_file(args.system_prompt, "--system_prompt"),
+        vlm_system_prompt=read_prompt_file(args.vlm_system_prompt, "--vlm_system_prompt")
+        if args.vlm_system_prompt else None,
+        base_url=base_url, model=args.model, api_key=api_key, local_llm=local_llm,
+        vlm_base_url=args.vlm_base_url, vlm_model=args.vlm_model, vlm_max_side=args.vlm_max_side,
+        vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
+        caption_extension=extension, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
+        batch_size=args.batch_size, num_workers=args.num_workers, overlap=args.overlap,
+        max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty, dtype=args.dtype, attn_implementation=args.attn_implementation,
+        device_map=args.device_map, quantization=args.quantization, max_retries=args.max_retries,
+        timeout=args.timeout, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
+        dry_run=args.dry_run, export=args.export, report=args.report,
+        verbosity=0 if args.quiet else 2 if args.verbose else 1,
+    )
+
+
+def make_state():
+    """accelerate's process state; on a machine without GPUs it must be told so, or processes never meet."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_against_state(cfg: Config, state) -> None:
+    for name in ("rpm", "tpm", "vlm_rpm"):
+        value = getattr(cfg, name)
+        if 0 < value < state.num_processes:
+            raise UsageError(f"--{name} {value} is below the number of processes ({state.num_processes}); "
+                             "each process needs a share of at least 1")
+    if cfg.device_map and state.num_processes > 1:
+        raise UsageError("--device_map auto spreads one model over all GPUs: run it as one process")
+
+
+def agree(state, error: str | None) -> str | None:
+    """The main process's verdict, seen by every process."""
+    if state.num_processes == 1:
+        return error
+    from accelerate.utils import broadcast_object_list
+
+    box = [error]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    state = make_state()
+    reporter = Reporter(cfg.verbosity, state.is_main_process)
+    lock = DatasetLock(cfg.dataset_dir)
+    try:
+        error = None
+        try:
+            check_against_state(cfg, state)
+            if state.is_main_process and not cfg.dry_run:
+                error = lock.acquire()
+        except UsageError as e:
+            error = str(e)
+        plan = plan_work(cfg)
+        if error is None and not plan.items and state.is_main_process:
+            error = f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
+        if cfg.dry_run:
+            if error is None and state.is_main_process:
+                print("\n".join(dry_run_report(cfg, plan)))
+        elif error is None and state.is_main_process:
+            try:
+                preflight(cfg, plan, state)
+            except FatalEndpointError as e:
+                error = str(e)
+        error = agree(state, error)
+        if error:
+            if state.is_main_process:
+                print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        if cfg.dry_run:
+            return EXIT_OK
+        backend = f"local LLM {cfg.local_llm}" if cfg.local_llm else \
+            f"endpoint {redact(cfg.base_url or 'https://api.openai.com/v1', cfg.api_key)} model {cfg.model}"
+        vision = f"served {cfg.vlm_model} at {cfg.vlm_base_url}" if cfg.vlm_base_url else cfg.model_id
+        reporter.info(f"vision: {vision}; merge: {backend}")
+        reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
+                      + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
+        for failure in plan.failures:
+            reporter.info(f"{failure.path}: {failure.error}")
+        stop = threading.Event()
+        stats = Stats()
+        with stop_on_signals(stop, stats, reporter):
+            try:
+                stats.merge(run(cfg, plan, state, reporter, stop))
+            except UsageError as e:  # the model cannot be loaded: nothing else can go on
+                stats.fatal = str(e)
+        return finish(cfg, plan, state, stats, reporter)
+    finally:
+        lock.release()
+
+
+def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> int:
+    """Gather every process's Stats, print the summary, write the report and export; one exit code for all."""
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        total = Stats()
+        for part in gather_object([stats]):
+            total.merge(part)
+        stats = total
+    stats.failures[:0] = plan.failures
+    if state.is_main_process:
+        for line in summary_lines(plan, stats):
+            print(line, file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+        if cfg.report:
+            write_report(cfg.report, stats.failures)
+        if cfg.export and not stats.fatal:
+            count = write_export(cfg, plan)
+            reporter.info(f"exported {count} captions to {cfg.export}")
+    return stats.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
