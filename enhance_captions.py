@@ -320,15 +320,17 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
         with Image.open(path) as img:
             width, height = img.size  # header only: a bomb is refused before its pixels exist
             if width * height > max_pixels:
-                raise ItemError(f"image is {width}x{height} pixels, over the {max_pixels:,} limit (decompression bomb?)")
+                raise ItemError(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except ItemError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ItemError(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
         size = path.stat().st_size if path.exists() else 0
         raise ItemError("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ItemError(f"cannot decode image: {reason}") from e
 
@@ -1413,10 +1415,22 @@ exit codes: 0 all done, 1 some items failed (listed at the end), 2 usage or conf
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default where it has a meaningful one; keeps the epilog's line breaks."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36, width=110)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="enhance_captions.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36, width=110))
+    p = argparse.ArgumentParser(prog="enhance_captions.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
     g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
@@ -1450,7 +1464,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="llama-3.3-70b-versatile", help="the endpoint's model")
     g.add_argument("--local_llm", help=f"merge in-process with this transformers instruct model; the default when no "
                                        f"endpoint or key is configured is {DEFAULT_LOCAL_LLM}")
-    g.add_argument("--system_prompt", type=Path, default=DEFAULT_SYSTEM_PROMPT, help="the LLM's system prompt file")
+    g.add_argument("--system_prompt", type=Path, help="the LLM's system prompt file (default: system_prompt.txt "
+                                                    "beside the script)")
     g.add_argument("--max_tokens", type=int, default=512, help="length limit of the merged caption, in tokens")
     g.add_argument("--temperature", type=float, default=0.3, help="LLM sampling temperature")
     g.add_argument("--rpm", type=int, default=0, help="requests per minute for the whole run, all processes (0: none)")
@@ -1516,7 +1531,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
-        system_prompt=read_prompt_file(args.system_prompt, "--system_prompt"),
+        system_prompt=read_prompt_file(args.system_prompt or DEFAULT_SYSTEM_PROMPT, "--system_prompt"),
         vlm_system_prompt=read_prompt_file(args.vlm_system_prompt, "--vlm_system_prompt")
         if args.vlm_system_prompt else None,
         base_url=base_url, model=args.model, api_key=api_key, local_llm=local_llm,

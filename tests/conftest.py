@@ -1,0 +1,93 @@
+"""Shared fixtures: offline environment, tiny models built once per session, datasets, the loopback LLM server."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "enhance_captions.py"
+sys.path.insert(0, str(ROOT))
+
+from tests import tiny_models  # noqa: E402
+from tests.llm_server import FakeLLMServer  # noqa: E402
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No Hub, no inherited endpoint or key, and a working directory without a .env file."""
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in SECRET_VARS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir("florence2") -> path of a tiny random-weight model, built once per session."""
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            builder = tiny_models.VLM_BUILDERS.get(family) or getattr(tiny_models, f"build_{family}")
+            built[family] = builder(tmp_path_factory.mktemp(family))
+        return built[family]
+    return get
+
+
+@pytest.fixture
+def llm_server():
+    with FakeLLMServer() as server:
+        yield server
+
+
+def make_image(path: Path, seed: int, size=(64, 48), mode="RGB", fmt=None) -> Path:
+    """A small image whose pixels depend on the seed, so each image is distinct."""
+    from PIL import Image
+
+    img = Image.new("RGB", size, ((seed * 53) % 256, (seed * 97) % 256, (seed * 31) % 256))
+    for x in range(0, size[0], 7):
+        img.putpixel((x, (x * seed) % size[1]), (255 - x % 256, x % 256, seed % 256))
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_dataset(folder: Path, n: int, captions: bool = True, ext: str = ".jpg") -> list[Path]:
+    """n images img000.jpg ... with manual captions "subject{i}, photo number {i}" (distinct per image)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(n):
+        image = make_image(folder / f"img{i:03d}{ext}", i)
+        if captions:
+            (folder / f"img{i:03d}.txt").write_text(f"subject{i}, photo number {i}", encoding="utf-8")
+        images.append(image)
+    return images
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+    env.update(OFFLINE_ENV)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None, launcher=None):
+    """Run the real script in a subprocess; returns CompletedProcess with text stdout/stderr."""
+    command = (launcher or [sys.executable, str(SCRIPT)]) + [str(a) for a in args]
+    return subprocess.run(command, env=env or cli_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def caches(image: Path) -> tuple[Path, Path]:
+    base = image.with_suffix("")
+    return base.parent / (base.name + "_generated.txt"), base.parent / (base.name + "_combined.txt")

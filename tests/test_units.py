@@ -1,0 +1,244 @@
+"""Unit tests of the pure functions: discovery, caches, prompts, reply cleaning, the limiter, retries."""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+import enhance_captions as ec
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("  A red car.  ", "A red car."),
+    ("<think>plan it</think>\nA red car.", "A red car."),
+    ("reasoning without an opening tag</think> A red car.", "A red car."),
+    ("<think>\nnever closed", ""),
+    ("Here is the combined caption:\nA red car.", "A red car."),
+    ("Sure! Here's the merged caption: A red car.", "A red car."),
+    ("Combined caption: A red car.", "A red car."),
+    ('"A red car."', "A red car."),
+    ("\u201cA red car.\u201d", "A red car."),
+    ("```\nA red car.\n```", "A red car."),
+    ("```text\nA red car.\n```", "A red car."),
+    ("A red car.\n\nIt is   parked\tnear a tree.", "A red car. It is parked near a tree."),
+    (None, ""),
+])
+def test_clean_reply(raw, clean):
+    assert ec.clean_reply(raw) == clean
+
+
+def test_clean_reply_keeps_a_caption_that_merely_contains_a_colon():
+    text = "ohwx woman, portrait: soft light from the left, a blue scarf."
+    assert ec.clean_reply(text) == text
+
+
+@pytest.mark.parametrize("text, finish, problem", [
+    ("A red car.", "stop", None),
+    ("", "stop", "empty reply"),
+    (" ... !", "stop", "empty reply"),
+    ("I'm sorry, but I can't help with that.", "stop", "refusal"),
+    ("I cannot describe this image.", "stop", "refusal"),
+    ("A red car parked", "length", "cut off"),
+])
+def test_reply_problem(text, finish, problem):
+    found = ec.reply_problem(text, finish)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_user_message_labels_each_caption_once_and_says_when_there_is_no_manual_one():
+    with_manual = ec.build_user_message("ohwx man, red shirt", "a man in a red shirt")
+    assert with_manual.count("ohwx man, red shirt") == 1 and with_manual.count("a man in a red shirt") == 1
+    assert "Manual caption" in with_manual and "Generated caption" in with_manual
+    without = ec.build_user_message(None, "a man in a red shirt")
+    assert "There is no manual caption" in without and "Manual caption" not in without
+    assert not without.startswith((".", " ")) and ". ." not in without
+    reminded = ec.build_user_message("ohwx man, red shirt", "x", reminder=["ohwx man"])
+    assert '"ohwx man"' in reminded
+
+
+def test_keep_token_parts():
+    assert ec.keep_token_parts("ohwx man,  red shirt , smiling", 2) == ["ohwx man", "red shirt"]
+    assert ec.keep_token_parts("ohwx man", 0) == []
+    assert ec.keep_token_parts(None, 3) == []
+
+
+@pytest.mark.parametrize("total, count", [(0, 3), (1, 1), (10, 3), (30, 4), (7, 7)])
+def test_process_shares_add_up_to_the_total(total, count):
+    shares = [ec.process_share(total, i, count) for i in range(count)]
+    assert sum(shares) == total and max(shares) - min(shares) <= 1
+
+
+def test_redact_hides_keys_and_url_credentials():
+    assert "sk-secret" not in ec.redact("bad key sk-secret given", "sk-secret")
+    assert "user:pw" not in ec.redact("http://user:pw@host/v1", None)
+
+
+def test_read_text_bom_blank_and_invalid(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes("\ufeffohwx man\n".encode("utf-8"))
+    assert ec.read_text(path) == "ohwx man"
+    path.write_text(" \n\t")
+    assert ec.read_text(path) is None
+    assert ec.read_text(tmp_path / "missing.txt") is None
+    path.write_bytes(b"caf\xe9")
+    with pytest.raises(ec.ItemError, match="not valid UTF-8"):
+        ec.read_text(path)
+    assert ec.read_cache(path) is None  # an unreadable cache is redone, not trusted
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "x_combined.txt"
+    target.write_text("old")
+    ec.atomic_write(target, "  new caption \n")
+    assert target.read_text() == "new caption\n"
+    assert sorted(os.listdir(tmp_path)) == ["x_combined.txt"]
+
+
+def test_walk_and_pair_skip_hidden_and_report_stem_conflicts(tmp_path):
+    for name in ["b.png", "a.jpg", "a.png", "sub/c.WEBP", ".hid/d.jpg", "._e.jpg", "f.gif", "g_generated.txt"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    images, problems = ec.walk_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a.jpg", "a.png", "b.png", "sub/c.WEBP"]
+    assert problems == []
+    items, conflicts = ec.pair_items(images, ".txt")
+    assert [i.image.name for i in items] == ["b.png", "c.WEBP"]
+    assert sorted(Path(f.path).name for f in conflicts) == ["a.jpg", "a.png"]
+    assert all("stem" in f.error for f in conflicts)
+
+
+def test_caption_file_that_is_another_images_cache_is_a_conflict(tmp_path):
+    images = [tmp_path / "a.png", tmp_path / "a_generated.png"]
+    items, conflicts = ec.pair_items(images, ".txt")
+    assert items == [] and len(conflicts) == 2
+
+
+def test_symlink_loop_is_reported_not_followed_forever(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.jpg").write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "sub" / "loop")
+    images, problems = ec.walk_images(tmp_path)
+    assert [p.name for p in images] == ["x.jpg"]
+    assert len(problems) == 1 and "symlink loop" in problems[0].error
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self):
+        return self.now
+
+    async def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_limiter_never_lets_a_60s_window_exceed_the_rpm():
+    clock = FakeClock()
+    limiter = ec.RateLimiter(requests=5, clock=clock, sleep=clock.sleep)
+
+    async def go():
+        times = []
+        for _ in range(17):
+            await limiter.acquire()
+            times.append(clock.now)
+            clock.now += 1.0
+        return times
+
+    times = asyncio.run(go())
+    for t in times:
+        assert sum(t <= u < t + 60 for u in times) <= 5
+    assert times[-1] - times[0] >= 180  # 17 requests at 5 per minute need over three windows
+
+
+def test_limiter_tokens_per_minute_and_shared_pause():
+    clock = FakeClock()
+    limiter = ec.RateLimiter(tokens=1000, clock=clock, sleep=clock.sleep)
+
+    async def go():
+        await limiter.acquire(600)
+        start = clock.now
+        await limiter.acquire(600)  # would make 1200 in the window: waits for the first to leave it
+        waited = clock.now - start
+        limiter.pause(7.5)
+        before = clock.now
+        await limiter.acquire(1)
+        return waited, clock.now - before
+
+    waited, paused = asyncio.run(go())
+    assert waited >= 60 and paused >= 7.5
+
+
+def test_complete_item_retries_bad_replies_then_reports():
+    clock = FakeClock()
+
+    class Backend:
+        def __init__(self, replies):
+            self.replies, self.calls = list(replies), []
+
+        async def complete(self, messages):
+            self.calls.append(messages)
+            reply = self.replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+    ok = Backend([ec.RetryableReply("not json"), ec.Reply("", "stop"), ec.Reply("I'm sorry, I can't.", "stop"),
+                  ec.Reply("A red car.", "stop")])
+    text = asyncio.run(ec.complete_item(ok, lambda reminder: [reminder], 5, sleep=clock.sleep))
+    assert text == "A red car." and len(ok.calls) == 4 and len(clock.sleeps) == 3
+    assert clock.sleeps[1] > clock.sleeps[0] * 0.5  # backoff grows (with jitter)
+
+    bad = Backend([ec.Reply("cut", "length")] * 3)
+    with pytest.raises(ec.ItemError, match="cut off"):
+        asyncio.run(ec.complete_item(bad, lambda reminder: [reminder], 2, sleep=clock.sleep))
+
+
+def test_complete_item_keep_tokens_reminds_then_prefixes():
+    class Backend:
+        def __init__(self, replies):
+            self.replies, self.reminders = list(replies), []
+
+        async def complete(self, messages):
+            self.reminders.append(list(messages[0]))
+            return ec.Reply(self.replies.pop(0), "stop")
+
+    async def no_sleep(_):
+        pass
+
+    fixed = Backend(["a man in red", "ohwx man wearing a red shirt"])
+    assert asyncio.run(ec.complete_item(fixed, lambda r: [r], 3, ["ohwx man"], sleep=no_sleep)) == \
+        "ohwx man wearing a red shirt"
+    assert fixed.reminders == [[], ["ohwx man"]]
+    stubborn = Backend(["a man in red", "still a man in red"])
+    assert asyncio.run(ec.complete_item(stubborn, lambda r: [r], 3, ["ohwx man", "red"], sleep=no_sleep)) == \
+        "ohwx man, still a man in red"
+
+
+def test_load_image_refuses_a_bomb_without_allocating(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(ec.ItemError, match="decompression bomb"):
+        ec.load_image(bomb)
+    with pytest.raises(ec.ItemError, match="decompression bomb: 100x100 pixels"):
+        ec.load_image(_small_png(tmp_path), max_pixels=9_999)
+
+
+def _small_png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (100, 100)).save(path)
+    return path
