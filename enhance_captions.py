@@ -737,7 +737,7 @@ class LocalCaptioner:
         elif self.kind == "chat":
             inputs = self.processor.apply_chat_template(
                 [self.conversation(img) for img in images], add_generation_prompt=True, tokenize=True,
-                return_dict=True, return_tensors="pt", padding=True)
+                return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
         else:
             text = [self.prompt] * len(images) if self.prompt else None
             inputs = self.processor(images=images, text=text, return_tensors="pt", padding=True)
@@ -761,8 +761,10 @@ class LocalCaptioner:
                 inputs[key] = value.to(self.model.dtype)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generate_kwargs)
-        if self.kind == "task":
+        if self.kind == "task":  # location tokens matter to the post-processing; padding does not
             texts = self.processor.batch_decode(out, skip_special_tokens=False)
+            pad = getattr(self.processor.tokenizer, "pad_token", None)
+            texts = [t.replace(pad, "") if pad else t for t in texts]
             return [self.processor.post_process_generation(t, task=self.prompt, image_size=s)[self.prompt]
                     for t, s in zip(texts, sizes)]
         if self.kind == "chat" or not getattr(self.model.config, "is_encoder_decoder", False):
@@ -775,6 +777,16 @@ class LocalCaptioner:
         if self.kind == "plain" and self.prompt and text.lower().startswith(self.prompt.lower()):
             text = text[len(self.prompt):]  # BLIP echoes a conditional prompt
         return text.strip()
+
+
+def quiet_transformers(verbosity: int) -> None:
+    """transformers' warnings only with -v; its loading bars only on a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    if verbosity < 2:
+        hf_logging.set_verbosity_error()
+    if verbosity < 1 or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
 
 def resolve_dtype(name: str, device):
@@ -792,6 +804,7 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+    quiet_transformers(cfg.verbosity)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(cfg.model_id, **common)
@@ -839,12 +852,10 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
     return LocalCaptioner(processor, model, cfg.prompt, cfg.vlm_system_prompt, generate_kwargs)
 
 
-def free_model(*objects) -> None:
-    """Drop the references and give the GPU memory back before the next model or server needs it."""
+def release_memory() -> None:
+    """Give the GPU memory of dropped models back before the next model or server needs it."""
     import torch
 
-    for obj in objects:
-        del obj
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -870,6 +881,8 @@ def worker_init(_: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # the workers decode; leave the cores to the model
+    for signum in EXIT_FOR_SIGNAL:  # Ctrl-C reaches the whole process group: the main process decides
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_collate(captioner: LocalCaptioner):
@@ -1040,7 +1053,7 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         for indices, prepared, errors in loader:
             for index, error in errors:
                 stats.fail(items[index].image, STAGE_VISION, error)
-                reporter.warn(f"{items[index].image}: {error}")
+                reporter.detail(f"failed {items[index].image}: {error}")
             if indices:
                 try:
                     captions = captioner.caption(prepared)
@@ -1141,6 +1154,7 @@ def my_share(state, items: list[Item]) -> list[Item]:
 def make_chat(cfg: Config, state):
     """The LLM client factory: the endpoint with this process's share of the rate limits, or a local LLM."""
     if cfg.local_llm:
+        quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
                          cfg.max_tokens, cfg.temperature, trust_remote_code=cfg.trust_remote_code)
     limiter = RateLimiter(requests=process_share(cfg.rpm, state.process_index, state.num_processes),
@@ -1204,8 +1218,8 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
             else:
                 captioner = make_captioner(cfg, state.device)
                 caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, forward)
-                free_model(captioner)
-                del captioner
+                captioner = None
+                release_memory()
             vision_progress.close()
         if n_llm and llm_stage is None and not stop.is_set():
             llm_stage = start_llm()
@@ -1216,6 +1230,9 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
             llm_stage.close()
             wait_future(llm_stage.done)
         llm_progress.close()
+    except BaseException:
+        stop.set()  # a stage failed as a whole: let the other one wind down before the loop closes
+        raise
     finally:
         if chat is not None:
             with contextlib.suppress(Exception):
@@ -1619,8 +1636,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.info(f"vision: {vision}; merge: {backend}")
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
-        for failure in plan.failures:
-            reporter.info(f"{failure.path}: {failure.error}")
         stop = threading.Event()
         stats = Stats()
         with stop_on_signals(stop, stats, reporter):
