@@ -102,6 +102,10 @@ class ItemError(Exception):
     """One item failed; the run goes on."""
 
 
+class RetryableReply(ItemError):
+    """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
+
+
 # --------------------------------------------------------------------------------------------
 # Types
 # --------------------------------------------------------------------------------------------
@@ -565,6 +569,8 @@ class EndpointChat:
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
+        except o.RateLimitError as e:  # the client gives up at once on a long Retry-After; the limiter waits it out
+            raise RetryableReply(f"rate limited (429): {redact(e.message, self.api_key)[:200]}") from e
         except o.APIStatusError as e:
             raise ItemError(f"endpoint answered {e.status_code}: {redact(e.message, self.api_key)[:200]}") from e
         except o.APITimeoutError as e:
@@ -580,10 +586,6 @@ class EndpointChat:
 
     async def close(self) -> None:
         await self.client.close()
-
-
-class RetryableReply(ItemError):
-    """A reply that came back broken (not JSON, no choices): worth asking again."""
 
 
 class LocalChat:
@@ -719,11 +721,13 @@ class LocalCaptioner:
 
     @staticmethod
     def kind_of(processor) -> str:
+        if getattr(processor, "image_processor", None) is None:  # a text-only tokenizer can have a chat template
+            raise UsageError(f"{type(processor).__name__} takes no images; supported: {LocalCaptioner.KINDS}")
         if callable(getattr(processor, "post_process_generation", None)):
             return "task"
         if getattr(processor, "chat_template", None):
             return "chat"
-        if getattr(processor, "image_processor", None) is not None and getattr(processor, "tokenizer", None):
+        if getattr(processor, "tokenizer", None) is not None:
             return "plain"
         raise UsageError(f"{type(processor).__name__} fits no supported kind; supported: {LocalCaptioner.KINDS}")
 
@@ -767,8 +771,9 @@ class LocalCaptioner:
             texts = [t.replace(pad, "") if pad else t for t in texts]
             return [self.processor.post_process_generation(t, task=self.prompt, image_size=s)[self.prompt]
                     for t, s in zip(texts, sizes)]
-        if self.kind == "chat" or not getattr(self.model.config, "is_encoder_decoder", False):
-            out = out[:, inputs["input_ids"].shape[1]:] if out.shape[1] > inputs["input_ids"].shape[1] else out
+        if self.kind == "chat" and not self.model.config.is_encoder_decoder:
+            out = out[:, inputs["input_ids"].shape[1]:]  # decoder-only models return the prompt too
+        # plain captioners (BLIP) echo a prompt with their own token edits: strip_prompt removes it as text
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [self.strip_prompt(t) for t in texts]
 
