@@ -595,13 +595,15 @@ class LocalChat:
                  revision: str = "main", trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision,
-                                                       trust_remote_code=trust_remote_code)
+        common = {"revision": revision, "trust_remote_code": trust_remote_code}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id, **common)
+            self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **common).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load --local_llm {model_id}: {str(e).splitlines()[0]}") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype).to(device).eval()
         self.device, self.batch_size = device, batch_size
         self.max_tokens, self.temperature = max_tokens, temperature
         self.queue: list[tuple[list[dict], asyncio.Future]] = []
@@ -619,7 +621,8 @@ class LocalChat:
         loop = asyncio.get_running_loop()
         try:
             while self.queue:
-                await asyncio.sleep(0)  # let the other workers queue their requests into this batch
+                if len(self.queue) < self.batch_size:
+                    await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
                 batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
                 try:
                     replies = await loop.run_in_executor(None, self._generate, [m for m, _ in batch])
@@ -1333,6 +1336,8 @@ def stop_on_signals(stop: threading.Event, stats: Stats, reporter: Reporter):
 def preflight(cfg: Config, plan: Plan, state) -> None:
     """Reach every endpoint that the plan needs before any model loads; raise FatalEndpointError if one fails."""
     checks = []
+    if plan.to_combine and cfg.local_llm:
+        check_local_model(cfg)
     if plan.to_combine and not cfg.local_llm:
         checks.append(make_chat(cfg, state))
     if plan.to_generate and cfg.vlm_base_url:
@@ -1348,6 +1353,17 @@ def preflight(cfg: Config, plan: Plan, state) -> None:
 
     if checks:
         asyncio.run(check_all())
+
+
+def check_local_model(cfg: Config) -> None:
+    """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
+    from transformers import AutoConfig
+
+    quiet_transformers(cfg.verbosity)
+    try:
+        AutoConfig.from_pretrained(cfg.local_llm, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {str(e).splitlines()[0]}") from e
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
