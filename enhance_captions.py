@@ -222,8 +222,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")  # also AppleDouble "._x.jpg" and our own temporary files
 
 
-def walk_images(root: Path) -> tuple[list[Path], list[Failure]]:
-    """All images under root, sorted; follows directory symlinks but reports loops instead of hanging."""
+STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined)\.txt\.[a-z0-9_]+\.tmp$")
+
+
+def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
+    """All images under root, sorted; follows directory symlinks but reports loops instead of hanging.
+    Temporary cache files that a killed run left behind are collected into `stale`."""
     found, problems, seen = [], [], set()
 
     def visit(folder: Path) -> None:
@@ -239,6 +243,8 @@ def walk_images(root: Path) -> tuple[list[Path], list[Failure]]:
             return
         for entry in entries:
             if is_hidden(entry.name):
+                if stale is not None and STALE_TEMPORARY.match(entry.name):
+                    stale.append(Path(entry.path))
                 continue
             path = Path(entry.path)
             try:
@@ -392,7 +398,7 @@ PREAMBLE = re.compile(
     r"(?:(?:here(?:'s| is)|below is|this is)\b[^:\n]{0,80}:|(?:\*\*)?(?:the\s+)?(?:combined|final|enhanced|merged)?\s*caption(?:\*\*)?\s*:(?:\*\*)?)\s*",
     re.IGNORECASE,
 )
-QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
+QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
 REFUSAL = re.compile(
     r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:'|no)t|i cannot|i'?m unable|i am unable|i won'?t|as an ai\b)",
     re.IGNORECASE,
@@ -405,12 +411,16 @@ def clean_reply(text: str | None) -> str:
     if "</think>" in text and "<think>" not in text:  # some reasoning servers drop the opening tag
         text = text.rsplit("</think>", 1)[1]
     text = THINK_BLOCK.sub("", text).strip()
-    fenced = CODE_FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    text = PREAMBLE.sub("", text, count=1).strip()
-    while len(text) >= 2 and QUOTES.get(text[0]) == text[-1]:
-        text = text[1:-1].strip()
+    previous = None
+    while text != previous:  # wrappers nest in any order: a preamble before a fence, quotes inside it
+        previous = text
+        fenced = CODE_FENCE.match(text)
+        if fenced:
+            text = fenced.group(1).strip()
+        text = PREAMBLE.sub("", text, count=1).strip()
+        closing = QUOTES.get(text[:1])
+        if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:  # wrapped, not quoting inside
+            text = text[1:-1].strip()
     return " ".join(text.split())
 
 
@@ -1116,15 +1126,17 @@ class Plan:
     to_generate: list[Item]
     to_combine: list[Item]
     failures: list[Failure]
+    stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
     cached_combined: int = 0
 
 
 def plan_work(cfg: Config) -> Plan:
     """Find the images, read the caches, and decide what each image still needs."""
-    images, failures = walk_images(cfg.dataset_dir)
+    stale: list[Path] = []
+    images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
-    plan = Plan(items, [], [], failures + conflicts)
+    plan = Plan(items, [], [], failures + conflicts, stale)
     redo_generated = cfg.overwrite in ("generated", "all")
     redo_combined = cfg.overwrite in ("combined", "all")
     budget = cfg.limit
@@ -1634,6 +1646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as e:
             error = str(e)
         plan = plan_work(cfg)
+        if error is None and state.is_main_process and not cfg.dry_run:
+            for path in plan.stale:  # the lock is ours: no other run is writing these
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if error is None and not plan.items and state.is_main_process:
             error = f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
         if cfg.dry_run:

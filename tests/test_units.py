@@ -29,6 +29,12 @@ def test_clean_reply(raw, clean):
     assert ec.clean_reply(raw) == clean
 
 
+def test_clean_reply_keeps_quotes_that_are_part_of_the_caption():
+    text = '"Hello" reads the sign, and "Exit" the door.'
+    assert ec.clean_reply(text) == text
+    assert ec.clean_reply("Here is the caption:\n```text\n'A red car.'\n```") == "A red car."
+
+
 def test_clean_reply_keeps_a_caption_that_merely_contains_a_colon():
     text = "ohwx woman, portrait: soft light from the left, a blue scarf."
     assert ec.clean_reply(text) == text
