@@ -83,6 +83,7 @@ DEFAULT_CHAT_PROMPT = (
 # PIL's own decompression-bomb threshold; larger images are refused before their pixels are allocated.
 MAX_IMAGE_PIXELS = 89_478_485
 WINDOW_SECONDS = 60.0
+PREFLIGHT_TIMEOUT = 15.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -518,7 +519,6 @@ class EndpointChat:
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.limiter, self.api_key, self.base_url = limiter, api_key, base_url
         self.openai = openai
-        self.pending_usage: dict[int, list] = {}
         http = openai.DefaultAsyncHttpxClient(
             event_hooks={"request": [self._before_request], "response": [self._after_response]}
         )
@@ -534,10 +534,10 @@ class EndpointChat:
         except ValueError:
             body = {}
         estimate = estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
-        self.pending_usage[id(request)] = await self.limiter.acquire(estimate)
+        request.extensions["limiter_entry"] = await self.limiter.acquire(estimate)
 
     async def _after_response(self, response) -> None:
-        entry = self.pending_usage.pop(id(response.request), None)
+        entry = response.request.extensions.get("limiter_entry")
         retry_after = response.headers.get("retry-after")
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
@@ -550,7 +550,7 @@ class EndpointChat:
     async def check(self) -> None:
         """Fail fast, before any model loads, on an endpoint that is down or refuses the key."""
         try:
-            await self.client.with_options(max_retries=1, timeout=min(self.timeout_hint, 15)).models.list()
+            await self.client.with_options(max_retries=1, timeout=PREFLIGHT_TIMEOUT).models.list()
         except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except self.openai.APIConnectionError as e:
@@ -558,8 +558,6 @@ class EndpointChat:
                                      f"{type(e).__name__}; is the server running and --base_url right?") from e
         except self.openai.APIError:
             pass  # the endpoint answers; some servers do not list models
-
-    timeout_hint = 15.0
 
     def _explain(self, e: Exception) -> str:
         url = redact(str(self.client.base_url), self.api_key)
