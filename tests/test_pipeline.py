@@ -179,3 +179,25 @@ def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_
     for image in images:
         assert all(p.read_text().strip() for p in caches(image))
     assert "vision: 7 done" in result.stdout and "llm: 7 done" in result.stdout
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_starts_merging_while_the_vision_model_works(tmp_path, model_dir, overlap):
+    """With --overlap some LLM request arrives before the last caption is written; without it none does."""
+    from tests.llm_server import FakeLLMServer, default_reply_text
+
+    images = make_dataset(tmp_path / "ds", 12)
+    seen: list[int] = []
+
+    def reply(body):
+        seen.append(sum(caches(image)[0].exists() for image in images))
+        return default_reply_text(body)
+
+    with FakeLLMServer(reply=reply) as server:
+        argv = args_for(tmp_path / "ds", model_dir("florence2"), server, "--batch_size", "1")
+        rc = ec.main([str(a) for a in argv] + (["--overlap"] if overlap else []))
+    assert rc == 0 and len(seen) == 12
+    if overlap:
+        assert min(seen) < 12
+    else:
+        assert min(seen) == 12
