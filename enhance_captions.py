@@ -754,8 +754,9 @@ class LocalCaptioner:
                 [self.conversation(img) for img in images], add_generation_prompt=True, tokenize=True,
                 return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
         else:
-            text = [self.prompt] * len(images) if self.prompt else None
-            inputs = self.processor(images=images, text=text, return_tensors="pt", padding=True)
+            # Always pass text, even empty: processors that insert image tokens into it (PaliGemma) need it.
+            inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt",
+                                    padding=True)
         return inputs, [img.size for img in images]
 
     def conversation(self, image) -> list[dict]:
@@ -1060,7 +1061,30 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                     progress: Progress, reporter: Reporter, stop: threading.Event,
                     on_caption: Callable[[Item], None]) -> None:
     """The vision loop: decode in DataLoader workers, generate per batch, write each batch's captions at once."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if captioner.model.device.type == "cpu" and cfg.num_workers:  # leave the decoding workers their cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.num_workers))
+    try:
+        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, on_caption)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
+                    progress: Progress, reporter: Reporter, stop: threading.Event,
+                    on_caption: Callable[[Item], None]) -> None:
     from torch.utils.data import DataLoader
+
+    def save(item: Item, text: str) -> None:  # on the writer thread, so saving overlaps the next batch
+        try:
+            atomic_write(item.generated_path, text)
+        except OSError as e:
+            stats.fail(item.image, STAGE_VISION, f"cannot write {item.generated_path.name}: {e.strerror or e}")
+            return
+        stats.counts[STAGE_VISION]["done"] += 1
+        on_caption(item)
 
     loader = DataLoader(ImageFolder(items), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=make_collate(captioner), worker_init_fn=worker_init if cfg.num_workers else None,
@@ -1083,20 +1107,15 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                         stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
                         continue
                     item.generated = text
-                    stats.counts[STAGE_VISION]["done"] += 1
                     if cfg.cache_generated:
-                        writer.submit(save_then, item.generated_path, text, lambda it=item: on_caption(it))
+                        writer.submit(save, item, text)
                     else:
+                        stats.counts[STAGE_VISION]["done"] += 1
                         on_caption(item)
                     reporter.detail(f"captioned {item.image}")
             progress.update(len(indices) + len(errors))
             if stop.is_set():
                 break
-
-
-def save_then(path: Path, text: str, then: Callable[[], None]) -> None:
-    atomic_write(path, text)
-    then()
 
 
 def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
@@ -1208,7 +1227,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
         manual = read_text(item.caption_path)
         text = await complete_item(chat, lambda reminder: llm_messages(item, cfg.system_prompt, manual, reminder),
                                    cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
-        atomic_write(item.combined_path, text)
+        await asyncio.to_thread(atomic_write, item.combined_path, text)  # an fsync must not stall the loop
         item.combined = text
         reporter.detail(f"merged {item.image}")
 
@@ -1270,7 +1289,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, lambda _: messages, cfg.max_retries)
         if cfg.cache_generated:
-            atomic_write(item.generated_path, text)
+            await asyncio.to_thread(atomic_write, item.generated_path, text)
         item.generated = text
         on_caption(item)
 

@@ -1,7 +1,8 @@
 """Every kind of vision model, end to end: one path chosen by the processor's capabilities.
 
-Task-token models (Florence-2), chat-template models (Qwen2.5-VL, SmolVLM, Janus, LLaVA), BLIP-style
-captioners, a model that fits none of them, the loading options, and served vision models.
+Task-token models (Florence-2), chat-template models (Qwen2.5-VL, Qwen3-VL, SmolVLM, Janus, LLaVA), plain
+captioners (BLIP; PaliGemma, which has no chat template), a model that fits none of them, the loading options,
+and served vision models.
 The tiny models can only generate tiny_models.CAPTION_WORDS: any other word in a caption (a prompt word,
 a chat role, a special token) means the script decoded more than the generated part.
 """
@@ -20,9 +21,12 @@ from tests import tiny_models
 from tests.conftest import caches, make_dataset, make_image, run_cli
 from tests.llm_server import FakeLLMServer, sha12
 
-FAMILIES = ["florence2", "janus", "qwen2_5_vl", "smolvlm", "llava", "blip"]
-EXPECTED_KIND = {"florence2": "task", "janus": "chat", "qwen2_5_vl": "chat", "smolvlm": "chat", "llava": "chat",
-                 "blip": "plain"}
+FAMILIES = ["florence2", "janus", "qwen2_5_vl", "qwen3_vl", "smolvlm", "llava", "blip", "paligemma"]
+EXPECTED_KIND = {"florence2": "task", "janus": "chat", "qwen2_5_vl": "chat", "qwen3_vl": "chat", "smolvlm": "chat",
+                 "llava": "chat", "blip": "plain", "paligemma": "plain"}
+# Flags a family needs on the command line: PaliGemma has no chat template and captions only after a task
+# prefix such as "caption en" (the plain kind's default prompt is none).
+FAMILY_ARGS = {"paligemma": ["--prompt", "caption en"]}
 # Words the tiny vocabularies know (so the system turn tokenizes to real ids); never generated.
 SYSTEM_TEXT = "Write one short caption of this photo ."
 
@@ -67,7 +71,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_family_end_to_end_batched_captions_are_generated_words_only(tmp_path, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 5)
     result = run_cli(*cli_args(tmp_path / "ds", model_dir(family), llm_server, "--batch_size", "3",
-                               "--num_workers", "1"))
+                               "--num_workers", "1", *FAMILY_ARGS.get(family, [])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vision: 5 done, 0 from cache, 0 failed" in result.stdout, result.stdout
     assert "llm: 5 done, 0 from cache, 0 failed" in result.stdout, result.stdout
@@ -93,7 +97,7 @@ def varied_dataset(folder: Path, n: int = 9) -> list[Path]:
     return [make_image(folder / f"img{i:03d}.jpg", i, size=sizes[i % len(sizes)]) for i in range(n)]
 
 
-@pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl", "qwen3_vl", "smolvlm"])
 def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_dir, llm_server, family):
     images = varied_dataset(tmp_path / "b8")
     shutil.copytree(tmp_path / "b8", tmp_path / "b1")
@@ -121,7 +125,7 @@ def captioner_for(tmp_path, model, **options):
     return ec.load_captioner(cfg, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm", "janus"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "smolvlm", "janus"])
 def test_vlm_system_prompt_is_a_system_turn_in_the_model_input(tmp_path, model_dir, family):
     from PIL import Image
 

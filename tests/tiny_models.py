@@ -21,7 +21,8 @@ never on wording.
 
 Family caveats (see the builders): BLIP's ``generate`` ignores generation_config.json (the
 caption constraint is baked into its LM-head bias instead); Florence-2 batches contain
-``<pad>`` after ``</s>`` that ``post_process_generation`` does not remove.
+``<pad>`` after ``</s>`` that ``post_process_generation`` does not remove; PaliGemma (no chat
+template) builds no input ids without a text prompt, so give it one (e.g. "caption en").
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ def _word_tokenizer(
     prepend_bos: bool = False,
     post_processor=None,
     extra_special_tokens: dict[str, str] | None = None,
+    extra_words: tuple[str, ...] = (),
     **kwargs,
 ) -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer over ``specials + PROMPT_WORDS + CAPTION_WORDS`` (ids in that order)."""
+    """WordLevel tokenizer over ``specials + PROMPT_WORDS + extra_words + CAPTION_WORDS`` (ids in that order).
+
+    ``extra_words`` are family-specific prompt words (e.g. PaliGemma's "en"): in the vocabulary, never generated.
+    """
     vocab: dict[str, int] = {}
-    for token in (*specials, *PROMPT_WORDS, *CAPTION_WORDS):
+    for token in (*specials, *PROMPT_WORDS, *extra_words, *CAPTION_WORDS):
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -340,6 +345,120 @@ def build_qwen2_5_vl(path) -> str:
         vision_end_token_id=ids("<|vision_end|>"),
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _randomize(model)
+    generation_config = _generation_config(tokenizer, eos_id=eos_id, pad_id=pad_id, bos_token_id=pad_id)
+    return _save(path, model, processor, generation_config)
+
+
+# --------------------------------------------------------------------------------------
+# Qwen3-VL
+# --------------------------------------------------------------------------------------
+
+# Same structure as the real Qwen3-VL-Instruct template (tools and assistant tool calls left out): unlike
+# Qwen2.5-VL there is NO default system turn (a system turn only when given, its content string or text
+# parts), ChatML turns, images as <|vision_start|><|image_pad|><|vision_end|>, and the Instruct generation
+# prompt "<|im_start|>assistant\n" (no <think> block; that is the Thinking variant).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}"
+    "{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}"
+    "{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_qwen3_vl(path) -> str:
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    _seed()
+    tokenizer = _word_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+         "<|image_pad|>", "<|video_pad|>", "<unk>"],
+        unk="<unk>", eos="<|im_end|>", pad="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    # Qwen3-VL: patch 16, merge 2 (factor 32). 64x48 px -> 64x64 -> 4x4 patches -> 2x2 = 4 image tokens;
+    # larger test images (up to 128x128 px) get up to 16, so a batch of mixed sizes needs padding.
+    patch, merge = 16, 2
+    size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, size=size),
+        video_processor=Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, size=size),
+        tokenizer=tokenizer,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            # interleaved mrope sections must sum to head_dim / 2 = 4
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True},
+            bos_token_id=pad_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=patch,
+            spatial_merge_size=merge,
+            temporal_patch_size=2,
+            out_hidden_size=32,
+            num_position_embeddings=16,  # a 4x4 grid, interpolated to the image's patch grid
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
     _randomize(model)
     generation_config = _generation_config(tokenizer, eos_id=eos_id, pad_id=pad_id, bos_token_id=pad_id)
     return _save(path, model, processor, generation_config)
@@ -622,6 +741,72 @@ def build_blip(path) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# PaliGemma (SigLIP vision + Gemma; no chat template, prompts like "caption en")
+# --------------------------------------------------------------------------------------
+
+def build_paligemma(path) -> str:
+    """Like google/paligemma-3b-mix-224: no chat template, so the script treats it as a plain captioner.
+
+    The processor turns a prompt into ``<image>*N <bos> prompt \\n`` itself and adds 1,024 ``<loc>`` and
+    128 ``<seg>`` tokens to the tokenizer (plain added tokens, not special ones), so the model's vocabulary
+    is sized from ``len(tokenizer)`` after the processor is built. Generated output starts with the prompt
+    ids (decoder-only); "en" is in the vocabulary so "caption en" round-trips through decode.
+    """
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor
+
+    _seed()
+    # Gemma ids: <pad>=0 <eos>=1 <bos>=2 <unk>=3, then <image> (the real checkpoint has it at 257152)
+    tokenizer = _word_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
+        unk="<unk>", bos="<bos>", eos="<eos>", pad="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        extra_words=("en",),
+    )
+    image_size, patch = 32, 8
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch) ** 2  # 16 image tokens, one per patch
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    assert processor.chat_template is None  # as the real mix/pt checkpoints: no chat_template.json
+    bos_id, eos_id, pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    vocab_size = len(tokenizer)  # after the processor's <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=256,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vocab_size=vocab_size,
+        projection_dim=32,
+        hidden_size=32,
+        pad_token_id=pad_id,
+    )
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _randomize(model)
+    generation_config = _generation_config(tokenizer, eos_id=eos_id, pad_id=pad_id, bos_token_id=bos_id)
+    return _save(path, model, processor, generation_config)
+
+
+# --------------------------------------------------------------------------------------
 # Tiny chat LM (text only), servable by `transformers serve`
 # --------------------------------------------------------------------------------------
 
@@ -699,10 +884,12 @@ def build_causal_lm(path) -> str:
 VLM_BUILDERS = {
     "florence2": build_florence2,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
     "smolvlm": build_smolvlm,
     "janus": build_janus,
     "llava": build_llava,
     "blip": build_blip,
+    "paligemma": build_paligemma,
 }
 
 __all__ = [
@@ -714,6 +901,8 @@ __all__ = [
     "build_florence2",
     "build_janus",
     "build_llava",
+    "build_paligemma",
     "build_qwen2_5_vl",
+    "build_qwen3_vl",
     "build_smolvlm",
 ]
