@@ -1,0 +1,912 @@
+#!/usr/bin/env python3
+"""Throughput and memory benchmark of enhance_captions.py, measured side by side in one run.
+
+    python bench/bench.py             # full run (~3-4 min on a 2-core CPU box)
+    python bench/bench.py --quick     # smoke run (< 2 min)
+
+Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, the tiny random-weight
+Florence-2 of tests/tiny_models.py (or --model_id, or --florence_large_random on a GPU), and the loopback
+OpenAI-compatible server of tests/llm_server.py. The script is driven through its own code (load_captioner,
+plan_work, caption_locally, main) or as a subprocess; nothing in it is patched. Timers are wrapped around the
+model and captioner objects for one profiled vision run, and one what-if run (CPU only) lowers this process's
+torch threads; both are reported apart from the measurements the targets apply to.
+
+Measurements (each function below explains its own):
+
+  vision     images/s of the vision stage at batch size 1 and at --batch_size (8), and of a bare loop that
+             calls model.generate on already-decoded, already-preprocessed tensors at the same batch size:
+             how close the pipeline gets to the model's own limit. Output length is fixed
+             (min_new_tokens = max_new_tokens) so that every batch size does the same work per image.
+  llm        requests/s of the LLM stage at --concurrency 16 and 1 against a server with 200 ms latency,
+             vs the limit concurrency / latency, and vs a bare openai-client loop against the same server. Only
+             the LLM stage runs: the generated captions exist and --model_id names no model at all.
+  rpm        --rpm 30 with 45 requests: the most requests the server saw in any 60 s window (takes ~60 s).
+  overlap    --overlap vs phased, end to end (vision + LLM), the LLM latency chosen so both stages weigh alike.
+  rss        peak RSS of the script's own process at 1,000 and 20,000 images: a fully cached rerun, and a run
+             that plans work for every image (then stops where the model would load).
+  rerun      wall time of a fully cached rerun over 10,000 images vs `python -c "import torch, transformers"`.
+
+Results: a table on stdout, and JSON in bench/results/bench.json (and --out PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "enhance_captions.py"
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+for _key in SECRET_VARS:
+    os.environ.pop(_key, None)
+
+import enhance_captions as ec  # noqa: E402
+from tests import tiny_models  # noqa: E402
+from tests.llm_server import FakeLLMServer  # noqa: E402
+
+SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun")
+PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
+MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes of one run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sizes:
+    images: int = 96            # vision stage images per measurement
+    repeats: int = 3            # vision stage: best of this many runs
+    llm_items: int = 320        # LLM stage items at concurrency 16
+    llm_items_serial: int = 48  # ... at concurrency 1 (the rate, not the count, is compared)
+    overlap_images: int = 192
+    rss_small: int = 1_000
+    rss_large: int = 20_000
+    rerun_images: int = 10_000
+    rerun_repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(images=32, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
+                   rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data
+# --------------------------------------------------------------------------------------------
+
+
+def make_photos(folder: Path, n: int, seed: int = 0, side: int = 768) -> list[Path]:
+    """n JPEGs with a longest side of `side` px (several aspect ratios; ~200-300 KB at 768 px): smooth colour
+    fields plus sensor-like noise, so that decoding costs about what a real photo costs (~3-5 ms at 768 px).
+    Above 1024 px only 16 distinct images are drawn and the rest are copies (drawing a 12 MP one takes ~1 s)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    distinct = n if side <= 1024 else min(n, 16)
+    paths = []
+    for i in range(n):
+        path = folder / f"photo{i:05d}.jpg"
+        paths.append(path)
+        if i >= distinct:
+            shutil.copyfile(paths[i % distinct], path)
+            continue
+        width, height = (round(d * side / 768) for d in PHOTO_SIZES[i % len(PHOTO_SIZES)])
+        field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(base + rng.normal(0, 18, (height, width, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    return paths
+
+
+def link_photos(photos: list[Path], folder: Path, captions: bool = False) -> Path:
+    """A fresh dataset folder holding (hard links to) the photos: no caches, nothing from an earlier run."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        target = folder / photo.name
+        try:
+            os.link(photo, target)
+        except OSError:
+            shutil.copyfile(photo, target)
+        if captions:
+            target.with_suffix(".txt").write_text(f"subject{i}, a photo numbered {i}", encoding="utf-8")
+    return folder
+
+
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 60, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_captioned_items(folder: Path, n: int, combined: bool = False, start: int = 0) -> None:
+    """n tiny 8x8 PNGs, each with a manual caption and a generated caption (and the combined one if asked):
+    only the LLM stage has work to do here (or nothing at all, when combined)."""
+    png = tiny_png()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        stem = folder / f"img{i:05d}"
+        stem.with_suffix(".png").write_bytes(png)
+        stem.with_suffix(".txt").write_text(f"subject{i}, photo number {i}", encoding="utf-8")
+        Path(f"{stem}{ec.GENERATED_SUFFIX}").write_text(
+            f"a red cat number {i} sitting on a blue sofa in a sunlit room", encoding="utf-8")
+        if combined:
+            Path(f"{stem}{ec.COMBINED_SUFFIX}").write_text(
+                f"subject{i}, a red cat sitting on a blue sofa in a sunlit room", encoding="utf-8")
+
+
+def make_nested_tree(root: Path, counts: list[int]) -> dict[int, Path]:
+    """Fully cached images nested so that each size is one folder: for counts [1000, 10000, 20000] root/x/x holds
+    1,000, root/x holds 10,000 (root/x/x included), root holds 20,000 (root/x included). Returns {count: folder}."""
+    counts = sorted(set(counts))
+    folders = {n: root.joinpath(*["x"] * (len(counts) - 1 - i)) for i, n in enumerate(counts)}
+    previous = 0
+    for n in counts:
+        make_captioned_items(folders[n], n - previous, combined=True, start=previous)
+        previous = n
+    return folders
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def build_florence2_large_random(path: Path, device, new_tokens: int) -> str:
+    """A random-weight model with Florence-2-large's real sizes, saved to `path` for load_captioner.
+
+    DaViT vision tower: depths [1, 1, 9, 1], embed dims [256, 512, 1024, 2048], heads and groups
+    [8, 16, 32, 64], window 12, projection 1024, 768 x 768 input (577 image tokens). BART-large text side:
+    d_model 1024, 12 encoder + 12 decoder layers, 16 heads, FFN 4096, vocabulary 51,289. Random weights
+    generate junk, so the output length is fixed by the caller (min_new_tokens = max_new_tokens); the word-level
+    tokenizer has as many entries as Florence-2's, so the LM head costs what the real one costs.
+    """
+    import torch
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, GenerationConfig, PreTrainedTokenizerFast)
+
+    vocab_size = 51_289
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
+    vocab: dict[str, int] = {}
+    for word in (*specials, *tiny_models.PROMPT_WORDS, *tiny_models.CAPTION_WORDS):
+        vocab.setdefault(word, len(vocab))
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    bos, pad, eos, unk = (tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "</s>", "<unk>"))
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = Florence2Config(
+        text_config=dict(model_type="bart", vocab_size=vocab_size, d_model=1024, encoder_layers=12,
+                         decoder_layers=12, encoder_attention_heads=16, decoder_attention_heads=16,
+                         encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024,
+                         bos_token_id=bos, pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=eos,
+                         forced_eos_token_id=eos),
+        vision_config=dict(depths=[1, 1, 9, 1], embed_dim=[256, 512, 1024, 2048], num_heads=[8, 16, 32, 64],
+                           num_groups=[8, 16, 32, 64], patch_size=[7, 3, 3, 3], patch_stride=[4, 2, 2, 2],
+                           patch_padding=[3, 1, 1, 1], patch_prenorm=[False, True, True, True], window_size=12,
+                           projection_dim=1024, drop_path_rate=0.0),
+        image_token_id=image_token_id,
+    )
+    dtype = ec.resolve_dtype("auto", device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Florence2ForConditionalGeneration(config).to(dtype).eval()
+    image_processor = CLIPImageProcessor(size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768},
+                                         do_center_crop=False, resample=3,
+                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, 768, 768, device=device, dtype=dtype)
+        image_processor.image_seq_length = model.get_image_features(pixel_values=probe).pooler_output.shape[1]
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer, num_additional_image_tokens=0,
+                                   post_processor_config=tiny_models.FLORENCE2_POST_PROCESSOR_CONFIG)
+    # As the tiny builder: BOS is banned through bad_words_ids, since suppress_tokens would also mask the forced one.
+    model.generation_config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, bos_token_id=bos,
+        eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos, forced_bos_token_id=bos,
+        suppress_tokens=[pad, unk, image_token_id], bad_words_ids=[[bos]])
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    del model
+    ec.release_memory()
+    return str(path)
+
+
+def resolve_model(args, workdir: Path, device) -> tuple[str, str]:
+    """(model path or id, a name for the report)."""
+    if args.florence_large_random:
+        path = build_florence2_large_random(workdir / "florence2-large-random", device, args.new_tokens)
+        return path, "Florence-2-large sizes, random weights"
+    if args.model_id:
+        return args.model_id, args.model_id
+    return tiny_models.build_florence2(workdir / "florence2-tiny"), "tiny Florence-2 (tests/tiny_models.py)"
+
+
+# --------------------------------------------------------------------------------------------
+# Running the script
+# --------------------------------------------------------------------------------------------
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """ec.main in this process, its output captured; returns (exit code, output)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = ec.main([str(a) for a in argv])
+    return rc, out.getvalue()
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+    env.update(OFFLINE_ENV)
+    return env
+
+
+# A small launcher process runs each measured command: Linux carries the high-water RSS of the process that
+# spawns a child (vfork, then exec) into the child's ru_maxrss, so a child spawned straight from this benchmark,
+# which holds torch and models, would report this benchmark's peak instead of its own.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=sys.stderr)
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "maxrss": usage.ru_maxrss}))
+"""
+
+
+def run_child(command: list[str], cwd: Path) -> tuple[int, float, int, str]:
+    """Run a command as a fresh child of a small launcher; returns (exit code, wall seconds, peak RSS in bytes,
+    its output tail). The peak RSS is ru_maxrss from wait4(): the command's own process over its whole life,
+    interpreter shutdown included (and any children it waited for)."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=child_env(),
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"launcher failed: {result.stderr[-2000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return report["rc"], report["wall"], report["maxrss"] * scale, result.stderr[-2000:]
+
+
+# Runs the script's main() exactly as `python enhance_captions.py ARGS` would, then reports the peak RSS reached
+# by the time main() returned, before the interpreter's shutdown (where torch's teardown alone adds ~100 MB).
+MAIN_THEN_RSS = """
+import importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("enhance_captions", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["enhance_captions"] = module
+spec.loader.exec_module(module)
+sys.argv = sys.argv[1:]
+rc = module.main(sys.argv[1:])
+sys.stdout.flush()
+print(f"BENCH_MAIN_MAXRSS={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True)
+sys.exit(rc)
+"""
+
+
+def script_command(dataset: Path, server: FakeLLMServer, *extra: str, rss_marker: bool = False) -> list[str]:
+    """`python enhance_captions.py` over `dataset`, no model to load, the loopback server as the endpoint."""
+    python = [sys.executable, "-c", MAIN_THEN_RSS] if rss_marker else [sys.executable]
+    return python + [str(SCRIPT), "--dataset_dir", str(dataset), "--model_id", MISSING_MODEL,
+                     "--base_url", server.base_url, "--model", "test-model", "--quiet", *extra]
+
+
+def main_peak(output: str) -> int:
+    """The peak RSS (bytes) that MAIN_THEN_RSS printed."""
+    value = [line for line in output.splitlines() if line.startswith("BENCH_MAIN_MAXRSS=")][-1].split("=")[1]
+    return int(value) * (1 if sys.platform == "darwin" else 1024)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision stage
+# --------------------------------------------------------------------------------------------
+
+
+def vision_config(model_id: str, folder: Path, batch_size: int, args) -> ec.Config:
+    return ec.Config(dataset_dir=folder, model_id=model_id, batch_size=batch_size, num_workers=args.num_workers,
+                     max_new_tokens=args.new_tokens, verbosity=0)
+
+
+def fix_output_length(captioner: ec.LocalCaptioner, args) -> None:
+    """Every caption exactly --new_tokens long, so batch sizes and runs do the same work per image."""
+    captioner.generate_kwargs.update(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    if args.num_beams > 1:
+        captioner.generate_kwargs["num_beams"] = args.num_beams
+
+
+def time_vision_stage(captioner, photos: list[Path], folder: Path, cfg: ec.Config) -> dict:
+    """One vision stage: caption_locally over a fresh folder (its Items from the script's own plan_work),
+    with the script's DataLoader workers and its cache writer; the clock covers exactly caption_locally."""
+    import torch
+
+    link_photos(photos, folder)
+    cfg = dataclasses.replace(cfg, dataset_dir=folder)
+    items = ec.plan_work(cfg).to_generate
+    stats, reporter, stop = ec.Stats(), ec.Reporter(0, True), threading.Event()
+    progress = reporter.progress("vision", len(items))
+    sync(torch)
+    start = time.perf_counter()
+    ec.caption_locally(items, captioner, cfg, stats, progress, reporter, stop, lambda item: None)
+    sync(torch)
+    seconds = time.perf_counter() - start
+    done = stats.counts[ec.STAGE_VISION]["done"]
+    if done != len(items):
+        problems = "; ".join(f.error for f in stats.failures[:3])
+        raise RuntimeError(f"vision stage captioned {done}/{len(items)} images: {problems}")
+    return {"seconds": seconds, "images": len(items), "images_per_s": len(items) / seconds}
+
+
+def sync(torch) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def vision_pipeline(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int) -> dict:
+    """Vision stage images/s at cfg.batch_size: best of `repeats` runs after one warm-up run (first-call costs:
+    lazy imports, kernel selection)."""
+    time_vision_stage(captioner, photos[: cfg.batch_size * 2], workdir / "warmup", cfg)
+    runs = [time_vision_stage(captioner, photos, workdir / f"vision-bs{cfg.batch_size}-{r}", cfg)
+            for r in range(repeats)]
+    best = max(runs, key=lambda r: r["images_per_s"])
+    return dict(best, runs_images_per_s=[round(r["images_per_s"], 2) for r in runs])
+
+
+def bare_generate(captioner, photos: list[Path], batch_size: int, repeats: int) -> dict:
+    """The model's own limit at this batch size: model.generate in a plain loop over batches that are already
+    decoded, preprocessed (by the captioner's own prepare) and on the device, with the same generate kwargs.
+    No decoding, no post-processing, no file writes."""
+    import torch
+
+    batches = []
+    for i in range(0, len(photos), batch_size):
+        images = [ec.load_image(p) for p in photos[i:i + batch_size]]
+        inputs, _ = captioner.prepare(images)
+        inputs = inputs.to(captioner.model.device)
+        for key, value in inputs.items():
+            if torch.is_floating_point(value):
+                inputs[key] = value.to(captioner.model.dtype)
+        batches.append(inputs)
+    generate = captioner.model.generate
+    with torch.inference_mode():
+        generate(**batches[0], **captioner.generate_kwargs)  # warm-up
+        best = 0.0
+        for _ in range(repeats):
+            sync(torch)
+            start = time.perf_counter()
+            for inputs in batches:
+                generate(**inputs, **captioner.generate_kwargs)
+            sync(torch)
+            best = max(best, len(photos) / (time.perf_counter() - start))
+    return {"images": len(photos), "images_per_s": best}
+
+
+def feeding_cost(captioner, photos: list[Path], batch_size: int) -> dict:
+    """CPU cost of feeding the model, per image, in one thread: decode (load_image) and preprocess (prepare).
+    A DataLoader worker can supply at most 1000 / (decode_ms + prepare_ms) images/s."""
+    sample = photos[: max(batch_size, 8)]
+    start = time.perf_counter()
+    images = [ec.load_image(p) for p in sample]
+    decode = (time.perf_counter() - start) / len(sample)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        captioner.prepare(images[i:i + batch_size])
+    prepare = (time.perf_counter() - start) / len(images)
+    return {"decode_ms": decode * 1000, "prepare_ms": prepare * 1000,
+            "one_worker_images_per_s": 1 / (decode + prepare)}
+
+
+class Timer:
+    """Wraps a callable and adds up the seconds spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *a, **kw):
+        import torch
+
+        start = time.perf_counter()
+        try:
+            result = self.fn(*a, **kw)
+            sync(torch)
+            return result
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
+    """Where one vision stage's time goes: in model.generate, in the rest of captioner.caption (moving inputs
+    to the device, batch_decode, post_process_generation), and outside caption (waiting for the DataLoader to
+    hand over the next batch, bookkeeping, queuing cache writes)."""
+    caption, generate = Timer(captioner.caption), Timer(captioner.model.generate)
+    captioner.caption, captioner.model.generate = caption, generate
+    try:
+        run = time_vision_stage(captioner, photos, workdir / "vision-profile", cfg)
+    finally:
+        del captioner.caption, captioner.model.generate  # the instance attributes go, the methods remain
+    total = run["seconds"]
+    parts = {"generate_s": generate.seconds, "caption_other_s": caption.seconds - generate.seconds,
+             "outside_caption_s": total - caption.seconds}
+    return {"stage_s": total, "batches": caption.calls, **{k: round(v, 3) for k, v in parts.items()},
+            **{k.replace("_s", "_share"): round(v / total, 3) for k, v in parts.items()}}
+
+
+def measure_vision(args, sizes: Sizes, workdir: Path, device, model_id: str) -> dict:
+    """Vision stage at batch size 1 and at the large batch size, vs the bare generate loop at each."""
+    photos = make_photos(workdir / "photos", sizes.images, side=args.photo_side)
+    small, large = args.batch_sizes
+    cfg = vision_config(model_id, workdir / "unused", large, args)
+    captioner = ec.load_captioner(cfg, device)
+    fix_output_length(captioner, args)
+    out: dict = {"images": len(photos), "new_tokens": args.new_tokens, "num_workers": args.num_workers,
+                 "batch_sizes": [small, large], "torch_threads": torch_threads()}
+    for bs in (small, large):
+        pipeline = vision_pipeline(captioner, photos, workdir, dataclasses.replace(cfg, batch_size=bs), sizes.repeats)
+        bare = bare_generate(captioner, photos, bs, sizes.repeats)
+        out[f"bs{bs}"] = {"pipeline": pipeline, "bare_generate": bare,
+                          "pipeline_vs_bare": pipeline["images_per_s"] / bare["images_per_s"]}
+    out["batch_speedup"] = out[f"bs{large}"]["pipeline"]["images_per_s"] / out[f"bs{small}"]["pipeline"]["images_per_s"]
+    out["profile"] = vision_profile(captioner, photos, workdir, cfg)
+    if device.type == "cpu" and args.num_workers:
+        out["threads_diagnostic"] = threads_diagnostic(captioner, photos, workdir, cfg, sizes.repeats,
+                                                       out[f"bs{large}"]["bare_generate"]["images_per_s"])
+    out["feeding"] = feeding_cost(captioner, photos, large)
+    del captioner
+    ec.release_memory()
+    return out
+
+
+def threads_diagnostic(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int, bare_rate: float) -> dict:
+    """CPU only, a what-if: the vision stage again with this process's torch threads cut to the cores the
+    DataLoader workers leave free (the script leaves torch at one thread per core while its workers decode on
+    the same cores). The bare loop's own rate barely depends on this for a small model."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) - cfg.num_workers)
+    torch.set_num_threads(threads)
+    try:
+        run = vision_pipeline(captioner, photos, workdir, cfg, repeats)
+        bare = bare_generate(captioner, photos, cfg.batch_size, repeats)["images_per_s"]
+    finally:
+        torch.set_num_threads(before)
+    return {"torch_threads": threads, "default_threads": before, "pipeline": run,
+            "bare_generate_images_per_s": bare, "pipeline_vs_bare": run["images_per_s"] / bare_rate}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------------
+# LLM stage
+# --------------------------------------------------------------------------------------------
+
+
+def llm_stage(workdir: Path, name: str, n: int, concurrency: int, latency: float, *extra: str) -> dict:
+    """LLM stage only: n items whose generated captions exist, run through ec.main with a --model_id that does
+    not exist (so the run succeeds only if no model is loaded). The rate is n over the time from the first chat
+    request reaching the server to ec.main returning: it leaves out startup and planning, keeps every request,
+    every cache write and the stage's shutdown."""
+    folder = workdir / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    make_captioned_items(folder, n)
+    with FakeLLMServer(latency=latency) as server:
+        rc, output = run_main(["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
+                               "--model", "test-model", "--concurrency", concurrency, "--quiet", *extra])
+        end = time.monotonic()  # the server's clock
+        times = sorted(server.request_times)
+        requests, in_flight = len(server.requests), server.max_in_flight
+    combined = sum(1 for _ in folder.glob(f"*{ec.COMBINED_SUFFIX}"))
+    if rc != 0 or combined != n:
+        raise RuntimeError(f"LLM stage run failed (exit {rc}, {combined}/{n} merged): {output[-1000:]}")
+    seconds = end - times[0]
+    return {"items": n, "requests": requests, "concurrency": concurrency, "latency_s": latency,
+            "seconds": seconds, "requests_per_s": n / seconds, "max_in_flight": in_flight, "request_times": times}
+
+
+def bare_client(n: int, concurrency: int, latency: float) -> dict:
+    """The LLM side's own limit on this machine: the same openai client in a plain asyncio loop, `concurrency`
+    workers sending the script's kind of request (its system prompt, a user turn of the same shape, its default
+    max_tokens and temperature) to the same loopback server. No limiter, no retries, no files."""
+    import asyncio
+
+    import openai
+
+    system = ec.read_prompt_file(ec.DEFAULT_SYSTEM_PROMPT, "system prompt")
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": ec.build_user_message("subject1, photo number 1",
+                                                                  "a red cat sitting on a blue sofa in a sunlit room")}]
+
+    async def run(url: str) -> None:
+        client = openai.AsyncOpenAI(base_url=url, api_key="not-needed", max_retries=0)
+        todo = list(range(n))
+
+        async def worker() -> None:
+            while todo:
+                todo.pop()
+                await client.chat.completions.create(model="test-model", messages=messages, max_tokens=512,
+                                                     temperature=0.3)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await client.close()
+
+    with FakeLLMServer(latency=latency) as server:
+        asyncio.run(run(server.base_url))
+        seconds = time.monotonic() - min(server.request_times)
+    return {"items": n, "concurrency": concurrency, "seconds": seconds, "requests_per_s": n / seconds}
+
+
+def measure_llm(sizes: Sizes, workdir: Path, latency: float = 0.2, concurrency: int = 16) -> dict:
+    """Requests/s at --concurrency 16 and 1 against 200 ms of server latency, vs the limit concurrency/latency,
+    and vs a bare openai-client loop at concurrency 16 (what the client and server manage here without the script)."""
+    wide = llm_stage(workdir, "llm-c16", sizes.llm_items, concurrency, latency)
+    serial = llm_stage(workdir, "llm-c1", sizes.llm_items_serial, 1, latency)
+    bare = bare_client(sizes.llm_items, concurrency, latency)
+    # Beyond the targets: at concurrency 64 the event loop's own work per request starts to show.
+    busy = llm_stage(workdir, "llm-c64", sizes.llm_items * 2, 64, latency)
+    busy["bare_client_requests_per_s"] = bare_client(sizes.llm_items * 2, 64, latency)["requests_per_s"]
+    limit = concurrency / latency
+    for run in (wide, serial, busy):
+        run.pop("request_times")
+    return {"concurrency": wide, "serial": serial, "bare_client": bare, "c64": busy, "limit_requests_per_s": limit,
+            "fraction_of_limit": wide["requests_per_s"] / limit,
+            "fraction_of_bare_client": wide["requests_per_s"] / bare["requests_per_s"],
+            "speedup_vs_serial": wide["requests_per_s"] / serial["requests_per_s"]}
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most timestamps inside any half-open window [t, t + window)."""
+    return max((bisect.bisect_left(times, t + window) - i for i, t in enumerate(times)), default=0)
+
+
+def measure_rpm(workdir: Path, rpm: int = 30, n: int = 45) -> dict:
+    """--rpm 30, 45 requests, --concurrency 16, no latency: the first 30 go at once, the other 15 must wait for
+    the first ones to leave the 60 s window. Reports the most requests the server saw in any 60 s window, and
+    the shortest time spanned by rpm + 1 consecutive requests (must be >= 60 s)."""
+    run = llm_stage(workdir, "llm-rpm", n, 16, 0.0, "--rpm", rpm)
+    times = run.pop("request_times")
+    spans = [times[i + rpm] - times[i] for i in range(len(times) - rpm)]
+    return {"rpm": rpm, "requests": n, "seconds": run["seconds"],
+            "max_in_any_60s_window": max_in_window(times, ec.WINDOW_SECONDS),
+            "min_span_of_rpm_plus_1_s": min(spans) if spans else None}
+
+
+# --------------------------------------------------------------------------------------------
+# Overlap vs phased, end to end
+# --------------------------------------------------------------------------------------------
+
+
+def end_to_end(photos, workdir: Path, name: str, model_id: str, latency: float, args, overlap: bool) -> dict:
+    """One whole run through ec.main: load the model, caption, merge (fresh folder, no caches)."""
+    folder = link_photos(photos, workdir / name, captions=True)
+    with FakeLLMServer(latency=latency) as server:
+        argv = ["--dataset_dir", folder, "--model_id", model_id, "--base_url", server.base_url, "--model", "test-model",
+                "--batch_size", args.batch_sizes[1], "--num_workers", args.num_workers,
+                "--max_new_tokens", args.new_tokens, "--concurrency", 16, "--quiet"]
+        start = time.perf_counter()
+        rc, output = run_main(argv + (["--overlap"] if overlap else []))
+        seconds = time.perf_counter() - start
+        requests = len(server.requests)
+    if rc != 0 or requests != len(photos):
+        raise RuntimeError(f"end-to-end run failed (exit {rc}, {requests} requests): {output[-1000:]}")
+    return {"seconds": seconds, "images": len(photos)}
+
+
+def measure_overlap(args, sizes: Sizes, workdir: Path, model_id: str, vision_rate: float | None) -> dict:
+    """--overlap vs phased end to end. The LLM latency is set so that the LLM stage (n * latency / 16) takes
+    about as long as the vision stage (n / vision images/s): phased costs about their sum, overlap about the
+    larger of the two, so the best possible speedup is close to 2x (less the model load, which both pay)."""
+    photos = make_photos(workdir / "photos-e2e", sizes.overlap_images, seed=1, side=args.photo_side)
+    if vision_rate is None:  # the vision section did not run: measure the stage once
+        cfg = vision_config(model_id, workdir / "unused", args.batch_sizes[1], args)
+        captioner = ec.load_captioner(cfg, args.device_obj)
+        vision_rate = time_vision_stage(captioner, photos, workdir / "e2e-probe", cfg)["images_per_s"]
+        del captioner
+    latency = min(max(16 / vision_rate, 0.02), 5.0)
+    phased = end_to_end(photos, workdir, "e2e-phased", model_id, latency, args, overlap=False)
+    overlapped = end_to_end(photos, workdir, "e2e-overlap", model_id, latency, args, overlap=True)
+    vision_s = len(photos) / vision_rate
+    llm_s = len(photos) * latency / 16
+    return {"images": len(photos), "llm_latency_s": round(latency, 3), "est_vision_stage_s": vision_s,
+            "est_llm_stage_s": llm_s, "phased_s": phased["seconds"], "overlap_s": overlapped["seconds"],
+            "speedup": phased["seconds"] / overlapped["seconds"],
+            "saved_s": phased["seconds"] - overlapped["seconds"], "max_saving_s": min(vision_s, llm_s)}
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and the cached rerun
+# --------------------------------------------------------------------------------------------
+
+
+def measure_rss(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
+    """Peak RSS of the script's own process, one fresh child per measurement, at two dataset sizes:
+      cached    a fully cached rerun (every _generated and _combined cache present): plans, finds nothing to do;
+      planning  --overwrite all over the same images: plans a caption and a merge for every image, passes the
+                endpoint preflight, then stops where the vision model would load (--model_id names no model;
+                exit 2).
+    Two peaks each: through main() (what the run holds: imports, the plan, the Items; the targets use this one),
+    and of the whole process (wait4), interpreter shutdown included, where torch's teardown briefly adds
+    ~100 MB and can hide the plan's growth. The growth between the sizes is what the plan and Items cost."""
+    out: dict = {}
+    with FakeLLMServer() as server:
+        for mode, extra, expected in (("cached", (), 0), ("planning", ("--overwrite", "all"), 2)):
+            for n in (sizes.rss_small, sizes.rss_large):
+                rc, wall, peak, output = run_child(script_command(tree[n], server, *extra, rss_marker=True), workdir)
+                if rc != expected or (mode == "planning" and "cannot load" not in output):
+                    raise RuntimeError(f"{mode} run over {n} images: exit {rc} (expected {expected}): {output}")
+                out[f"{mode}_{n}"] = {"peak_rss_mb": main_peak(output) / 2**20, "process_peak_rss_mb": peak / 2**20,
+                                      "seconds": wall}
+            for key in ("peak_rss_mb", "process_peak_rss_mb"):
+                out[f"{mode}_growth_{key.replace('peak_rss_', '')}"] = (
+                    out[f"{mode}_{sizes.rss_large}"][key] - out[f"{mode}_{sizes.rss_small}"][key])
+        out["chat_requests_sent"] = len(server.requests)  # must stay 0: nothing was merged
+    _, _, peak, _ = run_child([sys.executable, "-c", "import torch, transformers"], workdir)
+    out["import_torch_transformers_mb"] = peak / 2**20
+    return out
+
+
+def measure_rerun(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
+    """Wall time of a fully cached rerun over `rerun_images` images (a fresh `python enhance_captions.py`),
+    vs a bare `python -c "import torch, transformers"`; best of `rerun_repeats` each. The difference is what
+    the script spends beyond importing its libraries: its own imports, walking and reading 3 files per image."""
+    baseline = [run_child([sys.executable, "-c", "import torch, transformers"], workdir)[1]
+                for _ in range(sizes.rerun_repeats)]
+    with FakeLLMServer() as server:
+        reruns = []
+        for _ in range(sizes.rerun_repeats):
+            rc, wall, _, output = run_child(script_command(tree[sizes.rerun_images], server), workdir)
+            if rc != 0 or f"{sizes.rerun_images} from cache" not in output:
+                raise RuntimeError(f"cached rerun failed (exit {rc}): {output}")
+            reruns.append(wall)
+    return {"images": sizes.rerun_images, "rerun_s": min(reruns), "import_torch_transformers_s": min(baseline),
+            "ratio": min(reruns) / min(baseline), "extra_s": min(reruns) - min(baseline),
+            "rerun_runs_s": [round(s, 3) for s in reruns], "import_runs_s": [round(s, 3) for s in baseline]}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    value: str
+    target: str = ""
+    passed: bool | None = None
+
+    def result(self) -> str:
+        return "" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+def rows_for(results: dict, args) -> list[Row]:
+    rows: list[Row] = []
+    v = results.get("vision")
+    if v:
+        small, large = v["batch_sizes"]
+        s, b = v[f"bs{small}"], v[f"bs{large}"]
+        rows += [
+            Row(f"vision bs{small}: pipeline / bare generate",
+                f"{s['pipeline']['images_per_s']:.1f} / {s['bare_generate']['images_per_s']:.1f} img/s"),
+            Row(f"vision bs{large}: pipeline / bare generate",
+                f"{b['pipeline']['images_per_s']:.1f} / {b['bare_generate']['images_per_s']:.1f} img/s"),
+            Row(f"vision bs{large} vs bs{small} (pipeline)", f"{v['batch_speedup']:.2f}x"),
+            Row(f"vision bs{large}: pipeline vs bare loop", f"{b['pipeline_vs_bare']:.0%}", ">= 85%",
+                b["pipeline_vs_bare"] >= 0.85),
+        ]
+        p, f = v["profile"], v["feeding"]
+        rows.append(Row(f"  where bs{large} time goes", f"generate {p['generate_share']:.0%}, caption other "
+                        f"{p['caption_other_share']:.0%}, outside caption {p['outside_caption_share']:.0%}"))
+        rows.append(Row("  feeding cost per image (one thread)",
+                        f"decode {f['decode_ms']:.1f} ms + prepare {f['prepare_ms']:.1f} ms"))
+        d = v.get("threads_diagnostic")
+        if d:
+            rows.append(Row(f"  what-if: main torch threads {d['default_threads']} -> {d['torch_threads']}",
+                            f"{d['pipeline']['images_per_s']:.1f} img/s = {d['pipeline_vs_bare']:.0%} of bare "
+                            f"(bare at {d['torch_threads']}: {d['bare_generate_images_per_s']:.1f})"))
+    llm = results.get("llm")
+    if llm:
+        c, one = llm["concurrency"], llm["serial"]
+        rows += [
+            Row("llm c16 / c1 (200 ms latency)", f"{c['requests_per_s']:.1f} / {one['requests_per_s']:.2f} req/s"),
+            Row("llm c16 vs limit 16/0.2 s", f"{llm['fraction_of_limit']:.0%} of {llm['limit_requests_per_s']:.0f}",
+                ">= 90%", llm["fraction_of_limit"] >= 0.90),
+            Row("llm c16 vs c1", f"{llm['speedup_vs_serial']:.1f}x", ">= 12x", llm["speedup_vs_serial"] >= 12),
+            Row("  llm c16 vs bare openai-client loop", f"{llm['fraction_of_bare_client']:.0%} of "
+                f"{llm['bare_client']['requests_per_s']:.1f} req/s"),
+            Row("  llm c64: script / bare client / limit", f"{llm['c64']['requests_per_s']:.0f} / "
+                f"{llm['c64']['bare_client_requests_per_s']:.0f} / {64 / llm['c64']['latency_s']:.0f} req/s"),
+        ]
+    r = results.get("rpm")
+    if r:
+        rows.append(Row(f"rpm {r['rpm']}: most requests in any 60 s", f"{r['max_in_any_60s_window']} "
+                        f"(shortest {r['rpm'] + 1} in a row: {r['min_span_of_rpm_plus_1_s']:.3f} s)",
+                        f"<= {r['rpm']}", r["max_in_any_60s_window"] <= r["rpm"]))
+    elif args.rpm_skipped:
+        rows.append(Row("rpm window check", "skipped (--check_rpm runs it)", "<= rpm", None))
+    o = results.get("overlap")
+    if o:
+        rows.append(Row(f"--overlap vs phased ({o['images']} img, {o['llm_latency_s']} s LLM)",
+                        f"{o['overlap_s']:.1f} s vs {o['phased_s']:.1f} s = {o['speedup']:.2f}x "
+                        f"(saved {o['saved_s']:.1f} of <= {o['max_saving_s']:.1f} s)"))
+    m = results.get("rss")
+    if m:
+        small, large = results["sizes"]["rss_small"], results["sizes"]["rss_large"]
+        for mode in ("cached", "planning"):
+            a, b = m[f"{mode}_{small}"], m[f"{mode}_{large}"]
+            growth = m[f"{mode}_growth_mb"]
+            rows.append(Row(f"peak RSS {mode} {small:,} -> {large:,}",
+                            f"{a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB ({growth:+.0f}); whole process "
+                            f"{a['process_peak_rss_mb']:.0f} -> {b['process_peak_rss_mb']:.0f}",
+                            "<= +100 MB", growth <= 100))
+        rows.append(Row("  peak RSS of import torch, transformers", f"whole process "
+                        f"{m['import_torch_transformers_mb']:.0f} MB"))
+    rr = results.get("rerun")
+    if rr:
+        rows.append(Row(f"cached rerun {rr['images']:,} img vs import torch+transformers",
+                        f"{rr['rerun_s']:.2f} s vs {rr['import_torch_transformers_s']:.2f} s "
+                        f"({rr['extra_s']:+.2f} s)"))
+    return rows
+
+
+def print_table(rows: list[Row], quick: bool) -> None:
+    if quick:
+        print("--quick: smoke-run sizes; use a full run to judge the targets\n")
+    widths = [max(len(r.name) for r in rows), max(len(r.value) for r in rows), max(len(r.target) for r in rows)]
+    print(f"{'measurement':<{widths[0]}}  {'value':<{widths[1]}}  {'target':<{widths[2]}}  result")
+    print("-" * (sum(widths) + 12))
+    for r in rows:
+        print(f"{r.name:<{widths[0]}}  {r.value:<{widths[1]}}  {r.target:<{widths[2]}}  {r.result()}")
+
+
+def environment(args, model_name: str) -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "device": str(args.device_obj),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "model": model_name,
+            "quick": args.quick, "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run (< 2 min on a CPU box)")
+    p.add_argument("--model_id", help="vision model (Hub id or path) for the vision and overlap sections "
+                                      "(default: the tiny random Florence-2 of tests/tiny_models.py)")
+    p.add_argument("--florence_large_random", action="store_true",
+                   help="a random-weight model with Florence-2-large's sizes, at batch sizes 1 and 32 (needs a GPU)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--images", type=int, help="images per vision and overlap measurement (default 96 and 192; "
+                                              "quick 32; 256 with --florence_large_random)")
+    p.add_argument("--photo_side", type=int, default=768,
+                   help="longest side of the synthetic photos (e.g. 4032 for 12 MP camera JPEGs)")
+    p.add_argument("--batch_size", type=int, help="the large batch size (default 8; 32 with --florence_large_random)")
+    p.add_argument("--num_workers", type=int, default=2, help="the script's --num_workers (its default: 2)")
+    p.add_argument("--new_tokens", type=int, help="fixed caption length in tokens (default 32; 64 with a GPU)")
+    p.add_argument("--num_beams", type=int, default=1, help="beam search width for generate (default greedy)")
+    p.add_argument("--check_rpm", action="store_true", help="run the ~60 s rpm window check in a --quick run too")
+    p.add_argument("--only", help=f"comma-separated sections to run: {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--workdir", type=Path, help="keep the datasets and models here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.out:
+        args.out = args.out.resolve()  # before the benchmark changes its working folder
+    if args.florence_large_random and args.model_id:
+        p.error("--florence_large_random and --model_id exclude each other")
+    args.device_obj = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.florence_large_random and args.device_obj.type != "cuda":
+        p.error("--florence_large_random needs a GPU (--device cuda): on a CPU it would take hours")
+    large = args.batch_size or (32 if args.florence_large_random else 8)
+    args.batch_sizes = (1, large)
+    args.new_tokens = args.new_tokens or (64 if args.device_obj.type == "cuda" else 32)
+    args.sections = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    args.rpm_skipped = args.quick and not args.check_rpm and not args.only
+    if args.rpm_skipped:
+        args.sections.remove("rpm")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.florence_large_random and not args.images:
+        sizes.images = sizes.overlap_images = 256
+    if args.images:
+        sizes.images = sizes.overlap_images = args.images
+    sizes.images = max(sizes.images, args.batch_sizes[1] * 2)
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        workdir = workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)  # no .env from the caller's working folder reaches ec.main
+        results: dict = {"sizes": dataclasses.asdict(sizes)}
+        started = time.perf_counter()
+
+        def section(name: str, fn):
+            if name in args.sections:
+                t = time.perf_counter()
+                print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+                results[name] = fn()
+                print(f"[bench] {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+
+        model_id, model_name = (None, None)
+        if {"vision", "overlap"} & set(args.sections):
+            model_id, model_name = resolve_model(args, workdir, args.device_obj)
+        results["environment"] = environment(args, model_name or "-")
+        section("vision", lambda: measure_vision(args, sizes, workdir, args.device_obj, model_id))
+        section("llm", lambda: measure_llm(sizes, workdir))
+        section("rpm", lambda: measure_rpm(workdir))
+        vision_rate = None
+        if "vision" in results:
+            vision_rate = results["vision"][f"bs{args.batch_sizes[1]}"]["pipeline"]["images_per_s"]
+        section("overlap", lambda: measure_overlap(args, sizes, workdir, model_id, vision_rate))
+        if {"rss", "rerun"} & set(args.sections):
+            counts = sorted({sizes.rss_small, sizes.rerun_images, sizes.rss_large})
+            t = time.perf_counter()
+            tree = make_nested_tree(workdir / "cached-tree", counts)
+            print(f"[bench] built {counts[-1]:,} cached images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            section("rss", lambda: measure_rss(sizes, tree, workdir))
+            section("rerun", lambda: measure_rerun(sizes, tree, workdir))
+        results["total_s"] = time.perf_counter() - started
+        rows = rows_for(results, args)
+        results["table"] = [dataclasses.asdict(r) | {"result": r.result()} for r in rows]
+        os.chdir(ROOT)
+    print_table(rows, args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=str)
+    (RESULTS / "bench.json").write_text(text + "\n", encoding="utf-8")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    print(f"\nJSON: {RESULTS / 'bench.json'}" + (f" and {args.out}" if args.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
