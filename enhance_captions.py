@@ -46,7 +46,6 @@ import collections
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import io
 import json
 import os
@@ -445,6 +444,11 @@ def process_share(total: int, index: int, count: int) -> int:
     return total // count + (1 if index < total % count else 0)
 
 
+def first_line(error: Exception) -> str:
+    """Library errors can run to pages (download hints, tracebacks): one line is enough for a person."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def redact(text: str, secret: str | None) -> str:
     text = re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)  # credentials inside a URL
     return text.replace(secret, "***") if secret else text
@@ -517,7 +521,7 @@ class EndpointChat:
         import openai
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
-        self.limiter, self.api_key, self.base_url = limiter, api_key, base_url
+        self.limiter, self.api_key = limiter, api_key
         self.openai = openai
         http = openai.DefaultAsyncHttpxClient(
             event_hooks={"request": [self._before_request], "response": [self._after_response]}
@@ -608,7 +612,7 @@ class LocalChat:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, **common)
             self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **common).to(device).eval()
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load --local_llm {model_id}: {str(e).splitlines()[0]}") from e
+            raise UsageError(f"cannot load --local_llm {model_id}: {first_line(e)}") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -830,7 +834,7 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
             raise UsageError(f"{cfg.model_id}'s processor needs torchvision: pip install torchvision") from e
         raise UsageError(f"cannot load the processor of {cfg.model_id}: {e}") from e
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the processor of {cfg.model_id}: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"cannot load the processor of {cfg.model_id}: {first_line(e)}") from e
     LocalCaptioner.kind_of(processor)  # fail before the weights load
 
     dtype = resolve_dtype(cfg.dtype, device)
@@ -854,9 +858,9 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
             break
         except ValueError as e:
             if "Unrecognized configuration class" not in str(e):
-                raise UsageError(f"cannot load {cfg.model_id}: {str(e).splitlines()[0]}") from e
+                raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
         except OSError as e:
-            raise UsageError(f"cannot load {cfg.model_id}: {str(e).splitlines()[0]}") from e
+            raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
     if model is None:
         raise UsageError(f"{cfg.model_id} is not an image-to-text model; supported: {LocalCaptioner.KINDS}")
     if "device_map" not in kwargs:
@@ -1367,7 +1371,7 @@ def preflight(cfg: Config, plan: Plan, state) -> None:
     checks = []
     if plan.to_combine and cfg.local_llm:
         check_local_model(cfg)
-    if plan.to_combine and not cfg.local_llm:
+    elif plan.to_combine:
         checks.append(make_chat(cfg, state))
     if plan.to_generate and cfg.vlm_base_url:
         checks.append(make_vision_chat(cfg, state))
@@ -1392,7 +1396,7 @@ def check_local_model(cfg: Config) -> None:
     try:
         AutoConfig.from_pretrained(cfg.local_llm, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {str(e).splitlines()[0]}") from e
+        raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
