@@ -1728,11 +1728,12 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
 
 
 def exit_process(code: int) -> None:
-    """Exit with code. Under a multi-process launch, skip the interpreter's teardown: gloo's worker threads
+    """Exit with code. Once processes have met in a process group, skip the interpreter's teardown: gloo's threads
     drop their last references to a collective's tensors just after it returns, and one that does so while the
     interpreter finalizes cannot take the GIL and aborts the process (SIGABRT after a finished run, about one
     two-process CPU run in eight). Everything is written and closed by now, so only the flush is left."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -1741,4 +1742,3 @@ def exit_process(code: int) -> None:
 
 if __name__ == "__main__":
     exit_process(main())
-
