@@ -81,6 +81,7 @@ DEFAULT_CHAT_PROMPT = (
 )
 # PIL's own decompression-bomb threshold; larger images are refused before their pixels are allocated.
 MAX_IMAGE_PIXELS = 89_478_485
+ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
 
@@ -322,8 +323,12 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Open one image as upright RGB, or raise ItemError with a reason a person can act on."""
+def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
+    """Open one image as upright RGB, or raise ItemError with a reason a person can act on.
+
+    With min_side, a JPEG is decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least min_side
+    (the DCT does the downscaling, several times cheaper than decoding in full and resizing). The upright size
+    of the full image is kept in img.info["full_size"] for processors that map coordinates back to it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -331,8 +336,11 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
             width, height = img.size  # header only: a bomb is refused before its pixels exist
             if width * height > max_pixels:
                 raise ItemError(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
+            if min_side:
+                img.draft(None, (min_side, min_side))  # a no-op for formats other than JPEG
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            quarter_turn = img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)  # what exif_transpose will do
+            upright = to_rgb(ImageOps.exif_transpose(img))
     except ItemError:
         raise
     except Image.DecompressionBombError as e:
@@ -343,6 +351,8 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
     except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ItemError(f"cannot decode image: {reason}") from e
+    upright.info["full_size"] = (height, width) if quarter_turn else (width, height)
+    return upright
 
 
 def to_rgb(img):
@@ -362,7 +372,7 @@ def to_rgb(img):
 
 def image_data_url(path: Path, max_side: int) -> str:
     """A JPEG data URL of the image, its longest side at most max_side, for served vision models."""
-    img = load_image(path)
+    img = load_image(path, min_side=max_side)
     img.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=90)
@@ -712,6 +722,23 @@ async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], m
 # --------------------------------------------------------------------------------------------
 
 
+def decode_side(image_processor) -> int:
+    """The side both of an image's sides may be decoded down to without losing what the processor keeps: the
+    largest side its resize aims at (height/width, shortest_edge, longest_edge), or 0 (decode in full) when it
+    does not resize or sizes by anything else (maximum heights, pixel budgets) whose meaning we cannot bound.
+    Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe."""
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return 0
+    if isinstance(size, int):
+        return size
+    values = dict(size)  # a dict or a SizeDict (which yields only the keys that are set)
+    sides = {key: values.pop(key) for key in ("height", "width", "shortest_edge", "longest_edge") if key in values}
+    if values or not sides or not all(isinstance(v, int) for v in sides.values()):
+        return 0
+    return max(sides.values())
+
+
 class LocalCaptioner:
     """A transformers image-to-text model. `prepare` runs in DataLoader workers, `caption` on the device.
 
@@ -727,6 +754,7 @@ class LocalCaptioner:
     def __init__(self, processor, model, prompt: str | None, system_prompt: str | None, generate_kwargs: dict):
         self.processor, self.model = processor, model
         self.kind = self.kind_of(processor)
+        self.decode_side = decode_side(processor.image_processor)
         self.prompt = prompt if prompt is not None else self.default_prompt(self.kind)
         self.system_prompt = system_prompt
         self.generate_kwargs = generate_kwargs
@@ -761,7 +789,7 @@ class LocalCaptioner:
             # Always pass text, even empty: processors that insert image tokens into it (PaliGemma) need it.
             inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt",
                                     padding=True)
-        return inputs, [img.size for img in images]
+        return inputs, [img.info.get("full_size", img.size) for img in images]
 
     def conversation(self, image) -> list[dict]:
         turns = []
@@ -885,15 +913,15 @@ def release_memory() -> None:
 class ImageFolder:
     """A torch Dataset of items: each read returns (position, image or None, error or None)."""
 
-    def __init__(self, items: Sequence[Item]):
-        self.items = items
+    def __init__(self, items: Sequence[Item], min_side: int = 0):
+        self.items, self.min_side = items, min_side
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         try:
-            return index, load_image(self.items[index].image), None
+            return index, load_image(self.items[index].image, min_side=self.min_side), None
         except ItemError as e:
             return index, None, str(e)
 
@@ -1090,7 +1118,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         stats.counts[STAGE_VISION]["done"] += 1
         on_caption(item)
 
-    loader = DataLoader(ImageFolder(items), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=make_collate(captioner), worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:

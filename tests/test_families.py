@@ -438,3 +438,35 @@ def test_served_vision_model_needs_its_name(tmp_path, llm_server):
                      "--base_url", llm_server.base_url)
     assert result.returncode == 2 and "--vlm_model" in result.stderr
     assert llm_server.requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# Reduced-scale JPEG decoding keeps what each processor feeds its model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_jpeg_decoding_gives_the_model_the_same_input(tmp_path, model_dir, family):
+    """A camera-sized JPEG decoded at reduced scale (down to the processor's own size) must give the model an
+    input of the same shape and nearly the same pixels as decoding it in full; the captioner reports the full
+    image's size (Florence-2 maps region coordinates onto it)."""
+    import torch
+    from PIL import Image
+
+    path = tmp_path / "camera.jpg"
+    Image.linear_gradient("L").resize((1024, 768)).convert("RGB").save(path, format="JPEG", quality=90)
+    captioner = captioner_for(tmp_path, model_dir(family))
+    full_inputs, full_sizes = captioner.prepare([ec.load_image(path)])
+    reduced_image = ec.load_image(path, min_side=captioner.decode_side)
+    reduced_inputs, reduced_sizes = captioner.prepare([reduced_image])
+    assert full_sizes == reduced_sizes == [(1024, 768)]
+    assert set(full_inputs) == set(reduced_inputs)
+    for key, full in full_inputs.items():
+        reduced = reduced_inputs[key]
+        assert full.shape == reduced.shape, key
+        if torch.is_floating_point(full):
+            assert (full - reduced).abs().mean() < 0.05, key
+        else:
+            assert torch.equal(full, reduced), key
+    if captioner.decode_side and captioner.decode_side <= 384:
+        assert reduced_image.size[0] < 1024  # the tiny processors' sizes are small enough to decode at 1/2 or less

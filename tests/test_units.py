@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,70 @@ def _small_png(tmp_path):
     path = tmp_path / "small.png"
     Image.new("RGB", (100, 100)).save(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reduced-scale JPEG decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _gradient_jpeg(path: Path, size: tuple[int, int], orientation: int | None = None) -> Path:
+    from PIL import Image
+
+    width, height = size
+    img = Image.linear_gradient("L").resize(size).convert("RGB")
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    img.save(path, format="JPEG", quality=90, exif=exif.tobytes())
+    assert (width, height) == Image.open(path).size
+    return path
+
+
+@pytest.mark.parametrize("size, expected", [
+    ({"height": 768, "width": 768}, 768),
+    ({"shortest_edge": 224}, 224),
+    ({"longest_edge": 1456}, 1456),
+    ({"shortest_edge": 378, "longest_edge": 980}, 980),
+    ({"shortest_edge": 3136, "longest_edge": 12845056}, 12845056),  # Qwen-VL's pixel counts: never reduces
+    ({"max_pixels": 1_000_000}, 0),   # a pixel budget: no side to keep, so decode in full
+    ({"height": 384, "width": 384, "max_height": 512}, 0),
+    ({}, 0),
+    (384, 384),
+])
+def test_decode_side_is_the_largest_side_the_processor_resizes_to(size, expected):
+    processor = types.SimpleNamespace(do_resize=True, size=size)
+    assert ec.decode_side(processor) == expected
+
+
+def test_decode_side_is_zero_when_the_processor_does_not_resize():
+    assert ec.decode_side(types.SimpleNamespace(do_resize=False, size={"height": 32, "width": 32})) == 0
+    assert ec.decode_side(types.SimpleNamespace(size={"height": 32, "width": 32})) == 0
+    assert ec.decode_side(types.SimpleNamespace(do_resize=True)) == 0
+
+
+@pytest.mark.parametrize("min_side, decoded", [(0, (1600, 1200)), (500, (800, 600)), (300, (400, 300)),
+                                               (100, (200, 150)), (700, (1600, 1200)), (2000, (1600, 1200))])
+def test_load_image_decodes_a_jpeg_no_smaller_than_min_side(tmp_path, min_side, decoded):
+    img = ec.load_image(_gradient_jpeg(tmp_path / "big.jpg", (1600, 1200)), min_side=min_side)
+    assert img.size == decoded
+    assert min(img.size) >= min(min_side, 1200)
+    assert img.info["full_size"] == (1600, 1200)
+    assert img.mode == "RGB"
+
+
+@pytest.mark.parametrize("orientation, full_size", [(1, (1600, 1200)), (3, (1600, 1200)), (6, (1200, 1600)),
+                                                    (8, (1200, 1600))])
+def test_load_image_keeps_the_upright_full_size_of_a_reduced_jpeg(tmp_path, orientation, full_size):
+    img = ec.load_image(_gradient_jpeg(tmp_path / "r.jpg", (1600, 1200), orientation), min_side=200)
+    assert img.info["full_size"] == full_size
+    assert (img.width > img.height) == (full_size[0] > full_size[1])  # turned upright as well
+
+
+def test_load_image_min_side_leaves_other_formats_whole(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(path)
+    img = ec.load_image(path, min_side=32)
+    assert img.size == img.info["full_size"] == (640, 480)
