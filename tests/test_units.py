@@ -181,6 +181,38 @@ def test_limiter_tokens_per_minute_and_shared_pause():
     assert waited >= 60 and paused >= 7.5
 
 
+@pytest.mark.parametrize("reported, waits", [(900, 1), (10, 0)])
+def test_tpm_counts_the_tokens_the_server_reports_not_the_estimate(reported, waits):
+    """Through the real HTTP path: the limiter's estimate of a small request (~45 tokens) is replaced by the
+    usage the server reports, so a reply that cost 900 of 920 tokens makes the next request (~45) wait."""
+    from tests.llm_server import FakeLLMServer
+
+    def reply(body):
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": reported - 1, "completion_tokens": 1, "total_tokens": reported}}
+
+    clock = FakeClock()
+    limiter = ec.RateLimiter(tokens=920, clock=clock, sleep=clock.sleep)
+    with FakeLLMServer(reply=reply) as server:
+        chat = ec.EndpointChat(server.base_url, None, "test-model", limiter, max_retries=0, timeout=10,
+                               max_tokens=16, temperature=0.0)
+
+        async def go():
+            first = await chat.complete([{"role": "user", "content": "hello"}])
+            second = await chat.complete([{"role": "user", "content": "hello again"}])
+            await chat.client.close()
+            return first, second
+
+        first, second = asyncio.run(go())
+        assert len(server.chat_requests()) == 2
+    assert first.text == second.text == "ok"
+    assert limiter.sent[0][1] == reported
+    assert len(clock.sleeps) == waits
+    if waits:
+        assert clock.sleeps[0] == pytest.approx(60.0)
+
+
 def test_complete_item_retries_bad_replies_then_reports():
     clock = FakeClock()
 
