@@ -8,8 +8,8 @@ Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, t
 Florence-2 of tests/tiny_models.py (or --model_id, or --florence_large_random on a GPU), and the loopback
 OpenAI-compatible server of tests/llm_server.py. The script is driven through its own code (load_captioner,
 plan_work, caption_locally, main) or as a subprocess; nothing in it is patched. Timers are wrapped around the
-model and captioner objects for one profiled vision run, and one what-if run (CPU only) lowers this process's
-torch threads; both are reported apart from the measurements the targets apply to.
+model and captioner objects for one profiled vision run, reported apart from the measurements the targets
+apply to.
 
 Measurements (each function below explains its own):
 
@@ -75,8 +75,9 @@ MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: p
 
 @dataclasses.dataclass
 class Sizes:
-    images: int = 96            # vision stage images per measurement
-    repeats: int = 3            # vision stage: best of this many runs
+    images: int = 96            # vision stage images per measurement at batch size 1
+    images_large_batch: int = 384  # ... at the large batch size
+    repeats: int = 5            # vision stage: best of this many alternating rounds
     llm_items: int = 320        # LLM stage items at concurrency 16
     llm_items_serial: int = 48  # ... at concurrency 1 (the rate, not the count, is compared)
     overlap_images: int = 192
@@ -87,7 +88,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(images=32, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
+        return cls(images=32, images_large_batch=64, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
                    rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1)
 
 
@@ -364,7 +365,7 @@ def time_vision_stage(captioner, photos: list[Path], folder: Path, cfg: ec.Confi
     if done != len(items):
         problems = "; ".join(f.error for f in stats.failures[:3])
         raise RuntimeError(f"vision stage captioned {done}/{len(items)} images: {problems}")
-    return {"seconds": seconds, "images": len(items), "images_per_s": len(items) / seconds}
+    return {"seconds": seconds, "images": len(items), "images_per_s": len(items) / seconds, "started": start}
 
 
 def sync(torch) -> None:
@@ -372,70 +373,87 @@ def sync(torch) -> None:
         torch.cuda.synchronize()
 
 
-def vision_pipeline(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int) -> dict:
-    """Vision stage images/s at cfg.batch_size: best of `repeats` runs after one warm-up run (first-call costs:
-    lazy imports, kernel selection)."""
+def vision_side_by_side(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int) -> dict:
+    """Vision stage images/s at cfg.batch_size and the bare generate loop's, measured in alternating rounds
+    (pipeline, bare, pipeline, bare, ...) so that drift of a noisy machine hits both alike; best of `repeats`
+    each, after one warm-up run (first-call costs: lazy imports, kernel selection)."""
     time_vision_stage(captioner, photos[: cfg.batch_size * 2], workdir / "warmup", cfg)
-    runs = [time_vision_stage(captioner, photos, workdir / f"vision-bs{cfg.batch_size}-{r}", cfg)
-            for r in range(repeats)]
+    batches = bare_batches(captioner, photos, cfg.batch_size)
+    runs, bare = [], []
+    for r in range(repeats):
+        runs.append(time_vision_stage(captioner, photos, workdir / f"vision-bs{cfg.batch_size}-{r}", cfg))
+        bare.append(bare_generate(captioner, batches, len(photos)))
     best = max(runs, key=lambda r: r["images_per_s"])
-    return dict(best, runs_images_per_s=[round(r["images_per_s"], 2) for r in runs])
+    pipeline = dict(best, runs_images_per_s=[round(r["images_per_s"], 2) for r in runs])
+    bare_best = {"images": len(photos), "images_per_s": max(bare), "runs_images_per_s": [round(b, 2) for b in bare]}
+    return {"pipeline": pipeline, "bare_generate": bare_best,
+            "pipeline_vs_bare": pipeline["images_per_s"] / bare_best["images_per_s"]}
 
 
-def bare_generate(captioner, photos: list[Path], batch_size: int, repeats: int) -> dict:
-    """The model's own limit at this batch size: model.generate in a plain loop over batches that are already
-    decoded, preprocessed (by the captioner's own prepare) and on the device, with the same generate kwargs.
-    No decoding, no post-processing, no file writes."""
+def bare_batches(captioner, photos: list[Path], batch_size: int) -> list:
+    """The bare loop's input: every batch decoded (as the pipeline decodes it), preprocessed by the captioner's
+    own prepare, and already on the device in the model's dtype."""
     import torch
 
     batches = []
     for i in range(0, len(photos), batch_size):
-        images = [ec.load_image(p) for p in photos[i:i + batch_size]]
+        images = [ec.load_image(p, min_side=captioner.decode_side) for p in photos[i:i + batch_size]]
         inputs, _ = captioner.prepare(images)
         inputs = inputs.to(captioner.model.device)
         for key, value in inputs.items():
             if torch.is_floating_point(value):
                 inputs[key] = value.to(captioner.model.dtype)
         batches.append(inputs)
-    generate = captioner.model.generate
     with torch.inference_mode():
-        generate(**batches[0], **captioner.generate_kwargs)  # warm-up
-        best = 0.0
-        for _ in range(repeats):
-            sync(torch)
-            start = time.perf_counter()
-            for inputs in batches:
-                generate(**inputs, **captioner.generate_kwargs)
-            sync(torch)
-            best = max(best, len(photos) / (time.perf_counter() - start))
-    return {"images": len(photos), "images_per_s": best}
+        captioner.model.generate(**batches[0], **captioner.generate_kwargs)  # warm-up
+    return batches
+
+
+def bare_generate(captioner, batches: list, images: int) -> float:
+    """The model's own limit at this batch size, in images/s: model.generate in a plain loop over prepared
+    batches, with the same generate kwargs. No decoding, no post-processing, no file writes."""
+    import torch
+
+    with torch.inference_mode():
+        sync(torch)
+        start = time.perf_counter()
+        for inputs in batches:
+            captioner.model.generate(**inputs, **captioner.generate_kwargs)
+        sync(torch)
+    return images / (time.perf_counter() - start)
 
 
 def feeding_cost(captioner, photos: list[Path], batch_size: int) -> dict:
-    """CPU cost of feeding the model, per image, in one thread: decode (load_image) and preprocess (prepare).
-    A DataLoader worker can supply at most 1000 / (decode_ms + prepare_ms) images/s."""
-    sample = photos[: max(batch_size, 8)]
-    start = time.perf_counter()
-    images = [ec.load_image(p) for p in sample]
-    decode = (time.perf_counter() - start) / len(sample)
+    """CPU cost of feeding the model, per image, in one thread: decoding in full, decoding as the pipeline does
+    (JPEGs at reduced scale down to the processor's size, when it has one) and preprocessing (prepare)."""
+    sample = photos[: max(batch_size, 16)]
+
+    def per_image(fn) -> tuple[float, list]:
+        start = time.perf_counter()
+        out = [fn(p) for p in sample]
+        return (time.perf_counter() - start) / len(sample), out
+
+    full, _ = per_image(ec.load_image)
+    reduced, images = per_image(lambda p: ec.load_image(p, min_side=captioner.decode_side))
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         captioner.prepare(images[i:i + batch_size])
     prepare = (time.perf_counter() - start) / len(images)
-    return {"decode_ms": decode * 1000, "prepare_ms": prepare * 1000,
-            "one_worker_images_per_s": 1 / (decode + prepare)}
+    return {"decode_side": captioner.decode_side, "decode_full_ms": full * 1000, "decode_ms": reduced * 1000,
+            "prepare_ms": prepare * 1000, "one_worker_images_per_s": 1 / (reduced + prepare)}
 
 
 class Timer:
-    """Wraps a callable and adds up the seconds spent in it."""
+    """Wraps a callable and adds up the seconds spent in it; remembers when it was first called."""
 
     def __init__(self, fn):
-        self.fn, self.seconds, self.calls = fn, 0.0, 0
+        self.fn, self.seconds, self.calls, self.first_call = fn, 0.0, 0, None
 
     def __call__(self, *a, **kw):
         import torch
 
         start = time.perf_counter()
+        self.first_call = self.first_call or start
         try:
             result = self.fn(*a, **kw)
             sync(torch)
@@ -448,7 +466,9 @@ class Timer:
 def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
     """Where one vision stage's time goes: in model.generate, in the rest of captioner.caption (moving inputs
     to the device, batch_decode, post_process_generation), and outside caption (waiting for the DataLoader to
-    hand over the next batch, bookkeeping, queuing cache writes)."""
+    hand over the next batch, bookkeeping, queuing cache writes). Of the last, first_batch_s is the one-off
+    wait for the first batch (starting the DataLoader workers, decoding and preprocessing one batch), a cost
+    that does not grow with the dataset; steady_images_per_s is the rate with that wait left out."""
     caption, generate = Timer(captioner.caption), Timer(captioner.model.generate)
     captioner.caption, captioner.model.generate = caption, generate
     try:
@@ -458,51 +478,34 @@ def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
     total = run["seconds"]
     parts = {"generate_s": generate.seconds, "caption_other_s": caption.seconds - generate.seconds,
              "outside_caption_s": total - caption.seconds}
-    return {"stage_s": total, "batches": caption.calls, **{k: round(v, 3) for k, v in parts.items()},
+    first = caption.first_call - run["started"]
+    steady = run["images"] / (total - first)
+    return {"stage_s": total, "batches": caption.calls, "first_batch_s": round(first, 3),
+            "steady_images_per_s": steady, **{k: round(v, 3) for k, v in parts.items()},
             **{k.replace("_s", "_share"): round(v / total, 3) for k, v in parts.items()}}
 
 
 def measure_vision(args, sizes: Sizes, workdir: Path, device, model_id: str) -> dict:
-    """Vision stage at batch size 1 and at the large batch size, vs the bare generate loop at each."""
-    photos = make_photos(workdir / "photos", sizes.images, side=args.photo_side)
+    """Vision stage at batch size 1 and at the large batch size, vs the bare generate loop at each. The large
+    batch size gets more images, so that a run lasts seconds and the one-off start of the DataLoader workers
+    weighs on it as little as it does on a real dataset."""
     small, large = args.batch_sizes
+    photos = make_photos(workdir / "photos", max(sizes.images, sizes.images_large_batch), side=args.photo_side)
+    count = {small: sizes.images, large: max(sizes.images_large_batch, large * 2)}
     cfg = vision_config(model_id, workdir / "unused", large, args)
     captioner = ec.load_captioner(cfg, device)
     fix_output_length(captioner, args)
-    out: dict = {"images": len(photos), "new_tokens": args.new_tokens, "num_workers": args.num_workers,
+    out: dict = {"images": count, "new_tokens": args.new_tokens, "num_workers": args.num_workers,
                  "batch_sizes": [small, large], "torch_threads": torch_threads()}
     for bs in (small, large):
-        pipeline = vision_pipeline(captioner, photos, workdir, dataclasses.replace(cfg, batch_size=bs), sizes.repeats)
-        bare = bare_generate(captioner, photos, bs, sizes.repeats)
-        out[f"bs{bs}"] = {"pipeline": pipeline, "bare_generate": bare,
-                          "pipeline_vs_bare": pipeline["images_per_s"] / bare["images_per_s"]}
+        out[f"bs{bs}"] = vision_side_by_side(captioner, photos[:count[bs]], workdir,
+                                             dataclasses.replace(cfg, batch_size=bs), sizes.repeats)
     out["batch_speedup"] = out[f"bs{large}"]["pipeline"]["images_per_s"] / out[f"bs{small}"]["pipeline"]["images_per_s"]
-    out["profile"] = vision_profile(captioner, photos, workdir, cfg)
-    if device.type == "cpu" and args.num_workers:
-        out["threads_diagnostic"] = threads_diagnostic(captioner, photos, workdir, cfg, sizes.repeats,
-                                                       out[f"bs{large}"]["bare_generate"]["images_per_s"])
+    out["profile"] = vision_profile(captioner, photos[:count[large]], workdir, cfg)
     out["feeding"] = feeding_cost(captioner, photos, large)
     del captioner
     ec.release_memory()
     return out
-
-
-def threads_diagnostic(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int, bare_rate: float) -> dict:
-    """CPU only, a what-if: the vision stage again with this process's torch threads cut to the cores the
-    DataLoader workers leave free (the script leaves torch at one thread per core while its workers decode on
-    the same cores). The bare loop's own rate barely depends on this for a small model."""
-    import torch
-
-    before = torch.get_num_threads()
-    threads = max(1, (os.cpu_count() or 1) - cfg.num_workers)
-    torch.set_num_threads(threads)
-    try:
-        run = vision_pipeline(captioner, photos, workdir, cfg, repeats)
-        bare = bare_generate(captioner, photos, cfg.batch_size, repeats)["images_per_s"]
-    finally:
-        torch.set_num_threads(before)
-    return {"torch_threads": threads, "default_threads": before, "pipeline": run,
-            "bare_generate_images_per_s": bare, "pipeline_vs_bare": run["images_per_s"] / bare_rate}
 
 
 def torch_threads() -> int:
@@ -730,14 +733,11 @@ def rows_for(results: dict, args) -> list[Row]:
         ]
         p, f = v["profile"], v["feeding"]
         rows.append(Row(f"  where bs{large} time goes", f"generate {p['generate_share']:.0%}, caption other "
-                        f"{p['caption_other_share']:.0%}, outside caption {p['outside_caption_share']:.0%}"))
+                        f"{p['caption_other_share']:.0%}, outside caption {p['outside_caption_share']:.0%} "
+                        f"(of which {p['first_batch_s'] * 1000:.0f} ms waiting for the first batch)"))
         rows.append(Row("  feeding cost per image (one thread)",
-                        f"decode {f['decode_ms']:.1f} ms + prepare {f['prepare_ms']:.1f} ms"))
-        d = v.get("threads_diagnostic")
-        if d:
-            rows.append(Row(f"  what-if: main torch threads {d['default_threads']} -> {d['torch_threads']}",
-                            f"{d['pipeline']['images_per_s']:.1f} img/s = {d['pipeline_vs_bare']:.0%} of bare "
-                            f"(bare at {d['torch_threads']}: {d['bare_generate_images_per_s']:.1f})"))
+                        f"decode {f['decode_ms']:.1f} ms (in full {f['decode_full_ms']:.1f}; sides >= "
+                        f"{f['decode_side']} px) + prepare {f['prepare_ms']:.1f} ms"))
     llm = results.get("llm")
     if llm:
         c, one = llm["concurrency"], llm["serial"]
@@ -817,8 +817,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--florence_large_random", action="store_true",
                    help="a random-weight model with Florence-2-large's sizes, at batch sizes 1 and 32 (needs a GPU)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--images", type=int, help="images per vision and overlap measurement (default 96 and 192; "
-                                              "quick 32; 256 with --florence_large_random)")
+    p.add_argument("--images", type=int, help="images per vision and overlap measurement (default 96 at batch size 1, "
+                                              "384 at the large one, 192 for overlap; quick 32, 64, 32; 256 "
+                                              "with --florence_large_random)")
     p.add_argument("--photo_side", type=int, default=768,
                    help="longest side of the synthetic photos (e.g. 4032 for 12 MP camera JPEGs)")
     p.add_argument("--batch_size", type=int, help="the large batch size (default 8; 32 with --florence_large_random)")
@@ -856,10 +857,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.florence_large_random and not args.images:
-        sizes.images = sizes.overlap_images = 256
+        sizes.images = sizes.images_large_batch = sizes.overlap_images = 256
     if args.images:
-        sizes.images = sizes.overlap_images = args.images
-    sizes.images = max(sizes.images, args.batch_sizes[1] * 2)
+        sizes.images = sizes.images_large_batch = sizes.overlap_images = args.images
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         workdir = workdir.resolve()
