@@ -938,9 +938,28 @@ def make_collate(captioner: LocalCaptioner):
     def collate(batch):
         good = [(i, img) for i, img, _ in batch if img is not None]
         errors = [(i, err) for i, _, err in batch if err is not None]
-        prepared = captioner.prepare([img for _, img in good]) if good else None
+        try:
+            prepared = captioner.prepare([img for _, img in good]) if good else None
+        except Exception:  # an image the processor refuses (Qwen-VL: aspect ratio over 200) must not sink its batch
+            good, refused = refuse_one_by_one(captioner, good)
+            errors += refused
+            prepared = captioner.prepare([img for _, img in good]) if good else None
         return [i for i, _ in good], prepared, errors
     return collate
+
+
+def refuse_one_by_one(captioner: LocalCaptioner, good: list) -> tuple[list, list]:
+    """Split a batch the processor failed on into the images it takes alone and the errors of the rest."""
+    kept, refused = [], []
+    for index, img in good:
+        try:
+            captioner.prepare([img])
+            kept.append((index, img))
+        except Exception as e:
+            width, height = img.info.get("full_size", img.size)
+            refused.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
+                                   f"{first_line(e)}"))
+    return kept, refused
 
 
 # --------------------------------------------------------------------------------------------

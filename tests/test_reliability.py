@@ -771,3 +771,31 @@ def test_dataset_dir_that_is_a_file_or_an_empty_folder_is_a_clear_exit_2(tmp_pat
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and str(folder.name) in lines[0] and words in lines[0], err
     assert llm_server.requests == []
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(tmp_path, capsys, model_dir,
+                                                                              llm_server, workers):
+    """Qwen-VL's processor raises on an aspect ratio over 200: that image gets its own line, the other images
+    of its batch are captioned and merged, and the exit code says that something failed."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    good = [make_image(ds / f"good{i}.jpg", i) for i in range(3)]
+    strip = ds / "strip.png"
+    Image.new("RGB", (1, 300), (200, 30, 30)).save(strip)
+    report = tmp_path / "report.jsonl"
+
+    code, out, err = run_main(capsys, *llm_args(ds, model_dir("qwen2_5_vl"), llm_server, "--num_workers", workers,
+                                                "--report", report))
+    assert code == 1, err
+    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [(Path(r["path"]).name, r["stage"]) for r in rows] == [("strip.png", "vision")]
+    assert "1x300" in rows[0]["error"] and "aspect ratio" in rows[0]["error"]
+    assert len(lines_with(err, "FAILED ")) == 1 and "Traceback" not in err
+    for image in good:
+        generated, combined = caches(image)
+        assert generated.read_text(encoding="utf-8").strip() and combined.read_text(encoding="utf-8").strip()
+    assert not any(caches(strip)[i].exists() for i in (0, 1))
+    assert "vision: 3 done, 0 from cache, 1 failed" in out
