@@ -1137,36 +1137,54 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         stats.counts[STAGE_VISION]["done"] += 1
         on_caption(item)
 
+    def caption_batch(indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
+        for index, error in errors:
+            stats.fail(items[index].image, STAGE_VISION, error)
+            reporter.detail(f"failed {items[index].image}: {error}")
+        captions = []
+        if indices:
+            try:
+                captions = captioner.caption(prepared)
+            except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
+                if worker_died(e):
+                    raise
+                for index in indices:
+                    stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
+        for index, text in zip(indices, captions):
+            item, text = items[index], " ".join(text.split())
+            if not text:
+                stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
+                continue
+            item.generated = text
+            if cfg.cache_generated:
+                writer.submit(save, item, text)
+            else:
+                stats.counts[STAGE_VISION]["done"] += 1
+                on_caption(item)
+            reporter.detail(f"captioned {item.image}")
+        progress.update(len(indices) + len(errors))
+
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=make_collate(captioner), worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
-        for indices, prepared, errors in loader:
-            for index, error in errors:
-                stats.fail(items[index].image, STAGE_VISION, error)
-                reporter.detail(f"failed {items[index].image}: {error}")
-            if indices:
-                try:
-                    captions = captioner.caption(prepared)
-                except Exception as e:  # one bad batch does not stop the run
-                    for index in indices:
-                        stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
-                    captions = []
-                for index, text in zip(indices, captions):
-                    item, text = items[index], " ".join(text.split())
-                    if not text:
-                        stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
-                        continue
-                    item.generated = text
-                    if cfg.cache_generated:
-                        writer.submit(save, item, text)
-                    else:
-                        stats.counts[STAGE_VISION]["done"] += 1
-                        on_caption(item)
-                    reporter.detail(f"captioned {item.image}")
-            progress.update(len(indices) + len(errors))
-            if stop.is_set():
-                break
+        try:
+            for indices, prepared, errors in loader:
+                caption_batch(indices, prepared, errors)
+                if stop.is_set():
+                    break
+        except RuntimeError as e:
+            if not worker_died(e):
+                raise
+            stats.fatal = (f"an image decoding worker died ({first_line(e)}); captions written so far are kept. "
+                           "Rerun with --num_workers 0, or give the container more shared memory "
+                           "(docker run --shm-size 2g)")
+
+
+def worker_died(error: BaseException) -> bool:
+    """torch's DataLoader reports a dead worker (killed, out of memory, out of shared memory in a container) as a
+    RuntimeError, raised from its SIGCHLD handler wherever the main thread happens to be, or on the next batch."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
 
 
 def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:

@@ -799,3 +799,35 @@ def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(t
         assert generated.read_text(encoding="utf-8").strip() and combined.read_text(encoding="utf-8").strip()
     assert not any(caches(strip)[i].exists() for i in (0, 1))
     assert "vision: 3 done, 0 from cache, 1 failed" in out
+
+
+def test_a_decoding_worker_that_dies_ends_the_run_with_one_line_and_keeps_what_was_done(
+        tmp_path, capsys, model_dir, llm_server):
+    """A DataLoader worker killed mid-stage (as the OOM killer or a full /dev/shm would): exit 2 with one line
+    naming the cause and the remedy, no traceback, every caption written so far intact, and a rerun finishes."""
+    import psutil
+
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 40)
+    run = Cli(tmp_path, "worker", *llm_args(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
+                                            "--num_workers", "2"))
+    script = psutil.Process(run.proc.pid)
+    run.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 1, what="the first vision caption")
+    workers = script.children()
+    assert len(workers) == 2
+    workers[0].kill()
+    code = run.wait()
+
+    assert code == 2, run.stderr[-3000:]
+    errors = lines_with(run.stderr, "error: ")
+    assert len(errors) == 1 and "decoding worker died" in errors[0] and "--num_workers 0" in errors[0]
+    assert "Traceback" not in run.stderr and not lines_with(run.stderr, "FAILED ")  # no image is blamed for it
+    done = [image for image in images if caches(image)[0].exists()]
+    assert 1 <= len(done) < len(images)
+    assert all(caches(image)[0].read_text(encoding="utf-8").strip() for image in done)
+    assert all(caches(image)[1].exists() for image in done)  # what was captioned was still merged
+    assert tmp_files(ds) == []
+
+    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    assert code == 0, err
+    assert f"vision: {len(images) - len(done)} done, {len(done)} from cache, 0 failed" in out
