@@ -1137,7 +1137,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         stats.counts[STAGE_VISION]["done"] += 1
         on_caption(item)
 
-    def caption_batch(indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
+    def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
         for index, error in errors:
             stats.fail(items[index].image, STAGE_VISION, error)
             reporter.detail(f"failed {items[index].image}: {error}")
@@ -1164,13 +1164,14 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
 
-    loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        collate_fn=make_collate(captioner), worker_init_fn=worker_init if cfg.num_workers else None,
+    loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, collate_fn=make_collate(captioner),
+                        worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
-                caption_batch(indices, prepared, errors)
+                caption_batch(writer, indices, prepared, errors)
                 if stop.is_set():
                     break
         except RuntimeError as e:
