@@ -468,7 +468,8 @@ def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
     to the device, batch_decode, post_process_generation), and outside caption (waiting for the DataLoader to
     hand over the next batch, bookkeeping, queuing cache writes). Of the last, first_batch_s is the one-off
     wait for the first batch (starting the DataLoader workers, decoding and preprocessing one batch), a cost
-    that does not grow with the dataset; steady_images_per_s is the rate with that wait left out."""
+    that does not grow with the dataset; steady_images_per_s is the rate with that wait left out, and
+    between_batches_ms the rest of outside caption per later batch (mostly receiving it from a worker)."""
     caption, generate = Timer(captioner.caption), Timer(captioner.model.generate)
     captioner.caption, captioner.model.generate = caption, generate
     try:
@@ -480,8 +481,9 @@ def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
              "outside_caption_s": total - caption.seconds}
     first = caption.first_call - run["started"]
     steady = run["images"] / (total - first)
+    between = (parts["outside_caption_s"] - first) / max(1, caption.calls - 1)
     return {"stage_s": total, "batches": caption.calls, "first_batch_s": round(first, 3),
-            "steady_images_per_s": steady, **{k: round(v, 3) for k, v in parts.items()},
+            "steady_images_per_s": steady, "between_batches_ms": round(between * 1000, 2), **{k: round(v, 3) for k, v in parts.items()},
             **{k.replace("_s", "_share"): round(v / total, 3) for k, v in parts.items()}}
 
 
@@ -734,7 +736,8 @@ def rows_for(results: dict, args) -> list[Row]:
         p, f = v["profile"], v["feeding"]
         rows.append(Row(f"  where bs{large} time goes", f"generate {p['generate_share']:.0%}, caption other "
                         f"{p['caption_other_share']:.0%}, outside caption {p['outside_caption_share']:.0%} "
-                        f"(of which {p['first_batch_s'] * 1000:.0f} ms waiting for the first batch)"))
+                        f"({p['first_batch_s'] * 1000:.0f} ms waiting for the first batch, then "
+                        f"{p['between_batches_ms']:.1f} ms between batches)"))
         rows.append(Row("  feeding cost per image (one thread)",
                         f"decode {f['decode_ms']:.1f} ms (in full {f['decode_full_ms']:.1f}; sides >= "
                         f"{f['decode_side']} px) + prepare {f['prepare_ms']:.1f} ms"))

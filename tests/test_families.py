@@ -113,6 +113,19 @@ def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_
     assert len({read_generated(image) for image in images}) > 1  # the captions do depend on the image
 
 
+@pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl"])
+def test_captions_from_decoding_workers_equal_captions_decoded_in_process(tmp_path, model_dir, llm_server, family):
+    """Workers hand small tensors over inline and large ones through shared memory; the model sees the same."""
+    images = varied_dataset(tmp_path / "w2")
+    shutil.copytree(tmp_path / "w2", tmp_path / "w0")
+    for folder, workers in (("w2", "2"), ("w0", "0")):
+        code = ec.main([str(a) for a in cli_args(tmp_path / folder, model_dir(family), llm_server,
+                                                 "--batch_size", "4", "--num_workers", workers, "--quiet")])
+        assert code == 0, f"--num_workers {workers}: exit {code}"
+    for image in images:
+        assert read_generated(image) == read_generated(tmp_path / "w0" / image.name), image.name
+
+
 # --------------------------------------------------------------------------------------------
 # 3. --vlm_system_prompt adds a system turn
 # --------------------------------------------------------------------------------------------

@@ -348,3 +348,17 @@ def test_load_image_min_side_leaves_other_formats_whole(tmp_path):
     Image.new("RGB", (640, 480), (10, 20, 30)).save(path)
     img = ec.load_image(path, min_side=32)
     assert img.size == img.info["full_size"] == (640, 480)
+
+
+def test_inline_small_tensors_leaves_large_and_bfloat16_tensors_shared():
+    import numpy as np
+    import torch
+
+    big = torch.zeros(ec.INLINE_TENSOR_BYTES // 4, dtype=torch.float32)
+    inputs = {"input_ids": torch.arange(6).reshape(2, 3), "pixel_values": big,
+              "small_bf16": torch.ones(2, dtype=torch.bfloat16), "sizes": [(4, 3), (3, 4)]}
+    ec.inline_small_tensors(inputs)
+    assert isinstance(inputs["input_ids"], np.ndarray) and inputs["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert inputs["pixel_values"] is big
+    assert isinstance(inputs["small_bf16"], torch.Tensor)
+    assert inputs["sizes"] == [(4, 3), (3, 4)]
