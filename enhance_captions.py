@@ -1133,12 +1133,18 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     import torch
 
     threads = torch.get_num_threads()
-    if captioner.model.device.type == "cpu" and cfg.num_workers:  # leave the decoding workers their cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.num_workers))
+    torch.set_num_threads(model_threads(captioner.model.device, cfg.num_workers, threads))
     try:
         caption_batches(items, captioner, cfg, stats, progress, reporter, stop, on_caption)
     finally:
         torch.set_num_threads(threads)
+
+
+def model_threads(device, num_workers: int, threads: int) -> int:
+    """torch's threads during the vision stage: on a CPU, leave the decoding workers their cores."""
+    if device.type == "cpu" and num_workers:
+        return max(1, (os.cpu_count() or 1) - num_workers)
+    return threads
 
 
 def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
