@@ -374,17 +374,17 @@ def sync(torch) -> None:
         torch.cuda.synchronize()
 
 
-def vision_side_by_side(captioner, photos, workdir: Path, cfg: ec.Config, repeats: int) -> dict:
+def vision_side_by_side(captioner, photos, batches: list, workdir: Path, cfg: ec.Config, repeats: int) -> dict:
     """Vision stage images/s at cfg.batch_size and the bare generate loop's, measured in `repeats` rounds of one
     pipeline run and one bare run back to back (the order flips every round), after one warm-up run (first-call
     costs: lazy imports, kernel selection). A shared machine's speed drifts by up to 2x over seconds, so the
     two are compared within each round: pipeline_vs_bare is the median of the rounds' ratios. The median rates
     go with it; the best rate of each, and the ratio of the two bests, are reported too. Each round also times
     the bare loop at the torch threads the stage runs with (on a CPU it leaves cores to the decoding workers),
-    next to the bare run, which keeps its place beside the pipeline run."""
+    next to the bare run, which keeps its place beside the pipeline run. `batches` are the bare loop's input
+    (bare_batches of the same photos)."""
     time_vision_stage(captioner, photos[: cfg.batch_size * 2], workdir / "warmup", cfg)
-    batches = bare_batches(captioner, photos, cfg.batch_size)
-    stage_threads = ec.model_threads(captioner.model.device, cfg.num_workers, torch_threads())
+    threads = stage_threads(captioner, cfg)
     runs, bare, bare_at_stage_threads = [], [], []
     for r in range(repeats):
         def pipeline_run():
@@ -394,7 +394,7 @@ def vision_side_by_side(captioner, photos, workdir: Path, cfg: ec.Config, repeat
             bare.append(bare_generate(captioner, batches, len(photos)))
 
         def bare_run_at_stage_threads():
-            with torch_threads_set(stage_threads):
+            with torch_threads_set(threads):
                 bare_at_stage_threads.append(bare_generate(captioner, batches, len(photos)))
 
         order = (pipeline_run, bare_run, bare_run_at_stage_threads)
@@ -404,7 +404,7 @@ def vision_side_by_side(captioner, photos, workdir: Path, cfg: ec.Config, repeat
     ratios = [a / b for a, b in zip(rates, bare)]
     return {"pipeline": rate_summary(rates, len(photos)), "bare_generate": rate_summary(bare, len(photos)),
             "bare_generate_at_stage_threads": dict(rate_summary(bare_at_stage_threads, len(photos)),
-                                                   threads=stage_threads),
+                                                   threads=threads),
             "round_ratios": [round(x, 3) for x in ratios], "pipeline_vs_bare": statistics.median(ratios),
             "best_vs_best": max(rates) / max(bare)}
 
@@ -494,7 +494,7 @@ class Timer:
         return {"wall_ms": round(self.seconds * 1000 / calls, 2), "cpu_ms": round(self.cpu_seconds * 1000 / calls, 2)}
 
 
-def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
+def vision_profile(captioner, photos, batches: list, workdir: Path, cfg: ec.Config) -> dict:
     """Where one vision stage's time goes: in model.generate, in the rest of captioner.caption (moving inputs
     to the device, batch_decode, post_process_generation), and outside caption (waiting for the DataLoader to
     hand over the next batch, bookkeeping, queuing cache writes). Of the last, first_batch_s is the one-off
@@ -502,9 +502,8 @@ def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
     that does not grow with the dataset; steady_images_per_s is the rate with that wait left out, and
     between_batches_ms the rest of outside caption per later batch (mostly receiving it from a worker).
     generate_per_batch compares one model.generate call in that stage with one in the bare loop right after
-    it, at the stage's torch threads: wall and CPU time of the calling thread, per batch."""
-    import torch
-
+    it (over `batches`, the bare_batches of the same photos), at the stage's torch threads: wall and CPU time of
+    the calling thread, per batch."""
     caption, generate = Timer(captioner.caption), Timer(captioner.model.generate)
     captioner.caption, captioner.model.generate = caption, generate
     try:
@@ -514,8 +513,8 @@ def vision_profile(captioner, photos, workdir: Path, cfg: ec.Config) -> dict:
     bare = Timer(captioner.model.generate)
     captioner.model.generate = bare
     try:
-        with torch_threads_set(ec.model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
-            bare_generate(captioner, bare_batches(captioner, photos, cfg.batch_size), len(photos))
+        with torch_threads_set(stage_threads(captioner, cfg)):
+            bare_generate(captioner, batches, len(photos))
     finally:
         del captioner.model.generate
     total = run["seconds"]
@@ -543,11 +542,12 @@ def measure_vision(args, sizes: Sizes, workdir: Path, device, model_id: str) -> 
     fix_output_length(captioner, args)
     out: dict = {"images": count, "new_tokens": args.new_tokens, "num_workers": args.num_workers,
                  "batch_sizes": [small, large], "torch_threads": torch_threads()}
+    batches = {bs: bare_batches(captioner, photos[:count[bs]], bs) for bs in (small, large)}
     for bs in (small, large):
-        out[f"bs{bs}"] = vision_side_by_side(captioner, photos[:count[bs]], workdir,
+        out[f"bs{bs}"] = vision_side_by_side(captioner, photos[:count[bs]], batches[bs], workdir,
                                              dataclasses.replace(cfg, batch_size=bs), sizes.repeats)
     out["batch_speedup"] = out[f"bs{large}"]["pipeline"]["images_per_s"] / out[f"bs{small}"]["pipeline"]["images_per_s"]
-    out["profile"] = vision_profile(captioner, photos[:count[large]], workdir, cfg)
+    out["profile"] = vision_profile(captioner, photos[:count[large]], batches[large], workdir, cfg)
     out["feeding"] = feeding_cost(captioner, photos, large)
     del captioner
     ec.release_memory()
@@ -558,6 +558,11 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def stage_threads(captioner, cfg: ec.Config) -> int:
+    """The torch threads the script's vision stage runs with (it leaves a CPU's cores to the decoding workers)."""
+    return ec.model_threads(captioner.model.device, cfg.num_workers, torch_threads())
 
 
 @contextlib.contextmanager
@@ -797,7 +802,8 @@ def rows_for(results: dict, args) -> list[Row]:
         g = p["generate_per_batch"]
         rows.append(Row(f"  one bs{large} generate: in the stage / bare",
                         f"{g['stage']['wall_ms']:.0f} / {g['bare']['wall_ms']:.0f} ms, of it CPU time "
-                        f"{g['stage']['cpu_ms']:.0f} / {g['bare']['cpu_ms']:.0f} ms (the rest: waiting for a core or the GIL)"))
+                        f"{g['stage']['cpu_ms']:.0f} / {g['bare']['cpu_ms']:.0f} ms "
+                        "(the rest: waiting for a core or the GIL)"))
         rows.append(Row(f"  where bs{large} time goes", f"generate {p['generate_share']:.0%}, caption other "
                         f"{p['caption_other_share']:.0%}, outside caption {p['outside_caption_share']:.0%} "
                         f"({p['first_batch_s'] * 1000:.0f} ms waiting for the first batch, then "
