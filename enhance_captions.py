@@ -70,6 +70,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 GENERATED_SUFFIX = "_generated.txt"
 COMBINED_SUFFIX = "_combined.txt"
 LOCK_NAME = ".enhance_captions.lock"
+PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by the processes of a run
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
@@ -470,26 +471,64 @@ def redact(text: str, secret: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class SharedPause:
+    """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
+    file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
+    stat; the file is read only when it has changed. Two machines' clocks may differ a little, and so may their
+    pauses."""
+
+    def __init__(self, path: Path, wall=time.time):
+        self.path, self.wall = path, wall
+        self.until, self.seen = 0.0, None
+
+    def publish(self, seconds: float) -> None:
+        until = self.wall() + seconds
+        if until > self.current():
+            with contextlib.suppress(OSError):  # a folder that refuses it leaves the pause to this process
+                self.path.write_text(f"{until:.3f}\n", encoding="utf-8")
+            self.until = until
+
+    def current(self) -> float:
+        try:
+            stat = self.path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if seen != self.seen:
+                self.until, self.seen = max(self.until, float(self.path.read_text(encoding="utf-8"))), seen
+        except (OSError, ValueError):  # none yet, or caught half-written: read again next time
+            pass
+        return self.until
+
+    def remaining(self) -> float:
+        return self.current() - self.wall()
+
+
 class RateLimiter:
     """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
 
     Sits on the HTTP layer, so the openai client's own retries are counted too. A 429 with
-    Retry-After pauses every request of the run, not only the one that got it. Waits, never fails.
+    Retry-After pauses every request of the run, not only the one that got it: those of this process here,
+    those of the other processes through `shared`. Waits, never fails.
     """
 
-    def __init__(self, requests: int = 0, tokens: int = 0, clock=time.monotonic, sleep=None):
+    def __init__(self, requests: int = 0, tokens: int = 0, clock=time.monotonic, sleep=None,
+                 shared: SharedPause | None = None):
         self.requests, self.tokens = requests, tokens
         self.clock, self.sleep = clock, sleep or asyncio.sleep
         self.sent: collections.deque[list] = collections.deque()  # [time, tokens] per request
         self.paused_until = 0.0
+        self.shared = shared
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, self.clock() + seconds)
+        if self.shared is not None:
+            self.shared.publish(seconds)
 
     def _wait(self, now: float, tokens: int) -> float:
         while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
             self.sent.popleft()
         waits = [self.paused_until - now]
+        if self.shared is not None:
+            waits.append(self.shared.remaining())
         if self.requests and len(self.sent) >= self.requests:
             waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
         if self.tokens and self.sent:
@@ -1289,13 +1328,20 @@ def make_chat(cfg: Config, state):
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
                          cfg.max_tokens, cfg.temperature, trust_remote_code=cfg.trust_remote_code)
     limiter = RateLimiter(requests=process_share(cfg.rpm, state.process_index, state.num_processes),
-                          tokens=process_share(cfg.tpm, state.process_index, state.num_processes))
+                          tokens=process_share(cfg.tpm, state.process_index, state.num_processes),
+                          shared=shared_pause(cfg, state, STAGE_LLM))
     return EndpointChat(cfg.base_url, cfg.api_key, cfg.model, limiter, cfg.max_retries, cfg.timeout,
                         cfg.max_tokens, cfg.temperature)
 
 
+def shared_pause(cfg: Config, state, stage: str) -> SharedPause | None:
+    """Where several processes call one endpoint, a 429's pause reaches all of them; one process keeps it in memory."""
+    return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=stage)) if state.num_processes > 1 else None
+
+
 def make_vision_chat(cfg: Config, state) -> EndpointChat:
-    limiter = RateLimiter(requests=process_share(cfg.vlm_rpm, state.process_index, state.num_processes))
+    limiter = RateLimiter(requests=process_share(cfg.vlm_rpm, state.process_index, state.num_processes),
+                          shared=shared_pause(cfg, state, STAGE_VISION))
     return EndpointChat(cfg.vlm_base_url, cfg.api_key, cfg.vlm_model, limiter, cfg.max_retries, cfg.timeout,
                         cfg.max_new_tokens, 0.0)
 

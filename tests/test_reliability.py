@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image
+from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_cli
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
 SECRET = "sk-test-7f3a9c1e5b2d-DO-NOT-LEAK-0042"
@@ -223,6 +223,44 @@ def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, m
     held = [t for r, t in zip(requests[1:], times[1:]) if subject_of(r) != limited and t - t0 >= 1.2]
     assert held, offsets  # other workers' requests were held back until the pause ended
     assert "llm: 12 done, 0 from cache, 0 failed" in out
+
+
+def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_path, model_dir, llm_server):
+    """The same pause across `accelerate launch` processes. Each process merges its own half of 40 images
+    (subjects 0-19 and 20-39) two requests at a time, 0.2 s each. Once both processes have sent requests, the
+    next request to arrive (t0) gets a 429 with Retry-After: 2 at t0+0.2, so its process pauses until about
+    t0+2.2. Through the shared pause the other process must send nothing from t0+0.8 (0.6 s to see the
+    pause) until the pause ends, and go on after it."""
+    images = make_dataset(tmp_path / "ds", 40)
+    seed_generated(images)
+    halves_seen: set[bool] = set()
+    limited: list[int] = []
+
+    def reply(body):
+        subject = subject_of(body)
+        if len(halves_seen) == 2 and not limited:
+            limited.append(subject)
+            return status(429, {"Retry-After": "2"})
+        halves_seen.add(subject < 20)
+        return default_reply_text(body)
+
+    llm_server.latency, llm_server.reply = 0.2, reply
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                str(SCRIPT)]
+    result = run_cli(*llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
+                               "--max_retries", "2"),
+                     launcher=launcher, env=cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES=""), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "split over 2 processes" in result.stdout + result.stderr
+    assert "llm: 40 done, 0 from cache, 0 failed" in result.stdout
+    requests, times = llm_server.chat_requests(), list(llm_server.request_times)
+    assert len(requests) == 41 and len(limited) == 1
+    t0 = times[[subject_of(r) for r in requests].index(limited[0])]
+    offsets = sorted(t - t0 for t in times if t > t0)
+    assert not [o for o in offsets if 0.8 < o < 2.0], offsets  # neither process sent during the pause
+    other = [t - t0 for r, t in zip(requests, times) if t > t0 and (subject_of(r) < 20) != (limited[0] < 20)]
+    assert [o for o in other if o >= 2.0], other  # the other process went on after it
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,6 +181,34 @@ def test_limiter_tokens_per_minute_and_shared_pause():
     assert waited >= 60 and paused >= 7.5
 
 
+def test_a_pause_one_process_publishes_holds_back_the_other_processes_limiters(tmp_path):
+    """Two processes' limiters on one dataset folder: a 429's Retry-After in one makes the other wait too,
+    and a pause that has ended (or a file left by an earlier run) holds nobody back."""
+    clock = FakeClock()
+    path = tmp_path / ec.PAUSE_NAME.format(stage=ec.STAGE_LLM)
+    first, second = (ec.RateLimiter(clock=clock, sleep=clock.sleep, shared=ec.SharedPause(path, wall=clock))
+                     for _ in range(2))
+
+    async def go():
+        await second.acquire()
+        assert clock.sleeps == []  # no pause yet: no file, no wait
+        first.pause(12.0)
+        start = clock.now
+        await second.acquire()
+        waited = clock.now - start
+        await first.acquire()
+        return waited
+
+    assert asyncio.run(go()) == pytest.approx(12.0)
+    assert float(path.read_text()) == pytest.approx(clock.now)
+    assert clock.sleeps == [pytest.approx(12.0)]  # the first process's own wait was already over
+
+    path.write_text("half a numb")  # caught mid-write: ignored, read again next time
+    late = ec.RateLimiter(clock=clock, sleep=clock.sleep, shared=ec.SharedPause(path, wall=clock))
+    asyncio.run(late.acquire())
+    assert clock.sleeps == [pytest.approx(12.0)]
+
+
 @pytest.mark.parametrize("reported, waits", [(900, 1), (10, 0)])
 def test_tpm_counts_the_tokens_the_server_reports_not_the_estimate(reported, waits):
     """Through the real HTTP path: the limiter's estimate of a small request (~45 tokens) is replaced by the
