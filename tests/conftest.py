@@ -82,6 +82,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_two_processes(*args, timeout: float = 600):
+    """The real script under `accelerate launch` as two CPU processes that see each other (world size 2)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                str(SCRIPT)]
+    return run_cli(*args, launcher=launcher, env=cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES=""),
+                   timeout=timeout)
+
+
 def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None, launcher=None):
     """Run the real script in a subprocess; returns CompletedProcess with text stdout/stderr."""
     command = (launcher or [sys.executable, str(SCRIPT)]) + [str(a) for a in args]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, cli_env, make_dataset, run_cli
+from tests.conftest import SCRIPT, caches, make_dataset, run_cli, run_two_processes
 from tests.llm_server import sha12
 
 
@@ -166,11 +166,7 @@ def test_chat_model_end_to_end(tmp_path, model_dir, llm_server, family):
 
 def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 7)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-                str(SCRIPT)]
-    result = run_cli(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server), launcher=launcher,
-                     env=cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES=""), timeout=600)
+    result = run_two_processes(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr  # the world size really is 2
     assert len(llm_server.requests) == 7

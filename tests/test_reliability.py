@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_cli
+from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_two_processes
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
 SECRET = "sk-test-7f3a9c1e5b2d-DO-NOT-LEAK-0042"
@@ -245,12 +245,8 @@ def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_pat
         return default_reply_text(body)
 
     llm_server.latency, llm_server.reply = 0.2, reply
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-                str(SCRIPT)]
-    result = run_cli(*llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
-                               "--max_retries", "2"),
-                     launcher=launcher, env=cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES=""), timeout=600)
+    result = run_two_processes(*llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
+                                         "--max_retries", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr
     assert "llm: 40 done, 0 from cache, 0 failed" in result.stdout
