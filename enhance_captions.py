@@ -839,16 +839,23 @@ class LocalCaptioner:
                                                    {"type": "text", "text": self.prompt}]})
         return turns
 
-    def caption(self, prepared) -> list[str]:
+    def to_model(self, inputs):
+        """Inputs on the model's device; pixel values in its dtype, ids stay integers."""
         import numpy as np
         import torch
 
-        inputs, sizes = prepared
-        for key, value in inputs.items():  # to the device; pixel values follow the model's dtype, ids stay integers
+        for key, value in inputs.items():
             if isinstance(value, np.ndarray):  # a small tensor handed over inline (inline_small_tensors)
                 value = torch.from_numpy(value)
             if isinstance(value, torch.Tensor):
                 inputs[key] = value.to(self.model.device, self.model.dtype if value.is_floating_point() else None)
+        return inputs
+
+    def caption(self, prepared) -> list[str]:
+        import torch
+
+        inputs, sizes = prepared
+        inputs = self.to_model(inputs)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generate_kwargs)
         if self.kind == "task":  # location tokens matter to the post-processing; padding does not
@@ -1171,12 +1178,21 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     """The vision loop: decode in DataLoader workers, generate per batch, write each batch's captions at once."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(model_threads(captioner.model.device, cfg.num_workers, threads))
-    try:
+    with torch_threads_set(model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
         caption_batches(items, captioner, cfg, stats, progress, reporter, stop, on_caption)
+
+
+@contextlib.contextmanager
+def torch_threads_set(threads: int):
+    """torch's intra-op threads for a block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def model_threads(device, num_workers: int, threads: int) -> int:

@@ -394,7 +394,7 @@ def vision_side_by_side(captioner, photos, batches: list, workdir: Path, cfg: ec
             bare.append(bare_generate(captioner, batches, len(photos)))
 
         def bare_run_at_stage_threads():
-            with torch_threads_set(threads):
+            with ec.torch_threads_set(threads):
                 bare_at_stage_threads.append(bare_generate(captioner, batches, len(photos)))
 
         order = (pipeline_run, bare_run, bare_run_at_stage_threads)
@@ -423,11 +423,7 @@ def bare_batches(captioner, photos: list[Path], batch_size: int) -> list:
     for i in range(0, len(photos), batch_size):
         images = [ec.load_image(p, min_side=captioner.decode_side) for p in photos[i:i + batch_size]]
         inputs, _ = captioner.prepare(images)
-        inputs = inputs.to(captioner.model.device)
-        for key, value in inputs.items():
-            if torch.is_floating_point(value):
-                inputs[key] = value.to(captioner.model.dtype)
-        batches.append(inputs)
+        batches.append(captioner.to_model(inputs))
     with torch.inference_mode():
         captioner.model.generate(**batches[0], **captioner.generate_kwargs)  # warm-up
     return batches
@@ -513,7 +509,7 @@ def vision_profile(captioner, photos, batches: list, workdir: Path, cfg: ec.Conf
     bare = Timer(captioner.model.generate)
     captioner.model.generate = bare
     try:
-        with torch_threads_set(stage_threads(captioner, cfg)):
+        with ec.torch_threads_set(stage_threads(captioner, cfg)):
             bare_generate(captioner, batches, len(photos))
     finally:
         del captioner.model.generate
@@ -563,18 +559,6 @@ def torch_threads() -> int:
 def stage_threads(captioner, cfg: ec.Config) -> int:
     """The torch threads the script's vision stage runs with (it leaves a CPU's cores to the decoding workers)."""
     return ec.model_threads(captioner.model.device, cfg.num_workers, torch_threads())
-
-
-@contextlib.contextmanager
-def torch_threads_set(threads: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
