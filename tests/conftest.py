@@ -97,6 +97,27 @@ def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None, laun
     return subprocess.run(command, env=env or cli_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+def run_args(dataset, model, server, *extra, batch_size: int | None = 2, num_workers: int | None = 0) -> list[str]:
+    """The one argument builder: a dataset, a tiny vision model, the loopback endpoint, short captions."""
+    args = ["--dataset_dir", dataset, "--model_id", model, "--base_url", server.base_url, "--model", "test-model",
+            "--max_new_tokens", "8"]
+    if batch_size is not None:
+        args += ["--batch_size", batch_size]
+    if num_workers is not None:
+        args += ["--num_workers", num_workers]
+    return [str(a) for a in args + list(extra)]
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """The script in this process: (exit code, stdout, stderr)."""
+    import enhance_captions as ec
+
+    capsys.readouterr()
+    code = ec.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def caches(image: Path) -> tuple[Path, Path]:
     base = image.with_suffix("")
     return base.parent / (base.name + "_generated.txt"), base.parent / (base.name + "_combined.txt")

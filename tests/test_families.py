@@ -18,7 +18,7 @@ import pytest
 
 import enhance_captions as ec
 from tests import tiny_models
-from tests.conftest import caches, make_dataset, make_image, run_cli
+from tests.conftest import caches, make_dataset, make_image, run_args, run_cli
 from tests.llm_server import FakeLLMServer, sha12
 
 FAMILIES = ["florence2", "janus", "qwen2_5_vl", "qwen3_vl", "smolvlm", "llava", "blip", "paligemma"]
@@ -31,9 +31,10 @@ FAMILY_ARGS = {"paligemma": ["--prompt", "caption en"]}
 SYSTEM_TEXT = "Write one short caption of this photo ."
 
 
-def cli_args(dataset, model, server, *extra):
-    return ["--dataset_dir", dataset, "--model_id", model, "--base_url", server.base_url, "--model", "test-model",
-            "--max_new_tokens", "8", *extra]
+
+def run_default_args(dataset, model, server, *extra):
+    """run_args at the script's own batch size and decoding workers."""
+    return run_args(dataset, model, server, *extra, batch_size=None, num_workers=None)
 
 
 def assert_caption_words_only(text: str, where) -> None:
@@ -70,7 +71,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_end_to_end_batched_captions_are_generated_words_only(tmp_path, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 5)
-    result = run_cli(*cli_args(tmp_path / "ds", model_dir(family), llm_server, "--batch_size", "3",
+    result = run_cli(*run_default_args(tmp_path / "ds", model_dir(family), llm_server, "--batch_size", "3",
                                "--num_workers", "1", *FAMILY_ARGS.get(family, [])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vision: 5 done, 0 from cache, 0 failed" in result.stdout, result.stdout
@@ -102,7 +103,7 @@ def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_
     images = varied_dataset(tmp_path / "b8")
     shutil.copytree(tmp_path / "b8", tmp_path / "b1")
     for folder, batch in (("b8", "8"), ("b1", "1")):
-        code = ec.main([str(a) for a in cli_args(tmp_path / folder, model_dir(family), llm_server,
+        code = ec.main([str(a) for a in run_default_args(tmp_path / folder, model_dir(family), llm_server,
                                                  "--batch_size", batch, "--num_workers", "0", "--quiet")])
         assert code == 0, f"batch size {batch}: exit {code}"
     for image in images:
@@ -119,7 +120,7 @@ def test_captions_from_decoding_workers_equal_captions_decoded_in_process(tmp_pa
     images = varied_dataset(tmp_path / "w2")
     shutil.copytree(tmp_path / "w2", tmp_path / "w0")
     for folder, workers in (("w2", "2"), ("w0", "0")):
-        code = ec.main([str(a) for a in cli_args(tmp_path / folder, model_dir(family), llm_server,
+        code = ec.main([str(a) for a in run_default_args(tmp_path / folder, model_dir(family), llm_server,
                                                  "--batch_size", "4", "--num_workers", workers, "--quiet")])
         assert code == 0, f"--num_workers {workers}: exit {code}"
     for image in images:
@@ -166,12 +167,12 @@ def test_vlm_system_prompt_flag_end_to_end(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
     prompt_file = tmp_path / "vlm_system.txt"
     prompt_file.write_text(SYSTEM_TEXT + "\n", encoding="utf-8")
-    result = run_cli(*cli_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
+    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
                                "--num_workers", "0", "--vlm_system_prompt", prompt_file))
     assert result.returncode == 0, result.stderr[-3000:]
     for image in images:
         assert_caption_words_only(read_generated(image), image.name)
-    missing = run_cli(*cli_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
+    missing = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
                                 "--vlm_system_prompt", tmp_path / "none.txt"))
     assert missing.returncode == 2 and "none.txt" in missing.stderr
 
@@ -237,7 +238,7 @@ def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_pa
         tiny_models.build_causal_lm(model)
     else:
         build_vit_classifier(model)
-    result = run_cli(*cli_args(tmp_path / "ds", model, llm_server, "--batch_size", "2", "--num_workers", "0"))
+    result = run_cli(*run_default_args(tmp_path / "ds", model, llm_server, "--batch_size", "2", "--num_workers", "0"))
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
     lines = error_lines(result.stderr)
     assert len(lines) == 1, lines
@@ -255,7 +256,7 @@ def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_pa
 
 def test_dtype_attention_and_repetition_penalty_end_to_end(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
-    result = run_cli(*cli_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
+    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
                                "--num_workers", "0", "--dtype", "bfloat16", "--attn_implementation", "eager",
                                "--repetition_penalty", "1.2"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -312,7 +313,7 @@ def test_quantization_without_bitsandbytes_is_one_clear_line(tmp_path, model_dir
     except ImportError:
         pass
     make_dataset(tmp_path / "ds", 2)
-    result = run_cli(*cli_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--quantization", "4bit",
+    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--quantization", "4bit",
                                "--num_workers", "0"))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = error_lines(result.stderr)

@@ -6,13 +6,9 @@ import shutil
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, make_dataset, run_cli, run_two_processes
+from tests.conftest import SCRIPT, caches, make_dataset, run_args, run_cli, run_two_processes
 from tests.llm_server import sha12
 
-
-def args_for(dataset, model, server, *extra):
-    return ["--dataset_dir", dataset, "--model_id", model, "--base_url", server.base_url, "--model", "test-model",
-            "--batch_size", "2", "--num_workers", "0", "--max_new_tokens", "8", *extra]
 
 
 def user_message(request: dict) -> str:
@@ -21,7 +17,7 @@ def user_message(request: dict) -> str:
 
 def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 5)
-    result = run_cli(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server))
+    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr
     assert len(llm_server.requests) == 5
     system = (SCRIPT.parent / "system_prompt.txt").read_text(encoding="utf-8").strip()
@@ -46,18 +42,18 @@ def test_rerun_loads_no_model_and_calls_nothing_then_redoes_one_deleted_merge(tm
     images = make_dataset(tmp_path / "ds", 4)
     model = tmp_path / "model"
     shutil.copytree(model_dir("florence2"), model)
-    assert run_cli(*args_for(tmp_path / "ds", model, llm_server)).returncode == 0
+    assert run_cli(*run_args(tmp_path / "ds", model, llm_server)).returncode == 0
     before = {p: p.read_text() for p in (tmp_path / "ds").glob("*_*.txt")}
     assert len(before) == 8
     shutil.rmtree(model)  # a rerun that loaded the model would now fail
-    rerun = run_cli(*args_for(tmp_path / "ds", model, llm_server))
+    rerun = run_cli(*run_args(tmp_path / "ds", model, llm_server))
     assert rerun.returncode == 0, rerun.stderr
     assert len(llm_server.requests) == 4
     assert "llm: 0 done, 4 from cache, 0 failed" in rerun.stdout
     assert {p: p.read_text() for p in (tmp_path / "ds").glob("*_*.txt")} == before
 
     caches(images[2])[1].unlink()
-    third = run_cli(*args_for(tmp_path / "ds", model, llm_server))
+    third = run_cli(*run_args(tmp_path / "ds", model, llm_server))
     assert third.returncode == 0, third.stderr
     assert len(llm_server.requests) == 5
     assert "subject2, photo number 2" in user_message(llm_server.requests[-1])
@@ -71,7 +67,7 @@ def test_missing_manual_caption_and_empty_cache(tmp_path, model_dir, llm_server)
     generated, combined = caches(images[2])
     generated.write_text("")                        # an empty cache counts as missing
     combined.write_text("   \n")
-    result = run_cli(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server))
+    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr
     assert len(llm_server.requests) == 3
     for request in llm_server.requests:
@@ -85,7 +81,7 @@ def test_missing_manual_caption_and_empty_cache(tmp_path, model_dir, llm_server)
 
 def test_no_cache_mode_writes_only_combined(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 3)
-    result = run_cli(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server,
+    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
                                "--no-cache_generated_captions_to_disk"))
     assert result.returncode == 0, result.stderr
     for image in images:
@@ -105,7 +101,7 @@ def test_nested_folders_hidden_files_and_letter_case(tmp_path, model_dir, llm_se
     make_image(ds / ".hidden" / "skip.jpg", 4)
     make_image(ds / "._apple.jpg", 5)
     (ds / "notes.gif").write_bytes(b"GIF89a")
-    result = run_cli(*args_for(ds, model_dir("florence2"), llm_server))
+    result = run_cli(*run_args(ds, model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(ds).as_posix() for p in ds.rglob("*_combined.txt")) == [
         "a/b/deep_combined.txt", "top_combined.txt", "x_combined.txt"]
@@ -144,7 +140,7 @@ def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, model_
 
     images = make_dataset(tmp_path / "ds", 3)
     llm_server.script(*[status(400)] * 1)  # a non-retryable answer for the first request
-    result = run_cli(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "1"))
+    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "1"))
     assert result.returncode == 1
     done = [image for image in images if caches(image)[1].exists()]
     assert len(done) == 2
@@ -155,7 +151,7 @@ def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, model_
 @pytest.mark.parametrize("family", ["qwen2_5_vl"])
 def test_chat_model_end_to_end(tmp_path, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 3)
-    result = run_cli(*args_for(tmp_path / "ds", model_dir(family), llm_server))
+    result = run_cli(*run_args(tmp_path / "ds", model_dir(family), llm_server))
     assert result.returncode == 0, result.stderr
     for image in images:
         text = caches(image)[0].read_text()
@@ -165,7 +161,7 @@ def test_chat_model_end_to_end(tmp_path, model_dir, llm_server, family):
 
 def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 7)
-    result = run_two_processes(*args_for(tmp_path / "ds", model_dir("florence2"), llm_server))
+    result = run_two_processes(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr  # the world size really is 2
     assert len(llm_server.requests) == 7
@@ -189,7 +185,7 @@ def test_overlap_starts_merging_while_the_vision_model_works(tmp_path, model_dir
         return default_reply_text(body)
 
     with FakeLLMServer(reply=reply) as server:
-        argv = args_for(tmp_path / "ds", model_dir("florence2"), server, "--batch_size", "1")
+        argv = run_args(tmp_path / "ds", model_dir("florence2"), server, "--batch_size", "1")
         rc = ec.main([str(a) for a in argv] + (["--overlap"] if overlap else []))
     assert rc == 0 and len(seen) == 12
     if overlap:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_two_processes
+from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_main, run_two_processes
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
 SECRET = "sk-test-7f3a9c1e5b2d-DO-NOT-LEAK-0042"
@@ -33,18 +33,10 @@ SUBJECT = re.compile(r"subject(\d+), photo number \1")
 # --------------------------------------------------------------------------------------------
 
 
-def llm_args(dataset, model, server, *extra):
-    return ["--dataset_dir", str(dataset), "--model_id", str(model), "--base_url", server.base_url,
-            "--model", "test-model", "--batch_size", "4", "--num_workers", "0", "--max_new_tokens", "8",
-            *[str(e) for e in extra]]
 
 
-def run_main(capsys, *args):
-    """ec.main in this process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = ec.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_args_4(dataset, model, server, *extra):
+    return run_args(dataset, model, server, *extra, batch_size=4)
 
 
 def seed_generated(images):
@@ -156,7 +148,7 @@ def test_transient_fault_then_success_is_retried_and_cached(tmp_path, capsys, mo
     images = make_dataset(tmp_path / "ds", 2)
     seed_generated(images)
     llm_server.script(TRANSIENT[fault]())  # only the very first request fails
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--concurrency", "1", "--max_retries", "2", "--timeout", "1.5"))
     assert code == 0, err
     requests = llm_server.chat_requests()
@@ -178,7 +170,7 @@ def test_persistent_fault_fails_only_that_item_after_backing_off(tmp_path, capsy
     seed_generated(images)
     llm_server.reply = lambda body: PERSISTENT[fault]() if subject_of(body) == 1 else default_reply_text(body)
     report = tmp_path / "report.jsonl"
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--concurrency", "2", "--max_retries", "3", "--report", report))
     assert code == 1, err
     requests = llm_server.chat_requests()
@@ -210,7 +202,7 @@ def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, m
     seed_generated(images)
     llm_server.latency = 0.2
     llm_server.script(status(429, {"Retry-After": "1"}))
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--concurrency", "4", "--max_retries", "2"))
     assert code == 0, err
     requests, times = llm_server.chat_requests(), list(llm_server.request_times)
@@ -245,7 +237,7 @@ def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_pat
         return default_reply_text(body)
 
     llm_server.latency, llm_server.reply = 0.2, reply
-    result = run_two_processes(*llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
+    result = run_two_processes(*run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
                                          "--max_retries", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr
@@ -279,7 +271,7 @@ def test_bad_key_rejected_up_front_exits_2_with_one_line_and_never_shows_the_key
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     report = tmp_path / "report.jsonl"
     with FakeLLMServer(api_key="the-right-key") as server:  # every request with another key gets a 401
-        code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), server,
+        code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), server,
                                                     "--report", report, "-v"))
         assert code == 2
         assert server.requests == []  # stopped before a single chat request
@@ -298,7 +290,7 @@ def test_key_refused_mid_run_stops_at_the_first_occurrence(tmp_path, capsys, mon
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     llm_server.reply = lambda body: status(code, body=leaked_body(code))  # models listed, every chat refused
     report = tmp_path / "report.jsonl"
-    exit_code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    exit_code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                      "--concurrency", "3", "--max_retries", "3", "--report", report,
                                                      "-v"))
     assert exit_code == 2, err
@@ -319,7 +311,7 @@ def test_key_echoed_in_an_error_message_is_redacted_everywhere(tmp_path, capsys,
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     llm_server.reply = lambda body: status(400, body=leaked_body(400))
     report = tmp_path / "report.jsonl"
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--max_retries", "1", "--report", report, "-v"))
     assert code == 1
     assert len(lines_with(err, "FAILED")) == 2 and all("400" in line for line in lines_with(err, "FAILED"))
@@ -331,7 +323,7 @@ def test_key_echoed_in_an_error_message_is_redacted_everywhere(tmp_path, capsys,
 def test_404_stops_at_the_first_occurrence_exit_2(tmp_path, capsys, model_dir, llm_server, where):
     images = make_dataset(tmp_path / "ds", 12)
     seed_generated(images)
-    args = llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "4", "--max_retries", "3")
+    args = run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "4", "--max_retries", "3")
     if where == "unknown_model":
         llm_server.reply = lambda body: status(404, body={"error": {
             "message": "The model `test-model` does not exist", "type": "invalid_request_error",
@@ -368,7 +360,7 @@ BAD_REPLIES = {
 def test_bad_reply_is_retried_then_reported_and_never_cached(tmp_path, capsys, model_dir, llm_server, kind):
     images = make_dataset(tmp_path / "ds", 1)
     seed_generated(images)
-    args = llm_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--max_retries", "1")
+    args = run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--max_retries", "1")
     report = tmp_path / "report.jsonl"
 
     llm_server.script(BAD_REPLIES[kind](), BAD_REPLIES[kind]())  # every try is bad
@@ -414,7 +406,7 @@ def test_reply_is_cleaned_before_caching(tmp_path, capsys, model_dir, llm_server
     images = make_dataset(tmp_path / "ds", 1)
     seed_generated(images)
     llm_server.script(reply(raw))
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert code == 0, err
     assert len(llm_server.requests) == 1
     assert caches(images[0])[1].read_text(encoding="utf-8") == clean + "\n"
@@ -431,7 +423,7 @@ def test_keep_tokens_reply_that_drops_one_is_retried_with_a_reminder(tmp_path, c
     images = keep_tokens_dataset(tmp_path)
     llm_server.script(reply("A smiling man in a red shirt, outdoors."),  # drops "ohwx man"
                       reply("ohwx man in a red shirt, smiling outdoors."))
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--keep_tokens", "2", "--max_retries", "1"))
     assert code == 0, err
     first, second = (user_message(r) for r in llm_server.requests)
@@ -443,7 +435,7 @@ def test_keep_tokens_still_missing_after_the_reminder_are_put_at_the_front(tmp_p
                                                                           llm_server):
     images = keep_tokens_dataset(tmp_path)
     llm_server.script(reply("A smiling man outdoors."), reply("A smiling man in a shirt, outdoors."))
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--keep_tokens", "2", "--max_retries", "1"))
     assert code == 0, err
     assert len(llm_server.requests) == 2
@@ -455,7 +447,7 @@ def test_keep_tokens_still_missing_after_the_reminder_are_put_at_the_front(tmp_p
 def test_keep_tokens_kept_on_the_first_try_needs_one_request(tmp_path, capsys, model_dir, llm_server):
     images = keep_tokens_dataset(tmp_path)
     llm_server.script(reply("ohwx man in a red shirt, smiling outdoors."))
-    code, out, err = run_main(capsys, *llm_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--keep_tokens", "2"))
     assert code == 0, err
     assert len(llm_server.requests) == 1
@@ -479,7 +471,7 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     ds = tmp_path / "ds"
     images = make_dataset(ds, 16 if point == "vision" else 8)
     llm_server.latency = 0.4
-    run = Cli(tmp_path, "killed", *llm_args(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
+    run = Cli(tmp_path, "killed", *run_args_4(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
                                              "--concurrency", "2"))
     if point == "vision":
         run.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
@@ -499,7 +491,7 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     asked_before = len(llm_server.requests)
 
     llm_server.latency = 0.0
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     rerun_requests = llm_server.chat_requests()[asked_before:]
     assert sorted(subject_of(r) for r in rerun_requests) == missing_combined  # only what was missing, once each
@@ -517,7 +509,7 @@ def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_pat
     seed_generated(images[:2])
     (ds / ".img001_combined.txt.k3j9x2.tmp").write_text("MERGED half a capt")
     (ds / ".img002_generated.txt.q8w7e6.tmp").write_text("")
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     assert all(combined_text(image) for image in images)
     assert tmp_files(ds) == []
@@ -530,7 +522,7 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     images = make_dataset(ds, 8)
     seed_generated(images)
     llm_server.latency = 1.0
-    run = Cli(tmp_path, "stopped", *llm_args(ds, model_dir("florence2"), llm_server, "--concurrency", "2"))
+    run = Cli(tmp_path, "stopped", *run_args_4(ds, model_dir("florence2"), llm_server, "--concurrency", "2"))
     run.wait_for(lambda: len(llm_server.requests) >= 2, what="two LLM requests in flight")
     in_flight = len(llm_server.requests)
     run.proc.send_signal(signum)
@@ -544,7 +536,7 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
 
     llm_server.latency = 0.0
     asked_before = len(llm_server.requests)
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     assert sorted(subject_of(r) for r in llm_server.requests[asked_before:]) == \
         [i for i in range(len(images)) if i not in done]
@@ -560,12 +552,12 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
     images = make_dataset(ds, 4)
     seed_generated(images)
     llm_server.latency = 60.0  # the first run's requests hang until it is killed
-    first = Cli(tmp_path, "first", *llm_args(ds, model_dir("florence2"), llm_server))
+    first = Cli(tmp_path, "first", *run_args_4(ds, model_dir("florence2"), llm_server))
     first.wait_for(lambda: len(llm_server.requests) >= len(images), what="the first run's LLM requests")
     assert [p for p in ds.iterdir() if "lock" in p.name.lower()]  # the lock file lives in the dataset folder
     asked = len(llm_server.requests)
 
-    second = Cli(tmp_path, "second", *llm_args(ds, model_dir("florence2"), llm_server))
+    second = Cli(tmp_path, "second", *run_args_4(ds, model_dir("florence2"), llm_server))
     assert second.wait(120) == 2, second.stderr
     assert first.proc.poll() is None  # refused while the first was still running: it did not wait for it
     message = [line for line in second.stderr.splitlines() if line.strip()]
@@ -576,7 +568,7 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(30)
     llm_server.latency = 0.0
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err  # the dead owner's lock is not stale
     assert all(combined_text(image) for image in images)
     for lock in (p for p in ds.iterdir() if "lock" in p.name.lower()):  # released on exit
@@ -755,7 +747,7 @@ def test_bad_inputs_are_reported_once_each_and_every_good_image_is_captioned(tmp
         bad["unreadable.jpg"].chmod(0)
     report = tmp_path / "report.jsonl"
 
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server, "--report", report))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server, "--report", report))
     assert code == 1, err
 
     root = ds.resolve()
@@ -800,7 +792,7 @@ def test_dataset_dir_that_is_a_file_or_an_empty_folder_is_a_clear_exit_2(tmp_pat
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     for folder, words in ((a_file, "file"), (empty, "no images")):
-        code, out, err = run_main(capsys, *llm_args(folder, model_dir("florence2"), llm_server))
+        code, out, err = run_main(capsys, *run_args_4(folder, model_dir("florence2"), llm_server))
         assert code == 2
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and str(folder.name) in lines[0] and words in lines[0], err
@@ -821,7 +813,7 @@ def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(t
     Image.new("RGB", (1, 300), (200, 30, 30)).save(strip)
     report = tmp_path / "report.jsonl"
 
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("qwen2_5_vl"), llm_server, "--num_workers", workers,
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("qwen2_5_vl"), llm_server, "--num_workers", workers,
                                                 "--report", report))
     assert code == 1, err
     rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -843,7 +835,7 @@ def test_a_decoding_worker_that_dies_ends_the_run_with_one_line_and_keeps_what_w
 
     ds = tmp_path / "ds"
     images = make_dataset(ds, 40)
-    run = Cli(tmp_path, "worker", *llm_args(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
+    run = Cli(tmp_path, "worker", *run_args_4(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
                                             "--num_workers", "2"))
     script = psutil.Process(run.proc.pid)
     run.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 1, what="the first vision caption")
@@ -862,6 +854,6 @@ def test_a_decoding_worker_that_dies_ends_the_run_with_one_line_and_keeps_what_w
     assert all(caches(image)[1].exists() for image in done)  # what was captioned was still merged
     assert tmp_files(ds) == []
 
-    code, out, err = run_main(capsys, *llm_args(ds, model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     assert f"vision: {len(images) - len(done)} done, {len(done)} from cache, 0 failed" in out

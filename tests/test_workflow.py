@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, SCRIPT, caches, cli_env, make_dataset, make_image, run_cli
+from tests.conftest import ROOT, SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_cli, run_main
 from tests.llm_server import status
 
 PROGRESS_LINE = re.compile(r"\w+: \d+/\d+ \(.*/s, ETA")
@@ -39,17 +39,6 @@ def vision_args(model) -> list:
     return ["--model_id", model, "--batch_size", "2", "--num_workers", "0", "--max_new_tokens", "8"]
 
 
-def endpoint_args(dataset, model, server, *extra) -> list:
-    return ["--dataset_dir", dataset, *vision_args(model), "--base_url", server.base_url, "--model", "test-model",
-            *extra]
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """The script in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = ec.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def user_message(request: dict) -> str:
@@ -284,7 +273,7 @@ def test_dry_run_reports_the_plan_and_touches_nothing(tmp_path, llm_server, caps
 
 def test_limit_processes_the_next_n_images_that_need_work(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 5)
-    args = endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--limit", "2")
+    args = run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--limit", "2")
     code, out, err = run_main(capsys, *args)
     assert code == 0, out + err
     assert [all(p.exists() for p in caches(i)) for i in images] == [True, True, False, False, False]
@@ -303,7 +292,7 @@ def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm
     images = make_dataset(tmp_path / "ds", 3)
     model = tmp_path / "model"
     shutil.copytree(model_dir("florence2"), model)
-    assert run_main(capsys, *endpoint_args(tmp_path / "ds", model, llm_server))[0] == 0
+    assert run_main(capsys, *run_args(tmp_path / "ds", model, llm_server))[0] == 0
     assert len(llm_server.requests) == 3
     generated = [caches(i)[0] for i in images]
     combined = [caches(i)[1] for i in images]
@@ -312,7 +301,7 @@ def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm
     old = set_old_mtime(generated + combined)
     texts = [p.read_text() for p in generated]
     shutil.rmtree(model)
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model, llm_server, "--overwrite", "combined"))
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model, llm_server, "--overwrite", "combined"))
     assert code == 0, out + err
     assert len(llm_server.requests) == 6
     assert [p.read_text() for p in generated] == texts and all(p.stat().st_mtime_ns == old for p in generated)
@@ -322,7 +311,7 @@ def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm
     shutil.copytree(model_dir("florence2"), model)
     old = set_old_mtime(generated + combined)
     merged = [p.read_text() for p in combined]
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model, llm_server, "--overwrite", "generated"))
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model, llm_server, "--overwrite", "generated"))
     assert code == 0, out + err
     assert all(p.stat().st_mtime_ns != old and p.read_text().strip() for p in generated)
     assert [p.read_text() for p in combined] == merged and all(p.stat().st_mtime_ns == old for p in combined)
@@ -330,7 +319,7 @@ def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm
 
     # all: both again.
     old = set_old_mtime(generated + combined)
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model, llm_server, "--overwrite", "all"))
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model, llm_server, "--overwrite", "all"))
     assert code == 0, out + err
     assert all(p.stat().st_mtime_ns != old for p in generated + combined)
     assert len(llm_server.requests) == 9
@@ -350,12 +339,12 @@ def test_export_lists_every_combined_caption_with_relative_posix_paths(tmp_path,
     (ds / "metadata.jsonl").write_text('{"file_name": "stale.jpg", "text": "old"}\n', encoding="utf-8")
 
     # An earlier run merged the first two images.
-    assert run_main(capsys, *endpoint_args(ds, model_dir("florence2"), llm_server, "--limit", "2"))[0] == 0
+    assert run_main(capsys, *run_args(ds, model_dir("florence2"), llm_server, "--limit", "2"))[0] == 0
     assert len(llm_server.requests) == 2
 
     # This run fails one merge (a non-retryable 400), does the others, and exports.
     llm_server.script(status(400))
-    code, out, err = run_main(capsys, *endpoint_args(ds, model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args(ds, model_dir("florence2"), llm_server,
                                                      "--concurrency", "1", "--export", "metadata.jsonl"))
     assert code == 1, out + err
     failed = [image for image in images if not caches(image)[1].exists()]
@@ -384,7 +373,7 @@ def test_caption_extension_reads_kohya_caption_files(tmp_path, model_dir, llm_se
     for i, image in enumerate(images):
         image.with_suffix(".caption").write_text(f"kohya{i}, from the caption file", encoding="utf-8")
         image.with_suffix(".txt").write_text(f"plaintext{i}, must be ignored", encoding="utf-8")
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                      "--caption_extension", ".caption"))
     assert code == 0, out + err
     messages = sorted(user_message(r) for r in llm_server.requests)
@@ -402,7 +391,7 @@ def test_caption_extension_reads_kohya_caption_files(tmp_path, model_dir, llm_se
 
 def test_without_a_terminal_progress_comes_as_lines_not_bars(tmp_path, model_dir, llm_server):
     make_dataset(tmp_path / "ds", 3)
-    result = run_cli(*endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server), timeout=180)
+    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server), timeout=180)
     assert result.returncode == 0, result.stderr
     progress = [line for line in result.stderr.splitlines() if PROGRESS_LINE.search(line)]
     assert any(line.startswith("vision") and "3/3" in line for line in progress), result.stderr
@@ -414,7 +403,7 @@ def test_without_a_terminal_progress_comes_as_lines_not_bars(tmp_path, model_dir
 def test_quiet_keeps_only_the_summary_and_failures(tmp_path, model_dir, llm_server, capsys):
     make_dataset(tmp_path / "ds", 3)
     llm_server.script(status(400))
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                      "--concurrency", "1", "--quiet"))
     assert code == 1
     output = out + err
@@ -426,7 +415,7 @@ def test_quiet_keeps_only_the_summary_and_failures(tmp_path, model_dir, llm_serv
 
 def test_verbose_adds_a_line_per_item(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 3)
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server))
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert code == 0
     normal = out + err
     assert not any(image.name in normal for image in images)  # the default names no item
@@ -434,7 +423,7 @@ def test_verbose_adds_a_line_per_item(tmp_path, model_dir, llm_server, capsys):
     for image in images:
         caches(image)[1].unlink()
         caches(image)[0].unlink()
-    code, out, err = run_main(capsys, *endpoint_args(tmp_path / "ds", model_dir("florence2"), llm_server, "-v"))
+    code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "-v"))
     assert code == 0
     for image in images:
         assert [line for line in (out + err).splitlines() if image.name in line], (image, out + err)
@@ -453,7 +442,7 @@ def test_on_a_terminal_progress_comes_as_bars(tmp_path, model_dir, llm_server):
     except (ImportError, OSError) as e:
         pytest.skip(f"no pseudo-terminal on this platform: {e}")
     make_dataset(tmp_path / "ds", 3)
-    command = [sys.executable, str(SCRIPT)] + [str(a) for a in endpoint_args(tmp_path / "ds", model_dir("florence2"),
+    command = [sys.executable, str(SCRIPT)] + [str(a) for a in run_args(tmp_path / "ds", model_dir("florence2"),
                                                                               llm_server)]
     process = subprocess.Popen(command, env=cli_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
