@@ -46,6 +46,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import os
@@ -152,20 +153,31 @@ class Config:
     keep_tokens: int = 0
     limit: int | None = None
     overwrite: str | None = None
+    refresh: str = "inputs"
     dry_run: bool = False
     export: str | None = None
     report: Path | None = None
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Item:
-    """One image and what is known about it so far."""
+    """One image, what is known about it so far, and what planning decided it needs this run and why."""
 
     image: Path
     caption_path: Path
     generated: str | None = None
     combined: str | None = None
+    manual: str | None = None         # the manual caption, read once, at planning
+    manual_sha: str | None = None
+    generated_sha: str | None = None  # hash of the vision caption's bytes, as cached (or as it would be)
+    combined_sha: str | None = None
+    stamp: str | None = None          # image_stamp() at planning
+    vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
+    merge: str | None = None          # why the merge is made this run, or None
+    merge_unless: str | None = None   # merge only if the new vision caption's hash differs from this one
+    kept: tuple[str, ...] = ()        # caches edited by hand, kept as they are
+    adopted: tuple[str, ...] = ()     # caches found without a record, taken as they are
 
     @property
     def base(self) -> Path:
@@ -178,6 +190,10 @@ class Item:
     @property
     def combined_path(self) -> Path:
         return self.base.parent / (self.base.name + COMBINED_SUFFIX)
+
+    def wants_merge(self) -> bool:
+        """After the vision stage: a conditional merge happens only if the vision caption really changed."""
+        return self.merge is not None and (self.merge_unless is None or self.generated_sha != self.merge_unless)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,23 +303,30 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
     return [i for i in items if i.image not in bad], failures
 
 
-def read_text(path: Path) -> str | None:
-    """A UTF-8 text file (BOM allowed), stripped; None when missing or blank. Raises ItemError if undecodable."""
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+    """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
+    The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return None, None
     except OSError as e:
         raise ItemError(f"cannot read {path.name}: {e.strerror or e}") from e
+    if not data.strip():
+        return None, None
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
         raise ItemError(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
-    return text or None
+    return (text or None), digest(data)
+
+
+def read_text(path: Path) -> str | None:
+    return read_caption(path)[0]
 
 
 def read_cache(path: Path) -> str | None:
-    """A cache is reused as is when non-empty; an empty, blank or unreadable one counts as missing."""
+    """A finished cache's text for the export; one that cannot be read counts as missing."""
     try:
         return read_text(path)
     except ItemError:
@@ -464,6 +487,223 @@ def first_line(error: Exception) -> str:
 def redact(text: str, secret: str | None) -> str:
     text = re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)  # credentials inside a URL
     return text.replace(secret, "***") if secret else text
+
+
+# --------------------------------------------------------------------------------------------
+# Records: what made each cache
+# --------------------------------------------------------------------------------------------
+
+RECORDS_DIR = ".enhance_captions"  # hidden: trainers, imagefolder loaders and walk_images never look inside
+RECORDS_FILE = "records.jsonl"
+JOURNAL_DIR = "journal"
+KIND_GENERATED, KIND_COMBINED = "generated", "combined"
+
+
+def digest(data: bytes) -> str:
+    """A short content hash: 64 bits tell a hand edit from what was written."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def cache_bytes(text: str) -> bytes:
+    """A cache's bytes exactly as atomic_write writes them, so a record's hash can be taken before the write."""
+    return (text.strip() + "\n").encode("utf-8")
+
+
+def image_stamp(path: Path) -> str:
+    """An image's size and mtime: one stat per image, so a rerun over 100k images stays cheap. A replaced image
+    (a new file, an edit, a copy) changes it; a copy that keeps both size and mtime would not be noticed."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def settings_id(kind: str, values: dict) -> str:
+    return kind[:1] + "-" + digest(json.dumps(values, sort_keys=True, ensure_ascii=False).encode("utf-8"))[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What made one cache file. `sha` is the hash of the bytes as written; the inputs are hashes too."""
+
+    sha: str
+    settings: str
+    image: str | None = None      # image_stamp() of the image the caption was made from
+    manual: str | None = None     # hash of the manual caption file's bytes (None: there was none)
+    generated: str | None = None  # hash of the vision caption's bytes the merge was made from
+    commit: str | None = None     # the vision model's resolved revision, when known
+    adopted: bool = False         # found without a record and taken as it is
+    made: str | None = None       # when the record was written
+
+    def line(self, cache: str) -> dict:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
+        return {"cache": cache, **fields}
+
+    @classmethod
+    def from_line(cls, row: dict) -> Record:
+        return cls(**{f.name: row.get(f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
+
+
+class Records:
+    """The record of every cache this script wrote, in `.enhance_captions/` at the dataset root.
+
+    `records.jsonl` holds one JSON line per cache (and one per distinct set of settings); each process appends
+    what it writes to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so processes and machines on a
+    shared filesystem never write the same file. A record is appended before its cache is renamed into place:
+    a kill between the two leaves the old file with the record before it, which is kept for exactly that
+    (`previous`), so a cache is never mistaken for a hand edit. The main process folds the journals into
+    records.jsonl at the end of a run; a journal left by a killed run is read, and folded in by the next run."""
+
+    def __init__(self, root: Path):
+        self.root, self.folder = root, root / RECORDS_DIR
+        self.latest: dict[str, Record] = {}
+        self.previous: dict[str, Record] = {}
+        self.settings: dict[str, dict] = {}
+        self.journal = None
+        self.lock = threading.Lock()
+
+    def key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def load(self) -> Records:
+        for path in [self.folder / RECORDS_FILE, *self.journals()]:
+            self._read(path)
+        return self
+
+    def journals(self) -> list[Path]:
+        try:
+            return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
+        except OSError:
+            return []
+
+    def _read(self, path: Path) -> None:
+        try:
+            handle = open(path, encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            return
+        with handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                    if "settings" in row and "values" in row:
+                        self.settings[row["settings"]] = row["values"]
+                    else:
+                        self._remember(row["cache"], Record.from_line(row))
+                except (ValueError, KeyError, TypeError):  # a line a kill cut short, or a person's typo
+                    continue
+
+    def _remember(self, key: str, record: Record) -> None:
+        old = self.latest.get(key)
+        if old is not None and old.sha != record.sha:
+            self.previous[key] = old
+        self.latest[key] = record
+
+    def match(self, path: Path, sha: str | None) -> tuple[str, Record | None]:
+        """Is the cache file with this hash ours (and by which record), edited by hand, or unrecorded?"""
+        key = self.key(path)
+        latest = self.latest.get(key)
+        if latest is None:
+            return UNRECORDED, None
+        if sha == latest.sha:
+            return OURS, latest
+        previous = self.previous.get(key)
+        if previous is not None and sha == previous.sha:
+            return OURS, previous
+        return EDITED, latest
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write(self, path: Path, record: Record, values: dict | None = None) -> None:
+        """Append one record to this process's journal (the settings line first, the first time they are used)."""
+        record = dataclasses.replace(record, made=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        lines = []
+        if values is not None and self.settings.get(record.settings) != values:
+            self.settings[record.settings] = values
+            lines.append({"settings": record.settings, "values": values})
+        key = self.key(path)
+        lines.append(record.line(key))
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
+        with self.lock:
+            if self.journal is None:
+                self.journal = self._open_journal()
+            self.journal.write(text)
+            self.journal.flush()  # in the kernel before the cache is renamed: a SIGKILL loses neither
+            self._remember(key, record)
+
+    def _open_journal(self):
+        folder = self.folder / JOURNAL_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.jsonl"
+        return open(folder / name, "a", encoding="utf-8", errors="surrogateescape")
+
+    def close(self) -> None:
+        with self.lock:
+            if self.journal is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self.journal.fileno())
+                self.journal.close()
+                self.journal = None
+
+    def compact(self) -> int:
+        """Fold every journal into records.jsonl (main process, once every process has finished writing).
+        Where a kill left two candidates for one cache, the one that matches the file wins. Returns the number
+        of journals folded in."""
+        self.close()
+        journals = self.journals()
+        if not journals:
+            return 0
+        merged = Records(self.root)
+        merged._read(self.folder / RECORDS_FILE)
+        touched: set[str] = set()
+        for journal in journals:
+            before = dict(merged.latest)
+            merged._read(journal)
+            touched.update(k for k, r in merged.latest.items() if before.get(k) is not r)
+        for key in touched:
+            merged._settle(key)
+        merged._write_compacted()
+        for journal in journals:
+            with contextlib.suppress(OSError):
+                journal.unlink()
+        return len(journals)
+
+    def _settle(self, key: str) -> None:
+        """Keep the one record that stands for the file as it is now."""
+        try:
+            sha = digest((self.root / key).read_bytes())
+        except OSError:  # the cache is gone: so is its record
+            self.latest.pop(key, None)
+            self.previous.pop(key, None)
+            return
+        previous = self.previous.pop(key, None)
+        if previous is not None and self.latest[key].sha != sha and previous.sha == sha:
+            self.latest[key] = previous
+
+    def _write_compacted(self) -> None:
+        used = {r.settings for r in self.latest.values()}
+        target = self.folder / RECORDS_FILE
+        tmp = self.folder / f".{RECORDS_FILE}.{os.getpid()}.{random.randrange(1 << 32):08x}.tmp"
+        try:  # created like any file the user's programs write: the umask decides its mode
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                for sid in sorted(used & self.settings.keys()):
+                    f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
+                for key in sorted(self.latest):
+                    f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None) -> None:
+    """The one writer of a cache: its record goes to the journal, then the file is renamed into place."""
+    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values)
+    atomic_write(path, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1174,12 +1414,13 @@ def wait_future(future) -> None:
 
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
-                    on_caption: Callable[[Item], None]) -> None:
-    """The vision loop: decode in DataLoader workers, generate per batch, write each batch's captions at once."""
+                    keep: Callable[[Item, str], None]) -> None:
+    """The vision loop: decode in DataLoader workers, generate per batch, keep each batch's captions at once
+    (`keep(item, text)` writes the cache on the writer thread and passes the item on)."""
     import torch
 
     with torch_threads_set(model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
-        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, on_caption)
+        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, keep)
 
 
 @contextlib.contextmanager
@@ -1204,17 +1445,16 @@ def model_threads(device, num_workers: int, threads: int) -> int:
 
 def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
-                    on_caption: Callable[[Item], None]) -> None:
+                    keep: Callable[[Item, str], None]) -> None:
     from torch.utils.data import DataLoader
 
     def save(item: Item, text: str) -> None:  # on the writer thread, so saving overlaps the next batch
         try:
-            atomic_write(item.generated_path, text)
+            keep(item, text)
         except OSError as e:
             stats.fail(item.image, STAGE_VISION, f"cannot write {item.generated_path.name}: {e.strerror or e}")
             return
         stats.counts[STAGE_VISION]["done"] += 1
-        on_caption(item)
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
         for index, error in errors:
@@ -1234,12 +1474,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             if not text:
                 stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
                 continue
-            item.generated = text
-            if cfg.cache_generated:
-                writer.submit(save, item, text)
-            else:
-                stats.counts[STAGE_VISION]["done"] += 1
-                on_caption(item)
+            writer.submit(save, item, text)
             reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
 
@@ -1286,6 +1521,72 @@ def llm_messages(item: Item, system_prompt: str, manual: str | None, reminder: S
 # --------------------------------------------------------------------------------------------
 
 
+REASON_MISSING = "missing"
+REASON_MANUAL = "manual changed"
+REASON_IMAGE = "image changed"
+REASON_GENERATED = "generated edited"
+REASON_SETTINGS = "settings changed"
+REASON_OVERWRITE = "--overwrite"
+REFRESH_MODES = ("inputs", "settings", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The settings that change each kind of cache's text; a record keeps the id of those that made it."""
+
+    vision: dict
+    merge: dict
+
+    @property
+    def vision_id(self) -> str:
+        return settings_id(KIND_GENERATED, self.vision)
+
+    @property
+    def merge_id(self) -> str:
+        return settings_id(KIND_COMBINED, self.merge)
+
+
+def run_settings(cfg: Config) -> Settings:
+    if cfg.vlm_base_url:
+        vision = {"served_model": cfg.vlm_model, "max_side": cfg.vlm_max_side}
+    else:
+        vision = {"model_id": cfg.model_id, "revision": cfg.revision, "quantization": cfg.quantization,
+                  "repetition_penalty": cfg.repetition_penalty}
+    vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
+    merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
+             "system_prompt": digest(cfg.system_prompt.encode("utf-8")), "keep_tokens": cfg.keep_tokens,
+             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    return Settings(vision, merge)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheFile:
+    """A cache file as planning found it."""
+
+    sha: str | None = None          # hash of its bytes; None: no file, or a blank one (both count as missing)
+    text: str | None = None         # its text, when it is valid UTF-8
+    error: str | None = None        # why its text cannot be used
+    status: str = UNRECORDED        # OURS, EDITED or UNRECORDED (see Records.match)
+    record: Record | None = None
+
+
+def inspect_cache(records: Records, path: Path) -> CacheFile:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return CacheFile()
+    except OSError as e:  # unreadable: nothing can use it, and nothing may replace it
+        return CacheFile(sha="unreadable", error=f"cannot read {path.name}: {e.strerror or e}", status=EDITED)
+    if not data.strip():
+        return CacheFile()
+    sha = digest(data)
+    status, record = records.match(path, sha)
+    try:
+        return CacheFile(sha, data.decode("utf-8-sig").strip(), None, status, record)
+    except UnicodeDecodeError as e:
+        return CacheFile(sha, None, f"{path.name} is not valid UTF-8 (byte {e.start})", status, record)
+
+
 @dataclasses.dataclass
 class Plan:
     items: list[Item]
@@ -1295,34 +1596,120 @@ class Plan:
     stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
     cached_combined: int = 0
+    records: Records | None = None
+    settings: Settings | None = None
+    adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
 
 
 def plan_work(cfg: Config) -> Plan:
-    """Find the images, read the caches, and decide what each image still needs."""
+    """Find the images, read each one's caches, manual caption and records once, and decide what it needs."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
-    plan = Plan(items, [], [], failures + conflicts, stale)
-    redo_generated = cfg.overwrite in ("generated", "all")
-    redo_combined = cfg.overwrite in ("combined", "all")
+    records = Records(cfg.dataset_dir).load()
+    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
     budget = cfg.limit
     for item in items:
-        combined = None if redo_combined else read_cache(item.combined_path)
-        generated = None if redo_generated else read_cache(item.generated_path)
-        needs_combined = combined is None
-        needs_generated = generated is None and (cfg.cache_generated or needs_combined)
-        if (needs_combined or needs_generated) and budget is not None:
+        try:
+            decide(item, cfg, plan)
+        except ItemError as e:
+            plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
+            item.merge = None  # the vision caption may still be made: the merge waits for the fix
+        if (item.vision or item.merge) and budget is not None:
             if budget <= 0:
+                item.vision = item.merge = None
                 continue
             budget -= 1
-        item.generated, item.combined = generated, combined
-        plan.cached_generated += generated is not None
-        plan.cached_combined += combined is not None
-        if needs_generated:
+        plan.cached_generated += item.generated is not None and item.vision is None
+        plan.cached_combined += item.combined is not None and item.merge is None
+        if item.vision:
             plan.to_generate.append(item)
-        if needs_combined:
+        if item.merge:
             plan.to_combine.append(item)
     return plan
+
+
+def decide(item: Item, cfg: Config, plan: Plan) -> None:
+    """The one decision per item: what is redone and why, what is kept as a hand edit, what is adopted."""
+    records, settings = plan.records, plan.settings
+    try:
+        item.stamp = image_stamp(item.image)
+    except OSError as e:
+        raise ItemError(f"cannot read: {e.strerror or e}") from e
+    gen = inspect_cache(records, item.generated_path)
+    try:
+        item.manual, item.manual_sha = read_caption(item.caption_path)
+    except ItemError:
+        if gen.sha is None and cfg.cache_generated:  # caption the image now; merge once the caption is fixed
+            item.vision = REASON_MISSING
+        raise
+    comb = inspect_cache(records, item.combined_path)
+    item.generated, item.generated_sha = gen.text, gen.sha
+    item.combined, item.combined_sha = comb.text, comb.sha
+    refresh = cfg.refresh != "none"
+
+    if gen.sha is not None:
+        if cfg.overwrite in ("generated", "all"):
+            item.vision = REASON_OVERWRITE
+        elif gen.status == EDITED:
+            item.kept += (KIND_GENERATED,)
+        elif gen.status == UNRECORDED:
+            adopt(plan, item, item.generated_path, Record(gen.sha, settings.vision_id, image=item.stamp))
+        elif refresh:
+            item.vision = stale_vision(gen.record, item, cfg, settings)
+    if item.vision:
+        item.generated = None  # it is being made again: nothing downstream may use the old text
+
+    if comb.sha is None:
+        item.merge = REASON_MISSING
+    elif cfg.overwrite in ("combined", "all"):
+        item.merge = REASON_OVERWRITE
+    elif comb.status == EDITED:
+        item.kept += (KIND_COMBINED,)
+    elif comb.status == UNRECORDED:
+        record = Record(comb.sha, settings.merge_id, image=item.stamp, manual=item.manual_sha,
+                        generated=item.generated_sha)
+        adopt(plan, item, item.combined_path, record)
+        if refresh:  # adopted as it stands now, but a vision caption being made again may still change it
+            stale_merge(record, item, cfg, settings)
+    elif refresh:
+        stale_merge(comb.record, item, cfg, settings)
+
+    if item.merge and item.merge_unless is None and item.generated is None and not item.vision:
+        if gen.error:  # a hand-edited vision caption that cannot be read: never replaced, so no merge either
+            item.merge = None
+            raise ItemError(f"{gen.error}; re-save it as UTF-8 (or delete it to caption the image again)")
+        item.vision = REASON_MISSING  # the merge needs a vision caption that is not there
+
+
+def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
+    if record.image != item.stamp:
+        return REASON_IMAGE
+    if cfg.refresh == "settings" and record.settings != settings.vision_id:
+        return REASON_SETTINGS
+    return None
+
+
+def stale_merge(record: Record, item: Item, cfg: Config, settings: Settings) -> None:
+    """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
+    the merge waits for it: it is redone only if the new caption differs from the one it was made from."""
+    if record.manual != item.manual_sha:
+        item.merge = REASON_MANUAL
+    elif item.vision is None and item.generated_sha is not None and record.generated != item.generated_sha:
+        item.merge = REASON_GENERATED
+    elif cfg.refresh == "settings" and record.settings != settings.merge_id:
+        item.merge = REASON_SETTINGS
+    elif item.vision is not None:
+        item.merge, item.merge_unless = item.vision, record.generated
+    elif item.generated_sha is None and record.image != item.stamp:  # vision caption deleted, image replaced
+        item.vision = REASON_IMAGE
+        item.merge, item.merge_unless = REASON_IMAGE, record.generated
+
+
+def adopt(plan: Plan, item: Item, path: Path, record: Record) -> None:
+    """A cache without a record (an earlier version, another tool) is taken as it is, and recorded as it is now."""
+    plan.adopt.append((path, dataclasses.replace(record, adopted=True)))
+    item.adopted += (KIND_GENERATED if path == item.generated_path else KIND_COMBINED,)
 
 
 def my_share(state, items: list[Item]) -> list[Item]:
@@ -1378,13 +1765,24 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     chat = None
     llm_stage: AsyncStage | None = None
     llm_progress = reporter.progress("llm", n_llm)
+    records, settings = plan.records, plan.settings
+    commit: str | None = None  # the vision model's resolved revision, once it is loaded
+
+    def keep_caption(item: Item, text: str) -> None:
+        """A new vision caption: cached with its record (when caching), then on to the merge."""
+        item.generated, item.generated_sha = text, digest(cache_bytes(text))
+        if cfg.cache_generated:
+            write_cache(records, item.generated_path, text, Record("", settings.vision_id, image=item.stamp,
+                                                                   commit=commit), settings.vision)
+        forward(item)
 
     async def merge(item: Item) -> None:
-        manual = read_text(item.caption_path)
+        manual = item.manual
         text = await complete_item(chat, lambda reminder: llm_messages(item, cfg.system_prompt, manual, reminder),
                                    cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
-        await asyncio.to_thread(atomic_write, item.combined_path, text)  # an fsync must not stall the loop
-        item.combined = text
+        record = Record("", settings.merge_id, image=item.stamp, manual=item.manual_sha, generated=item.generated_sha)
+        await asyncio.to_thread(write_cache, records, item.combined_path, text, record, settings.merge)
+        item.combined = text  # (the thread above: an fsync must not stall the loop)
         reporter.detail(f"merged {item.image}")
 
     def start_llm() -> AsyncStage:
@@ -1396,8 +1794,13 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
         return stage
 
     def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
-        if llm_stage is not None and id(item) in to_combine:
+        if llm_stage is None or id(item) not in to_combine:
+            return
+        if item.wants_merge():
             llm_stage.submit(item)
+        else:  # the vision caption came out as before: the merge made from it stands, for the new image too
+            unchanged_merge(records, item)
+            llm_progress.update()
 
     # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
     overlap = cfg.overlap and not cfg.local_llm
@@ -1407,10 +1810,11 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
         if vision_items:
             vision_progress = reporter.progress("vision", len(vision_items))
             if cfg.vlm_base_url:
-                caption_served(cfg, state, events, vision_items, stats, vision_progress, stop, forward)
+                caption_served(cfg, state, events, vision_items, stats, vision_progress, stop, keep_caption)
             else:
                 captioner = make_captioner(cfg, state.device)
-                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, forward)
+                commit = getattr(captioner.model.config, "_commit_hash", None)
+                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, keep_caption)
                 captioner = None
                 release_memory()
             vision_progress.close()
@@ -1434,8 +1838,15 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     return stats
 
 
+def unchanged_merge(records: Records, item: Item) -> None:
+    """Record that the merged caption now stands for the new image (its vision caption did not change)."""
+    _, record = records.match(item.combined_path, item.combined_sha)
+    if record is not None:
+        records.write(item.combined_path, dataclasses.replace(record, image=item.stamp))
+
+
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[Item], stats: Stats,
-                   progress: Progress, stop: threading.Event, on_caption: Callable[[Item], None]) -> None:
+                   progress: Progress, stop: threading.Event, keep: Callable[[Item, str], None]) -> None:
     """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
     chat = make_vision_chat(cfg, state)
     prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
@@ -1444,10 +1855,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[
         url = await asyncio.to_thread(image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, lambda _: messages, cfg.max_retries)
-        if cfg.cache_generated:
-            await asyncio.to_thread(atomic_write, item.generated_path, text)
-        item.generated = text
-        on_caption(item)
+        await asyncio.to_thread(keep, item, text)
 
     stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop)
     for item in items:
@@ -1551,6 +1959,53 @@ def check_local_model(cfg: Config) -> None:
         raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
 
+def adopt_unrecorded(plan: Plan) -> str | None:
+    """Record the caches found without a record, as they are now (main process, once the lock is ours)."""
+    try:
+        for path, record in plan.adopt:
+            plan.records.write(path, record, None)
+    except OSError as e:
+        return f"cannot write the records in {plan.records.folder}: {e.strerror or e}"
+    return None
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """What planning decided, counted by reason."""
+    vision = collections.Counter(i.vision for i in plan.to_generate)
+    merge = collections.Counter(i.merge for i in plan.to_combine)
+    kept = collections.Counter(k for i in plan.items for k in i.kept)
+    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
+    stale = vision + merge
+    conditional = sum(i.merge_unless is not None for i in plan.to_combine)
+
+    def breakdown(counter) -> str:
+        return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
+
+    lines = [
+        f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
+        f"  to merge: {len(plan.to_combine)} ({breakdown(merge)})"
+        + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
+        "  stale: " + ", ".join(f"{stale[why]} {why}" for why in
+                                (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED, REASON_SETTINGS)),
+        f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
+        f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})",
+    ]
+    return lines
+
+
+def plan_items(plan: Plan) -> Iterable[str]:
+    """What planning decided for each item that is not simply current (-v)."""
+    for item in plan.items:
+        if item.vision:
+            yield f"    caption {item.image}: {item.vision}"
+        if item.merge:
+            yield f"    merge {item.image}: {item.merge}"
+        for kind in item.kept:
+            yield f"    kept {getattr(item, kind + '_path')}: edited by hand"
+        for kind in item.adopted:
+            yield f"    adopted {getattr(item, kind + '_path')}"
+
+
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
     """What a run would do, without loading a model or calling anything."""
     from PIL import Image
@@ -1565,17 +2020,14 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
     prompt_tokens = 0
     for item in plan.to_combine:
-        try:
-            manual = read_text(item.caption_path)
-        except ItemError as e:
-            problems.append(Failure(str(item.caption_path), STAGE_INPUT, str(e)))
-            manual = None
         generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
-        prompt_tokens += estimate_tokens(cfg.system_prompt + build_user_message(manual, "")) + generated
+        prompt_tokens += estimate_tokens(cfg.system_prompt + build_user_message(item.manual, "")) + generated
     lines = [
-        f"dry run: {len(plan.items)} images under {cfg.dataset_dir}",
+        f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
         f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
+        *plan_lines(plan),
+        *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(plan.to_combine) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
     ]
@@ -1587,6 +2039,7 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     lines = [f"{stage}: {c['done']} done, {cached[stage]} from cache, {c['failed']} failed"
              for stage, c in stats.counts.items()]
+    lines += plan_lines(plan)
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
         lines.append(f"input: {inputs} skipped")
@@ -1658,8 +2111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
     g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
     g.add_argument("--limit", type=int, help="process only the first N images that need work")
+    g.add_argument("--refresh", choices=REFRESH_MODES, default="inputs",
+                   help="inputs: redo a cache whose inputs changed since it was made (manual caption, image, "
+                        "hand-edited vision caption); settings: also one made with other settings (models, "
+                        "prompts, generation settings); none: trust every existing cache")
     g.add_argument("--overwrite", choices=["generated", "combined", "all"],
-                   help="recompute these caches even where they exist")
+                   help="recompute these caches even where they exist, hand edits included")
     g.add_argument("--dry_run", action="store_true", help="show what a run would do; load nothing, call nothing")
 
     g = p.add_argument_group("vision model")
@@ -1766,6 +2223,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         repetition_penalty=args.repetition_penalty, dtype=args.dtype, attn_implementation=args.attn_implementation,
         device_map=args.device_map, quantization=args.quantization, max_retries=args.max_retries,
         timeout=args.timeout, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
+        refresh=args.refresh,
         dry_run=args.dry_run, export=args.export, report=args.report,
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
     )
@@ -1823,6 +2281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plan.stale:  # the lock is ours: no other run is writing these
                 with contextlib.suppress(OSError):
                     path.unlink()
+            error = adopt_unrecorded(plan)
         if error is None and not plan.items and state.is_main_process:
             error = f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
         if cfg.dry_run:
@@ -1846,6 +2305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.info(f"vision: {vision}; merge: {backend}")
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
+        for line in plan_items(plan):
+            reporter.detail(line)
         stop = threading.Event()
         stats = Stats()
         with stop_on_signals(stop, stats, reporter):
@@ -1868,7 +2329,10 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
             total.merge(part)
         stats = total
     stats.failures[:0] = plan.failures
+    plan.records.close()
     if state.is_main_process:
+        with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
+            plan.records.compact()
         for line in summary_lines(plan, stats):
             print(line, file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
