@@ -35,6 +35,7 @@ Map of this file, top to bottom:
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     stages                     the vision loop, the async LLM stage, overlap or one after the other
     run()                      orchestration for one process
+    training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
     CLI                        build_parser(), main()
 """
 from __future__ import annotations
