@@ -35,6 +35,7 @@ Map of this file, top to bottom:
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     stages                     the vision loop, the async LLM stage, overlap or one after the other
     run()                      orchestration for one process
+    training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
     CLI                        build_parser(), main()
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import csv
 import dataclasses
 import gc
 import hashlib
@@ -156,6 +158,11 @@ class Config:
     refresh: str = "inputs"
     dry_run: bool = False
     export: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    max_caption_tokens: int | None = None
+    caption_tokenizer: str | None = None
+    audit: bool = False
     report: Path | None = None
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
 
@@ -2053,28 +2060,445 @@ def write_report(path: Path, failures: Iterable[Failure]) -> None:
     atomic_write(path, "\n".join(json.dumps(dataclasses.asdict(f), ensure_ascii=False) for f in failures))
 
 
-def write_export(cfg: Config, plan: Plan) -> int:
-    """A Hugging Face imagefolder metadata.jsonl at the dataset root: every image with a combined caption."""
-    target = Path(cfg.export)
-    if not target.is_absolute():
-        target = cfg.dataset_dir / target
+def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = None) -> int:
+    """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
+    metadata.csv (Hugging Face imagefolder, at the dataset root) or *.json (kohya fine-tuning metadata)."""
+    target, fmt = export_target(cfg), export_format(cfg.export)
     rows = []
     for item in plan.items:
-        text = read_cache(item.combined_path)
-        if text is None:
+        captions = export_captions(item)
+        if captions is None:
             continue
-        try:
-            manual = read_text(item.caption_path)
-        except ItemError:
-            manual = None
-        rows.append(json.dumps({
-            "file_name": item.image.relative_to(cfg.dataset_dir).as_posix(),
-            "text": text,
-            "manual": manual or "",
-            "generated": read_cache(item.generated_path) or item.generated or "",
-        }, ensure_ascii=False))
-    atomic_write(target, "\n".join(rows))
+        key = export_key(item, cfg, fmt)
+        if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
+            (warn or print_stderr)(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
+                                   "rename it")
+            continue
+        rows.append((key, caption_columns(fmt, captions) | extra_columns(item, fmt)))
+    atomic_write(target, EXPORT_WRITERS[fmt](rows))
     return len(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Captions a trainer can use as they are: length budgets, fixed text, trainer formats, audit
+# --------------------------------------------------------------------------------------------
+
+
+def load_caption_tokenizer(name: str):
+    """The trainer's text tokenizer (a Hub id or a folder), so that a caption is measured the way it will be cut."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise UsageError(f"cannot load --caption_tokenizer {name}: {first_line(e)}") from e
+
+
+def count_caption_tokens(tokenizer, text: str) -> int:
+    """The caption's length as the trainer counts it, start and end tokens included: CLIP's 77 positions hold
+    <|startoftext|>, 75 tokens and <|endoftext|> (kohya's --max_token_length 75 is 77 here), T5's 512 hold its </s>."""
+    # verbose=False: a caption over model_max_length is what is being measured here, not a mistake to warn about
+    return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+
+
+def caption_counter(cfg: Config) -> Callable[[str], int] | None:
+    """count(text) with --caption_tokenizer, or None without a --max_caption_tokens budget."""
+    if not cfg.max_caption_tokens:
+        return None
+    tokenizer = load_caption_tokenizer(cfg.caption_tokenizer)
+    return lambda text: count_caption_tokens(tokenizer, text)
+
+
+def budget_problem(text: str, budget: int, count: Callable[[str], int], what: str = "reply") -> str | None:
+    """Why a caption is too long for the trainer, or None when it fits."""
+    tokens = count(text)
+    return f"{what} is {tokens} tokens, the limit is {budget}" if tokens > budget else None
+
+
+def caption_parts(text: str) -> list[str]:
+    """The comma-separated parts of a caption, as kohya's shuffle and --keep_tokens split it."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def join_caption(parts: Iterable[str]) -> str:
+    """Parts joined by commas, so each stays a part of its own; after a finished sentence a space is enough."""
+    text = ""
+    for part in (p.strip() for p in parts):
+        if part:
+            text = part if not text else text + (" " if text[-1] in ".!?:;" else ", ") + part
+    return text
+
+
+def same_text(a: str, b: str) -> bool:
+    return a.casefold() == b.casefold()
+
+
+def word_at(text: str, start: int, end: int) -> bool:
+    """text[start:end] is whole words: no letter or digit runs on into it from either side."""
+    return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())
+
+
+def starts_with(text: str, part: str) -> bool:
+    return same_text(text[:len(part)], part) and word_at(text, 0, len(part))
+
+
+def ends_with(text: str, part: str) -> bool:
+    """At the end, in any case; a closing full stop does not count."""
+    text = text.rstrip(" .")
+    return len(text) >= len(part) and same_text(text[-len(part):], part) and word_at(text, len(text) - len(part),
+                                                                                      len(text))
+
+
+def without_comma_part(text: str, part: str) -> str:
+    parts = caption_parts(text)
+    kept = [p for p in parts if not same_text(p, part)]
+    return ", ".join(kept) if len(kept) < len(parts) else text
+
+
+def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str] = ()) -> str:
+    """The fixed --prefix first, in front of the --keep_tokens parts, and the --suffix last, each exactly once and
+    spelt as given: a reply that has one already, in any case, at its start or end stays as it is; one that has it as
+    a comma part elsewhere gets it moved there rather than doubled. A suffix that is itself a kept part stays in front
+    with the kept parts."""
+    if prefix:
+        if starts_with(text, prefix):
+            text = prefix + text[len(prefix):]
+        else:
+            text = join_caption([prefix, without_comma_part(text, prefix)])
+    if suffix and not any(same_text(suffix, part) for part in kept_parts):
+        if ends_with(text, suffix):
+            text = text.rstrip(" .")[:-len(suffix)] + suffix
+        else:
+            text = join_caption([without_comma_part(text, suffix), suffix])
+    return text
+
+
+def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
+    """What leads every caption and is never cut: the prefix, then the kept parts, each once."""
+    head: list[str] = []
+    for part in ([prefix] if prefix else []) + list(kept_parts):
+        if part and not any(same_text(part, h) for h in head):
+            head.append(part)
+    return head
+
+
+def shorter_bodies(body: str) -> list[str]:
+    """Cuts of body, longest first: after a sentence or before a comma; at a word only where no such cut is left."""
+    clauses = [body[:m.end()] for m in re.finditer(r"[.!?](?=\s|$)", body)]
+    clauses += [body[:m.start()] for m in re.finditer(",", body)]
+    clauses = sorted({c.strip(" ,;:") for c in clauses} - {""}, key=len, reverse=True)
+    words = {body[:m.start()].strip(" ,;:") for m in re.finditer(r"\s+", body)} - set(clauses) - {""}
+    return clauses + sorted(words, key=len, reverse=True)
+
+
+def fit_to_budget(text: str, kept_parts: Sequence[str], budget: int, count: Callable[[str], int],
+                  prefix: str = "", suffix: str = "") -> str:
+    """A caption of at most `budget` tokens: the prefix and kept parts intact at the front, the suffix at the end, and
+    the description between them cut at its last sentence or comma boundary that fits. A trainer would cut it at
+    the budget wherever that falls, kept tokens and suffix included."""
+    if count(text) <= budget:
+        return text
+    head = budget_head(kept_parts, prefix)
+    body = text
+    for part in head:  # in front already (as apply_affixes leaves them), or else taken out of where they are
+        body = body[len(part):].lstrip(" ,;:") if starts_with(body, part) else without_comma_part(body, part)
+    if suffix:
+        body = body.rstrip(" .")[:-len(suffix)].rstrip(" ,;:") if ends_with(body, suffix) else \
+            without_comma_part(body, suffix)
+    for cut in shorter_bodies(body):
+        candidate = join_caption([*head, cut, suffix])
+        if count(candidate) <= budget:
+            return candidate
+    return join_caption([*head, suffix])  # may still be over: budget_problem says so
+
+
+def training_caption(text: str, kept_parts: Sequence[str], cfg: Config,
+                     count: Callable[[str], int] | None = None) -> str:
+    """A cleaned reply as the trainer gets it: the fixed text added, then cut to the token budget."""
+    text = apply_affixes(text, cfg.prefix, cfg.suffix, kept_parts)
+    if count is not None and cfg.max_caption_tokens:
+        text = fit_to_budget(text, kept_parts, cfg.max_caption_tokens, count, cfg.prefix, cfg.suffix)
+    return text
+
+
+IMAGEFOLDER_NAMES = {"metadata.jsonl": "jsonl", "metadata.csv": "csv"}  # the names Hugging Face imagefolder looks for
+
+
+def export_format(path: str) -> str:
+    """The trainer format that an --export file name stands for: jsonl, csv or kohya."""
+    name = Path(path).name
+    if name in IMAGEFOLDER_NAMES:
+        return IMAGEFOLDER_NAMES[name]
+    if name.lower().endswith(".json"):
+        return "kohya"
+    raise UsageError(f"--export {path}: unknown format; name it metadata.jsonl or metadata.csv (Hugging Face "
+                     "imagefolder) or NAME.json (kohya fine-tuning metadata)")
+
+
+def export_target(cfg: Config) -> Path:
+    target = Path(cfg.export).expanduser()
+    return target if target.is_absolute() else cfg.dataset_dir / target
+
+
+def export_captions(item: Item) -> dict[str, str] | None:
+    """The finished captions of one image by variant name ("" for the combined caption); None when it has none."""
+    text = read_cache(item.combined_path)
+    return None if text is None else {"": text}
+
+
+def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
+    """Variant names as the format's columns: text, text_short for imagefolder; caption, caption_short for kohya."""
+    base = "caption" if fmt == "kohya" else "text"
+    return {base + (f"_{name}" if name else ""): text for name, text in captions.items()}
+
+
+def extra_columns(item: Item, fmt: str) -> dict[str, str]:
+    """imagefolder rows also carry both inputs of the merge; kohya reads "caption" (and would append "tags")."""
+    if fmt == "kohya":
+        return {}
+    try:
+        manual = read_text(item.caption_path)
+    except ItemError:
+        manual = None
+    return {"manual": manual or "", "generated": read_cache(item.generated_path) or item.generated or ""}
+
+
+def export_key(item: Item, cfg: Config, fmt: str) -> str:
+    """imagefolder: the path relative to the metadata file's folder, the dataset root, with forward slashes.
+    kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py --full_path);
+    a bare stem would be searched for in one image_dir only, so images in subfolders would not be found."""
+    if fmt == "kohya":
+        return str(item.image)
+    return item.image.relative_to(cfg.dataset_dir).as_posix()
+
+
+def is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def print_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def jsonl_export(rows: list[tuple[str, dict[str, str]]]) -> str:
+    return "\n".join(json.dumps({"file_name": key, **columns}, ensure_ascii=False) for key, columns in rows)
+
+
+def csv_export(rows: list[tuple[str, dict[str, str]]]) -> str:
+    names = ["file_name"] + list(dict.fromkeys(name for _, columns in rows for name in columns))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, restval="", lineterminator="\n")
+    writer.writeheader()
+    for key, columns in rows:
+        writer.writerow({"file_name": key, **columns})
+    return buffer.getvalue()
+
+
+def kohya_export(rows: list[tuple[str, dict[str, str]]]) -> str:
+    return json.dumps(dict(rows), ensure_ascii=False, indent=2)
+
+
+EXPORT_WRITERS = {"jsonl": jsonl_export, "csv": csv_export, "kohya": kohya_export}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One thing in a finished dataset that would hurt training."""
+
+    path: str
+    kind: str
+    detail: str
+
+
+STOP_WORDS = frozenset(
+    "a an the and or but of in on at to with without by for from as into onto over under near its it his her their "
+    "this that these those is are was were be been being has have there here very some".split()
+)
+WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
+PHRASE_SHARE = 0.8  # a phrase in this share of the captions teaches the model nothing about any one image
+PHRASE_MIN_CAPTIONS = 5  # in fewer captions than this, every shared phrase is "in 80% of them"
+LOOP_REPEATS = 3
+
+
+def phrase_words(text: str) -> list[list[str]]:
+    """The caption's words in lower case, one list per clause: a phrase does not run across a comma or a full stop."""
+    return [WORD.findall(clause) for clause in re.split(r"[,.;:!?]", text.casefold())]
+
+
+def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
+    grams = set()
+    for words in phrase_words(text):
+        for n in sizes:
+            grams.update(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+    return grams
+
+
+def common_phrases(texts: Sequence[str], fixed: Iterable[str]) -> list[tuple[str, int]]:
+    """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
+    suffix) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
+    overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a watercolor")."""
+    if len(texts) < PHRASE_MIN_CAPTIONS:
+        return []
+    fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
+    counts = collections.Counter(gram for text in texts for gram in word_ngrams(text))
+    found: list[str] = []
+    for gram, n in sorted(counts.items(), key=lambda kv: (-len(kv[0].split()), kv[0])):
+        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= STOP_WORDS:
+            continue
+        if any(f" {gram} " in f for f in fixed_words) or any(f" {gram} " in f" {longer} " for longer in found):
+            continue
+        found.append(gram)
+    clauses = [[f" {' '.join(words)} " for words in phrase_words(text)] for text in texts]
+    return [(phrase, sum(any(f" {phrase} " in c for c in cs) for cs in clauses)) for phrase in chain_phrases(found)]
+
+
+def chain_phrases(grams: list[str]) -> list[str]:
+    """Join phrases of one length that overlap in all but one word: "a b c d" and "b c d e" make "a b c d e"."""
+    chains = []
+    for size in sorted({len(g.split()) for g in grams}, reverse=True):
+        group = [g.split() for g in grams if len(g.split()) == size]
+        while group:
+            chain, grown = group.pop(0), True
+            while grown:
+                grown = False
+                for other in group:
+                    if chain[1 - size:] == other[:size - 1]:
+                        chain, grown = chain + other[size - 1:], True
+                    elif other[1 - size:] == chain[:size - 1]:
+                        chain, grown = other + chain[size - 1:], True
+                    if grown:
+                        group.remove(other)
+                        break
+            chains.append(" ".join(chain))
+    return chains
+
+
+def find_loop(text: str) -> str | None:
+    """A sequence of 1-4 words repeated LOOP_REPEATS or more times in a row: a small vision model stuck in a loop."""
+    words = WORD.findall(text.casefold())
+    for i in range(len(words)):
+        for n in range(1, 5):
+            seq = words[i:i + n]
+            repeats = 1
+            while len(seq) == n and words[i + repeats * n:i + (repeats + 1) * n] == seq:
+                repeats += 1
+            if repeats >= LOOP_REPEATS:
+                return f'"{" ".join(seq)}" {repeats} times in a row'
+    return None
+
+
+def read_finished(path: Path) -> tuple[str | None, Finding | None]:
+    """A finished caption file's text, or the finding that it is missing, unreadable, empty or a refusal."""
+    try:
+        text = read_text(path)
+    except ItemError as e:
+        return None, Finding(str(path), "unreadable", str(e))
+    if text is None:
+        exists = path.exists()
+        return None, Finding(str(path), "empty" if exists else "missing",
+                             "blank file" if exists else "no combined caption yet (run without --audit to make it)")
+    problem = reply_problem(text, None)
+    if problem:
+        return None, Finding(str(path), "refusal" if problem.startswith("refusal") else "empty", problem)
+    return text, None
+
+
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None) -> list[Finding]:
+    """One combined caption against the trainer's settings: kept parts first, and within the token budget."""
+    findings, path = [], str(item.combined_path)
+    try:
+        manual = read_text(item.caption_path)
+    except ItemError:
+        manual = None  # the merge would fail on it as well and say why
+    kept = keep_token_parts(manual, cfg.keep_tokens)
+    lead = budget_head(kept, cfg.prefix)
+    missing = [part for part in kept if part not in text]
+    if missing:
+        findings.append(Finding(path, "keep_tokens", f"missing kept parts {missing}"))
+    elif lead and [p.casefold() for p in caption_parts(text)[:len(lead)]] != [p.casefold() for p in lead]:
+        findings.append(Finding(path, "keep_tokens", f"does not start with the kept parts {', '.join(lead)!r}"))
+    if count is not None:
+        problem = budget_problem(text, cfg.max_caption_tokens, count, what="caption")
+        if problem:
+            findings.append(Finding(path, "over_budget", problem))
+    return findings
+
+
+def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
+    """Everything in the finished captions that would hurt training; reads files only, calls nothing."""
+    findings = [Finding(f.path, "input", f.error) for f in plan.failures]
+    texts: list[tuple[Item, str]] = []
+    fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+    for item in plan.items:
+        text, problem = read_finished(item.combined_path)
+        if problem:
+            findings.append(problem)
+        else:
+            texts.append((item, text))
+            findings += audit_item(item, cfg, text, count)
+        with contextlib.suppress(ItemError):
+            fixed += keep_token_parts(read_text(item.caption_path), cfg.keep_tokens)
+        problem = generated_finding(item)
+        if problem:
+            findings.append(problem)
+    findings += duplicate_findings(cfg, texts)
+    findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
+                 for gram, n in common_phrases([text for _, text in texts], fixed)]
+    return findings
+
+
+def generated_finding(item: Item) -> Finding | None:
+    """A vision caption that a loop or a refusal spoilt: the merge carries its flaw into the combined caption."""
+    text = read_cache(item.generated_path)
+    if text is None:
+        return None
+    if REFUSAL.match(text):
+        return Finding(str(item.generated_path), "refusal", f"refusal: {text[:60]!r}")
+    loop = find_loop(text)
+    return Finding(str(item.generated_path), "loop", loop) if loop else None
+
+
+def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[Finding]:
+    """Different images with the same caption teach the trainer that they look the same."""
+    groups = collections.defaultdict(list)
+    for item, text in texts:
+        groups[" ".join(text.casefold().split())].append(item)
+    findings = []
+    for group in (g for g in groups.values() if len(g) > 1):
+        for item in group:
+            others = ", ".join(o.image.relative_to(cfg.dataset_dir).as_posix() for o in group if o is not item)
+            findings.append(Finding(str(item.combined_path), "duplicate", f"same caption as {others}"))
+    return findings
+
+
+def audit_lines(cfg: Config, plan: Plan, findings: Sequence[Finding]) -> list[str]:
+    kinds = collections.Counter(f.kind for f in findings)
+    lines = [f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings"]
+    lines += [f"  {kind}: {n}" for kind, n in sorted(kinds.items())]
+    lines += [f"{f.kind} {f.path}: {f.detail}" for f in findings]
+    return lines
+
+
+def run_audit(cfg: Config) -> int:
+    """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
+    try:
+        count = caption_counter(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    plan = plan_work(cfg)
+    if not plan.items:
+        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    findings = audit_dataset(cfg, plan, count)
+    print("\n".join(audit_lines(cfg, plan, findings)))
+    if cfg.report:
+        write_report(cfg.report, findings)
+    return EXIT_FAILED if findings else EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------
@@ -2165,11 +2589,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--cache_generated_captions_to_disk", action=argparse.BooleanOptionalAction, default=True,
                    help="write {stem}_generated.txt; when off, generated captions live only in memory for this run")
-    g.add_argument("--export", help="after the run write this imagefolder metadata file at the dataset root, "
-                                    "e.g. metadata.jsonl")
+    g.add_argument("--export", help="after the run write the captions for a trainer, the format chosen by the name: "
+                                    "metadata.jsonl or metadata.csv (Hugging Face imagefolder, at the dataset root), "
+                                    "NAME.json (kohya fine-tuning metadata, keyed by full path)")
     g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error)")
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
+
+    g = p.add_argument_group("training captions")
+    g.add_argument("--prefix", metavar="TEXT", help="fixed text at the start of every combined caption, before the "
+                                                "--keep_tokens parts (e.g. a trigger word); never doubled")
+    g.add_argument("--suffix", metavar="TEXT", help="fixed text at the end of every combined caption; never doubled")
+    g.add_argument("--max_caption_tokens", type=int, metavar="N",
+                   help="the trainer's caption limit in tokens of --caption_tokenizer, start and end tokens included "
+                        "(CLIP: 77, kohya --max_token_length N: N+2, T5: 512)")
+    g.add_argument("--caption_tokenizer", metavar="ID_OR_PATH", help="the trainer's text tokenizer, Hub id or folder "
+                                               "(e.g. openai/clip-vit-large-patch14)")
+    g.add_argument("--audit", action="store_true",
+                   help="check the finished captions for what would hurt training (kept parts, length, duplicates, "
+                        "refusals, phrases in every caption, vision loops); loads no model, calls nothing; exit 1 "
+                        "when something is found")
     return p
 
 
@@ -2208,6 +2647,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
     extension = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
+    check_training_args(args, folder)
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
@@ -2226,7 +2666,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
         refresh=args.refresh,
         dry_run=args.dry_run, export=args.export, report=args.report,
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
+        prefix=(args.prefix or "").strip(" ,"), suffix=(args.suffix or "").strip(" ,"),
+        max_caption_tokens=args.max_caption_tokens,
+        caption_tokenizer=args.caption_tokenizer, audit=args.audit,
     )
+
+
+def check_training_args(args: argparse.Namespace, folder: Path) -> None:
+    """The training-caption flags: a budget needs its tokenizer, an export a format its trainer reads."""
+    if args.max_caption_tokens is not None and args.max_caption_tokens < 1:
+        raise UsageError("--max_caption_tokens must be at least 1")
+    if args.max_caption_tokens and not args.caption_tokenizer:
+        raise UsageError("--max_caption_tokens needs --caption_tokenizer (the trainer's tokenizer, to count with)")
+    if args.caption_tokenizer and not args.max_caption_tokens:
+        raise UsageError("--caption_tokenizer needs --max_caption_tokens (the limit to count against)")
+    if args.export:
+        fmt = export_format(args.export)
+        target = Path(args.export).expanduser()
+        if fmt != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
+            raise UsageError(f"--export {args.export}: Hugging Face imagefolder reads {target.name} from the dataset "
+                             f"folder; give the name only")
 
 
 def make_state():
@@ -2265,6 +2724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
+        return run_audit(cfg)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process)
     lock = DatasetLock(cfg.dataset_dir)
@@ -2338,7 +2799,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
         if cfg.report:
             write_report(cfg.report, stats.failures)
         if cfg.export and not stats.fatal:
-            count = write_export(cfg, plan)
+            count = write_export(cfg, plan, reporter.warn)
             reporter.info(f"exported {count} captions to {cfg.export}")
     return stats.exit_code()
 
