@@ -1613,7 +1613,9 @@ def plan_work(cfg: Config) -> Plan:
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
-    records = Records(cfg.dataset_dir).load()
+    records = Records(cfg.dataset_dir)
+    if cfg.refresh != "none":  # --refresh none trusts every cache as it is: no record is needed to judge one
+        records.load()
     plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
     budget = cfg.limit
     for item in items:
@@ -1658,11 +1660,13 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
     if gen.sha is not None:
         if cfg.overwrite in ("generated", "all"):
             item.vision = REASON_OVERWRITE
+        elif not refresh:
+            pass
         elif gen.status == EDITED:
             item.kept += (KIND_GENERATED,)
         elif gen.status == UNRECORDED:
             adopt(plan, item, item.generated_path, Record(gen.sha, settings.vision_id, image=item.stamp))
-        elif refresh:
+        else:
             item.vision = stale_vision(gen.record, item, cfg, settings)
     if item.vision:
         item.generated = None  # it is being made again: nothing downstream may use the old text
@@ -1671,15 +1675,16 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         item.merge = REASON_MISSING
     elif cfg.overwrite in ("combined", "all"):
         item.merge = REASON_OVERWRITE
+    elif not refresh:
+        pass
     elif comb.status == EDITED:
         item.kept += (KIND_COMBINED,)
     elif comb.status == UNRECORDED:
         record = Record(comb.sha, settings.merge_id, image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
         adopt(plan, item, item.combined_path, record)
-        if refresh:  # adopted as it stands now, but a vision caption being made again may still change it
-            stale_merge(record, item, cfg, settings)
-    elif refresh:
+        stale_merge(record, item, cfg, settings)  # adopted as it is now; a vision caption made again may change it
+    else:
         stale_merge(comb.record, item, cfg, settings)
 
     if item.merge and item.merge_unless is None and item.generated is None and not item.vision:
