@@ -125,6 +125,8 @@ class Config:
     revision: str = "main"
     trust_remote_code: bool = False
     system_prompt: str = ""
+    variants: tuple[tuple[str, str], ...] = ()  # (name, system prompt) per --variant
+    write_captions: str | None = None  # also write each combined caption to {stem}EXT for the trainer
     vlm_system_prompt: str | None = None
     base_url: str | None = None
     model: str = "llama-3.3-70b-versatile"
@@ -174,17 +176,14 @@ class Item:
     image: Path
     caption_path: Path
     generated: str | None = None
-    combined: str | None = None
     manual: str | None = None         # the manual caption, read once, at planning
     manual_sha: str | None = None
     generated_sha: str | None = None  # hash of the vision caption's bytes, as cached (or as it would be)
-    combined_sha: str | None = None
     stamp: str | None = None          # image_stamp() at planning
     vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
-    merge: str | None = None          # why the merge is made this run, or None
-    merge_unless: str | None = None   # merge only if the new vision caption's hash differs from this one
-    kept: tuple[str, ...] = ()        # caches edited by hand, kept as they are
-    adopted: tuple[str, ...] = ()     # caches found without a record, taken as they are
+    merges: list[Merge] = dataclasses.field(default_factory=list)  # the default merge, then one per --variant
+    kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
+    adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
 
     @property
     def base(self) -> Path:
@@ -198,9 +197,46 @@ class Item:
     def combined_path(self) -> Path:
         return self.base.parent / (self.base.name + COMBINED_SUFFIX)
 
-    def wants_merge(self) -> bool:
+    def cache_path(self, kind: str) -> Path:
+        """generated -> {stem}_generated.txt, combined -> {stem}_combined.txt, combined_NAME -> {stem}_combined_NAME.txt"""
+        return self.base.parent / f"{self.base.name}_{kind}.txt"
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A merged caption made for every image: the default one (no name), and one per --variant NAME=FILE."""
+
+    name: str
+    system_prompt: str
+
+    @property
+    def kind(self) -> str:
+        return KIND_COMBINED + (f"_{self.name}" if self.name else "")
+
+
+@dataclasses.dataclass(slots=True)
+class Merge:
+    """One merged caption of one image, and what planning decided for it."""
+
+    item: Item
+    variant: Variant
+    text: str | None = None
+    sha: str | None = None
+    reason: str | None = None         # why the merge is made this run (a REASON_*), or None
+    unless: str | None = None         # ...only if the new vision caption's hash differs from this one
+
+    @property
+    def path(self) -> Path:
+        return self.item.cache_path(self.variant.kind)
+
+    @property
+    def image(self) -> Path:  # the stages name the image in a failure
+        return self.item.image
+
+    def wanted(self) -> bool:
         """After the vision stage: a conditional merge happens only if the vision caption really changed."""
-        return self.merge is not None and (self.merge_unless is None or self.generated_sha != self.merge_unless)
+        return self.reason is not None and (self.unless is None or self.item.generated_sha != self.unless)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +284,7 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")  # also AppleDouble "._x.jpg" and our own temporary files
 
 
-STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined)\.txt\.[a-z0-9_]+\.tmp$")
+STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[a-z0-9_]+\.tmp$")
 
 
 def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
@@ -536,6 +572,7 @@ class Record:
     image: str | None = None      # image_stamp() of the image the caption was made from
     manual: str | None = None     # hash of the manual caption file's bytes (None: there was none)
     generated: str | None = None  # hash of the vision caption's bytes the merge was made from
+    combined: str | None = None   # hash of the combined caption's bytes a --write_captions file copies
     commit: str | None = None     # the vision model's resolved revision, when known
     adopted: bool = False         # found without a record and taken as it is
     made: str | None = None       # when the record was written
@@ -1537,20 +1574,18 @@ REASON_OVERWRITE = "--overwrite"
 REFRESH_MODES = ("inputs", "settings", "none")
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings:
     """The settings that change each kind of cache's text; a record keeps the id of those that made it."""
 
-    vision: dict
-    merge: dict
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant]):
+        self.variants = list(variants)
+        self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
+        self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
+        self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
 
-    @property
-    def vision_id(self) -> str:
-        return settings_id(KIND_GENERATED, self.vision)
 
-    @property
-    def merge_id(self) -> str:
-        return settings_id(KIND_COMBINED, self.merge)
+def variants_of(cfg: Config) -> list[Variant]:
+    return [Variant("", cfg.system_prompt)] + [Variant(name, prompt) for name, prompt in cfg.variants]
 
 
 def run_settings(cfg: Config) -> Settings:
@@ -1561,9 +1596,8 @@ def run_settings(cfg: Config) -> Settings:
                   "repetition_penalty": cfg.repetition_penalty}
     vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
     merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "system_prompt": digest(cfg.system_prompt.encode("utf-8")), "keep_tokens": cfg.keep_tokens,
-             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-    return Settings(vision, merge)
+             "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    return Settings(vision, merge, variants_of(cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1598,7 +1632,7 @@ def inspect_cache(records: Records, path: Path) -> CacheFile:
 class Plan:
     items: list[Item]
     to_generate: list[Item]
-    to_combine: list[Item]
+    to_combine: list[Merge]
     failures: list[Failure]
     stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
@@ -1606,6 +1640,7 @@ class Plan:
     records: Records | None = None
     settings: Settings | None = None
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
+    trainer_captions: collections.Counter | None = None  # --write_captions: written, current, kept
 
 
 def plan_work(cfg: Config) -> Plan:
@@ -1623,18 +1658,21 @@ def plan_work(cfg: Config) -> Plan:
             decide(item, cfg, plan)
         except ItemError as e:
             plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
-            item.merge = None  # the vision caption may still be made: the merge waits for the fix
-        if (item.vision or item.merge) and budget is not None:
+            for merge in item.merges:  # the vision caption may still be made: the merges wait for the fix
+                merge.reason = None
+        merges = [m for m in item.merges if m.reason]
+        if (item.vision or merges) and budget is not None:
             if budget <= 0:
-                item.vision = item.merge = None
+                item.vision, merges = None, []
+                for merge in item.merges:
+                    merge.reason = None
                 continue
             budget -= 1
         plan.cached_generated += item.generated is not None and item.vision is None
-        plan.cached_combined += item.combined is not None and item.merge is None
+        plan.cached_combined += sum(m.text is not None and m.reason is None for m in item.merges)
         if item.vision:
             plan.to_generate.append(item)
-        if item.merge:
-            plan.to_combine.append(item)
+        plan.to_combine += merges
     return plan
 
 
@@ -1646,15 +1684,14 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
     except OSError as e:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.generated_path)
+    item.merges = [Merge(item, variant) for variant in settings.variants]
     try:
         item.manual, item.manual_sha = read_caption(item.caption_path)
     except ItemError:
         if gen.sha is None and cfg.cache_generated:  # caption the image now; merge once the caption is fixed
             item.vision = REASON_MISSING
         raise
-    comb = inspect_cache(records, item.combined_path)
     item.generated, item.generated_sha = gen.text, gen.sha
-    item.combined, item.combined_sha = comb.text, comb.sha
     refresh = cfg.refresh != "none"
 
     if gen.sha is not None:
@@ -1665,33 +1702,40 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         elif gen.status == EDITED:
             item.kept += (KIND_GENERATED,)
         elif gen.status == UNRECORDED:
-            adopt(plan, item, item.generated_path, Record(gen.sha, settings.vision_id, image=item.stamp))
+            adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
             item.vision = stale_vision(gen.record, item, cfg, settings)
     if item.vision:
         item.generated = None  # it is being made again: nothing downstream may use the old text
 
-    if comb.sha is None:
-        item.merge = REASON_MISSING
+    for merge in item.merges:
+        decide_merge(merge, cfg, plan, refresh)
+
+    if item.generated is None and not item.vision and any(m.reason and m.unless is None for m in item.merges):
+        if gen.error:  # a hand-edited vision caption that cannot be read: never replaced, so no merge either
+            raise ItemError(f"{gen.error}; re-save it as UTF-8 (or delete it to caption the image again)")
+        item.vision = REASON_MISSING  # a merge needs a vision caption that is not there
+
+
+def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
+    item, settings = merge.item, plan.settings
+    found = inspect_cache(plan.records, merge.path)
+    merge.text, merge.sha = found.text, found.sha
+    if found.sha is None:
+        merge.reason = REASON_MISSING
     elif cfg.overwrite in ("combined", "all"):
-        item.merge = REASON_OVERWRITE
+        merge.reason = REASON_OVERWRITE
     elif not refresh:
         pass
-    elif comb.status == EDITED:
-        item.kept += (KIND_COMBINED,)
-    elif comb.status == UNRECORDED:
-        record = Record(comb.sha, settings.merge_id, image=item.stamp, manual=item.manual_sha,
+    elif found.status == EDITED:
+        item.kept += (merge.variant.kind,)
+    elif found.status == UNRECORDED:
+        record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
-        adopt(plan, item, item.combined_path, record)
-        stale_merge(record, item, cfg, settings)  # adopted as it is now; a vision caption made again may change it
+        adopt(plan, item, merge.variant.kind, record)
+        stale_merge(record, merge, cfg, settings)  # adopted as it is now; a vision caption made again may change it
     else:
-        stale_merge(comb.record, item, cfg, settings)
-
-    if item.merge and item.merge_unless is None and item.generated is None and not item.vision:
-        if gen.error:  # a hand-edited vision caption that cannot be read: never replaced, so no merge either
-            item.merge = None
-            raise ItemError(f"{gen.error}; re-save it as UTF-8 (or delete it to caption the image again)")
-        item.vision = REASON_MISSING  # the merge needs a vision caption that is not there
+        stale_merge(found.record, merge, cfg, settings)
 
 
 def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
@@ -1702,26 +1746,27 @@ def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) ->
     return None
 
 
-def stale_merge(record: Record, item: Item, cfg: Config, settings: Settings) -> None:
+def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -> None:
     """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
     the merge waits for it: it is redone only if the new caption differs from the one it was made from."""
+    item = merge.item
     if record.manual != item.manual_sha:
-        item.merge = REASON_MANUAL
+        merge.reason = REASON_MANUAL
     elif item.vision is None and item.generated_sha is not None and record.generated != item.generated_sha:
-        item.merge = REASON_GENERATED
-    elif cfg.refresh == "settings" and record.settings != settings.merge_id:
-        item.merge = REASON_SETTINGS
+        merge.reason = REASON_GENERATED
+    elif cfg.refresh == "settings" and record.settings != settings.merge_ids[merge.variant.name]:
+        merge.reason = REASON_SETTINGS
     elif item.vision is not None:
-        item.merge, item.merge_unless = item.vision, record.generated
+        merge.reason, merge.unless = item.vision, record.generated
     elif item.generated_sha is None and record.image != item.stamp:  # vision caption deleted, image replaced
         item.vision = REASON_IMAGE
-        item.merge, item.merge_unless = REASON_IMAGE, record.generated
+        merge.reason, merge.unless = REASON_IMAGE, record.generated
 
 
-def adopt(plan: Plan, item: Item, path: Path, record: Record) -> None:
+def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
     """A cache without a record (an earlier version, another tool) is taken as it is, and recorded as it is now."""
-    plan.adopt.append((path, dataclasses.replace(record, adopted=True)))
-    item.adopted += (KIND_GENERATED if path == item.generated_path else KIND_COMBINED,)
+    plan.adopt.append((item.cache_path(kind), dataclasses.replace(record, adopted=True)))
+    item.adopted += (kind,)
 
 
 def my_share(state, items: list[Item]) -> list[Item]:
@@ -1766,10 +1811,9 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     """Caption and merge this process's share of the plan; returns its Stats for main() to gather."""
     stats = Stats()
     generating = {id(i) for i in plan.to_generate}
-    to_combine = {id(i) for i in plan.to_combine}
     vision_items = my_share(state, plan.to_generate)
-    llm_only = my_share(state, [i for i in plan.to_combine if id(i) not in generating])
-    n_llm = len(llm_only) + sum(id(i) in to_combine for i in vision_items)
+    llm_only = my_share(state, [m for m in plan.to_combine if id(m.item) not in generating])
+    n_llm = len(llm_only) + sum(bool(m.reason) for i in vision_items for m in i.merges)
     if not vision_items and not n_llm:
         return stats
 
@@ -1788,14 +1832,15 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
                                                                    commit=commit), settings.vision)
         forward(item)
 
-    async def merge(item: Item) -> None:
-        manual = item.manual
-        text = await complete_item(chat, lambda reminder: llm_messages(item, cfg.system_prompt, manual, reminder),
+    async def merge(job: Merge) -> None:
+        item, variant, manual = job.item, job.variant, job.item.manual
+        text = await complete_item(chat, lambda reminder: llm_messages(item, variant.system_prompt, manual, reminder),
                                    cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
-        record = Record("", settings.merge_id, image=item.stamp, manual=item.manual_sha, generated=item.generated_sha)
-        await asyncio.to_thread(write_cache, records, item.combined_path, text, record, settings.merge)
-        item.combined = text  # (the thread above: an fsync must not stall the loop)
-        reporter.detail(f"merged {item.image}")
+        record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
+                        generated=item.generated_sha)
+        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name])
+        job.text = text  # (the thread above: an fsync must not stall the loop)
+        reporter.detail(f"merged {job.path}")
 
     def start_llm() -> AsyncStage:
         nonlocal chat
@@ -1806,13 +1851,14 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
         return stage
 
     def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
-        if llm_stage is None or id(item) not in to_combine:
+        if llm_stage is None:
             return
-        if item.wants_merge():
-            llm_stage.submit(item)
-        else:  # the vision caption came out as before: the merge made from it stands, for the new image too
-            unchanged_merge(records, item)
-            llm_progress.update()
+        for job in item.merges:
+            if job.wanted():
+                llm_stage.submit(job)
+            elif job.reason:  # the vision caption came out as before: the merge made from it stands
+                unchanged_merge(records, job)
+                llm_progress.update()
 
     # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
     overlap = cfg.overlap and not cfg.local_llm
@@ -1850,11 +1896,11 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     return stats
 
 
-def unchanged_merge(records: Records, item: Item) -> None:
+def unchanged_merge(records: Records, job: Merge) -> None:
     """Record that the merged caption now stands for the new image (its vision caption did not change)."""
-    _, record = records.match(item.combined_path, item.combined_sha)
+    _, record = records.match(job.path, job.sha)
     if record is not None:
-        records.write(item.combined_path, dataclasses.replace(record, image=item.stamp))
+        records.write(job.path, dataclasses.replace(record, image=job.item.stamp))
 
 
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[Item], stats: Stats,
@@ -1984,11 +2030,11 @@ def adopt_unrecorded(plan: Plan) -> str | None:
 def plan_lines(plan: Plan) -> list[str]:
     """What planning decided, counted by reason."""
     vision = collections.Counter(i.vision for i in plan.to_generate)
-    merge = collections.Counter(i.merge for i in plan.to_combine)
+    merge = collections.Counter(m.reason for m in plan.to_combine)
     kept = collections.Counter(k for i in plan.items for k in i.kept)
     adopted = collections.Counter(k for i in plan.items for k in i.adopted)
     stale = vision + merge
-    conditional = sum(i.merge_unless is not None for i in plan.to_combine)
+    conditional = sum(m.unless is not None for m in plan.to_combine)
 
     def breakdown(counter) -> str:
         return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
@@ -2010,12 +2056,13 @@ def plan_items(plan: Plan) -> Iterable[str]:
     for item in plan.items:
         if item.vision:
             yield f"    caption {item.image}: {item.vision}"
-        if item.merge:
-            yield f"    merge {item.image}: {item.merge}"
+        for merge in item.merges:
+            if merge.reason:
+                yield f"    merge {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
         for kind in item.kept:
-            yield f"    kept {getattr(item, kind + '_path')}: edited by hand"
+            yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
-            yield f"    adopted {getattr(item, kind + '_path')}"
+            yield f"    adopted {item.cache_path(kind)}"
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
@@ -2031,9 +2078,10 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
     prompt_tokens = 0
-    for item in plan.to_combine:
+    for merge in plan.to_combine:
+        item = merge.item
         generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
-        prompt_tokens += estimate_tokens(cfg.system_prompt + build_user_message(item.manual, "")) + generated
+        prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
     lines = [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
@@ -2052,6 +2100,10 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     lines = [f"{stage}: {c['done']} done, {cached[stage]} from cache, {c['failed']} failed"
              for stage, c in stats.counts.items()]
     lines += plan_lines(plan)
+    if plan.trainer_captions is not None:
+        c = plan.trainer_captions
+        lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
+                     f"{c['kept']} edited by hand (kept)")
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
         lines.append(f"input: {inputs} skipped")
@@ -2059,6 +2111,38 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
     return lines
+
+
+def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
+    """--write_captions: each image's combined caption also at {stem}EXT, where the trainer reads it, kept in step
+    with _combined.txt on every run. A file there that this script did not write, or that was edited since, is a
+    person's: it is kept and reported. Returns a line per file kept (-v)."""
+    records, settings = plan.records, settings_id("trainer", {"copy_of": KIND_COMBINED})
+    counts, kept = collections.Counter(), []
+    for item in plan.items:
+        try:
+            text, sha = read_caption(item.combined_path)
+        except ItemError:
+            text = None
+        if text is None:
+            continue
+        target = item.image.with_suffix(cfg.write_captions)
+        found = inspect_cache(records, target)
+        if found.sha is not None and found.status == OURS and found.record.combined == sha:
+            counts["current"] += 1
+        elif found.sha is not None and found.status != OURS and found.text != text and cfg.overwrite != "all":
+            counts["kept"] += 1
+            kept.append(f"    kept {target}: not written by this script, or edited since")
+        else:
+            record = Record("", settings, combined=sha, adopted=found.sha is not None and found.status != OURS)
+            try:
+                write_cache(records, target, text, record, None)
+            except OSError as e:
+                stats.fail(item.image, STAGE_LLM, f"cannot write {target.name}: {e.strerror or e}")
+                continue
+            counts["written"] += 1
+    plan.trainer_captions = counts
+    return kept
 
 
 def write_report(path: Path, failures: Iterable[Failure]) -> None:
@@ -2246,9 +2330,12 @@ def export_target(cfg: Config) -> Path:
 
 
 def export_captions(item: Item) -> dict[str, str] | None:
-    """The finished captions of one image by variant name ("" for the combined caption); None when it has none."""
-    text = read_cache(item.combined_path)
-    return None if text is None else {"": text}
+    """The finished captions of one image by variant name ("" for the combined caption); None when it has none.
+    Read from the files: other processes made some of them."""
+    captions = {m.variant.name: read_cache(m.path) for m in item.merges}
+    if captions.get("") is None:
+        return None
+    return {name: text or "" for name, text in captions.items()}
 
 
 def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
@@ -2261,11 +2348,7 @@ def extra_columns(item: Item, fmt: str) -> dict[str, str]:
     """imagefolder rows also carry both inputs of the merge; kohya reads "caption" (and would append "tags")."""
     if fmt == "kohya":
         return {}
-    try:
-        manual = read_text(item.caption_path)
-    except ItemError:
-        manual = None
-    return {"manual": manual or "", "generated": read_cache(item.generated_path) or item.generated or ""}
+    return {"manual": item.manual or "", "generated": read_cache(item.generated_path) or item.generated or ""}
 
 
 def export_key(item: Item, cfg: Config, fmt: str) -> str:
@@ -2415,11 +2498,7 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
 def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None) -> list[Finding]:
     """One combined caption against the trainer's settings: kept parts first, and within the token budget."""
     findings, path = [], str(item.combined_path)
-    try:
-        manual = read_text(item.caption_path)
-    except ItemError:
-        manual = None  # the merge would fail on it as well and say why
-    kept = keep_token_parts(manual, cfg.keep_tokens)
+    kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
     missing = [part for part in kept if part not in text]
     if missing:
@@ -2445,8 +2524,7 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
         else:
             texts.append((item, text))
             findings += audit_item(item, cfg, text, count)
-        with contextlib.suppress(ItemError):
-            fixed += keep_token_parts(read_text(item.caption_path), cfg.keep_tokens)
+        fixed += keep_token_parts(item.manual, cfg.keep_tokens)
         problem = generated_finding(item)
         if problem:
             findings.append(problem)
@@ -2602,6 +2680,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
 
     g = p.add_argument_group("training captions")
+    g.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
+                   help="also merge with the system prompt in FILE, cached as {stem}_combined_NAME.txt "
+                        "(repeatable; e.g. short=prompts/short.txt, tags=prompts/tags.txt)")
+    g.add_argument("--write_captions", metavar="EXT",
+                   help="also write each image's combined caption to {stem}EXT, where the trainer reads it "
+                        "(.caption for kohya, .txt for OneTrainer, ai-toolkit, SimpleTuner); never the manual "
+                        "captions' --caption_extension")
     g.add_argument("--prefix", metavar="TEXT", help="fixed text at the start of every combined caption, before the "
                                                 "--keep_tokens parts (e.g. a trigger word); never doubled")
     g.add_argument("--suffix", metavar="TEXT", help="fixed text at the end of every combined caption; never doubled")
@@ -2651,12 +2736,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
-    extension = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
+    extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         system_prompt=read_prompt_file(args.system_prompt or DEFAULT_SYSTEM_PROMPT, "--system_prompt"),
+        variants=parse_variants(args.variant),
+        write_captions=caption_extension_of(args.write_captions) if args.write_captions else None,
         vlm_system_prompt=read_prompt_file(args.vlm_system_prompt, "--vlm_system_prompt")
         if args.vlm_system_prompt else None,
         base_url=base_url, model=args.model, api_key=api_key, local_llm=local_llm,
@@ -2677,6 +2764,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """--variant NAME=FILE, each name once: (name, system prompt)."""
+    variants: dict[str, str] = {}
+    for value in values:
+        name, _, file = value.partition("=")
+        if not VARIANT_NAME.match(name) or not file:
+            raise UsageError(f"--variant {value}: give NAME=FILE, NAME of letters, digits and dashes (e.g. short=prompts/short.txt)")
+        if name in variants:
+            raise UsageError(f"--variant {name} is given twice")
+        variants[name] = read_prompt_file(Path(file).expanduser(), f"--variant {name}")
+    return tuple(variants.items())
+
+
+def caption_extension_of(value: str) -> str:
+    return value if value.startswith(".") else "." + value
+
+
 def check_training_args(args: argparse.Namespace, folder: Path) -> None:
     """The training-caption flags: a budget needs its tokenizer, an export a format its trainer reads."""
     if args.max_caption_tokens is not None and args.max_caption_tokens < 1:
@@ -2685,6 +2792,14 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
         raise UsageError("--max_caption_tokens needs --caption_tokenizer (the trainer's tokenizer, to count with)")
     if args.caption_tokenizer and not args.max_caption_tokens:
         raise UsageError("--caption_tokenizer needs --max_caption_tokens (the limit to count against)")
+    if args.write_captions:
+        ext, manual = caption_extension_of(args.write_captions), caption_extension_of(args.caption_extension)
+        if not re.fullmatch(r"\.[A-Za-z0-9]+", ext):
+            raise UsageError(f"--write_captions {args.write_captions}: give a plain extension such as .caption or .txt")
+        if ext.lower() == manual.lower():
+            raise UsageError(f"--write_captions {ext} would overwrite the manual captions (--caption_extension "
+                             f"{manual}) that the next run reads: keep the manual captions as .caption and write "
+                             ".txt, or the reverse")
     if args.export:
         fmt = export_format(args.export)
         target = Path(args.export).expanduser()
@@ -2795,6 +2910,9 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
             total.merge(part)
         stats = total
     stats.failures[:0] = plan.failures
+    if state.is_main_process and cfg.write_captions and not stats.fatal:
+        for line in write_trainer_captions(cfg, plan, stats):
+            reporter.detail(line)
     plan.records.close()
     if state.is_main_process:
         with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
