@@ -54,7 +54,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -312,7 +311,7 @@ def read_cache(path: Path) -> str | None:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a hidden temporary file in the same folder and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text.strip() + "\n")
@@ -323,6 +322,18 @@ def atomic_write(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden `.{name}.{random}.tmp` beside path (the name STALE_TEMPORARY recognises), opened for writing.
+    Created with mode 0o666 so the kernel applies the user's umask: the file that the rename leaves is as readable
+    as any other file the user's programs write (mkstemp's 0600 would survive the rename)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:  # another writer's temporary of the same file: draw another name
+            continue
 
 
 def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
