@@ -773,9 +773,39 @@ async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], m
 # --------------------------------------------------------------------------------------------
 
 
+# Switches of processors that cut an image into tiles, each tile at the processor's size, and tile counts of those
+# that tile without a switch: the image they start from can be many times the size, by a rule of their own.
+TILING_SWITCHES = ("do_image_splitting", "split_image", "crop_to_patches", "do_pan_and_scan")
+TILE_COUNTS = ("max_image_tiles", "max_patches", "max_num_tiles", "dynamic_hd")
+
+
 def decode_side(image_processor) -> int:
     """The side both of an image's sides may be decoded down to without losing what the processor keeps: the
-    largest side its resize aims at (height/width, shortest_edge, longest_edge), or 0 (decode in full) when it
+    largest size it may resize or tile to, or 0 (decode in full) where that size cannot be bounded."""
+    side = resize_side(image_processor)
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+    if side and pinpoints:  # LLaVA-NeXT, OneVision: the image is resized to one of these grids, then tiled
+        return max([side] + [int(v) for point in pinpoints for v in point])
+    if not tiles(image_processor):
+        return side
+    tile = getattr(image_processor, "max_image_size", None)
+    if side and getattr(image_processor, "do_image_splitting", False) and isinstance(tile, dict) \
+            and set(tile) == {"longest_edge"}:  # Idefics3, SmolVLM: resized to `size`, split into tiles of this
+        return max(side, int(tile["longest_edge"]))
+    return 0  # tiles by a rule we cannot bound (crops of the full image, a grid of up to N tiles)
+
+
+def tiles(image_processor) -> bool:
+    """Whether the processor may cut the image into tiles: its switch says so, or, without one, it has a tile count."""
+    switches = [getattr(image_processor, name) for name in TILING_SWITCHES
+                if getattr(image_processor, name, None) is not None]
+    if switches:
+        return any(switches)
+    return any(getattr(image_processor, name, None) for name in TILE_COUNTS)
+
+
+def resize_side(image_processor) -> int:
+    """The largest side the processor's resize aims at (height/width, shortest_edge, longest_edge), or 0 when it
     does not resize or sizes by anything else (maximum heights, pixel budgets) whose meaning we cannot bound.
     Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe."""
     size = getattr(image_processor, "size", None)
