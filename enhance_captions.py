@@ -56,6 +56,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -445,6 +446,32 @@ def clean_reply(text: str | None) -> str:
         if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:  # wrapped, not quoting inside
             text = text[1:-1].strip()
     return " ".join(text.split())
+
+
+WORD = re.compile(r"\w+")
+ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
+
+
+def strip_echo(text: str, prompt: str | None) -> str:
+    """text without the prompt at its start, however the model re-spelled it: BLIP lower-cases the prompt and
+    spaces its tokens ("describe this image in detail ." for "Describe this image in detail."), an uncased
+    tokenizer drops accents, one that splits words by characters spaces them apart. So the two are compared as
+    their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
+    text = text.strip()
+    target = "".join(fold_word(w) for w in WORD.findall(prompt or ""))
+    seen = ""
+    for match in WORD.finditer(text) if target else ():
+        seen += fold_word(match.group())
+        if seen == target:
+            return text[match.end():].lstrip(ECHO_SEPARATORS).strip()
+        if not target.startswith(seen):
+            break
+    return text
+
+
+def fold_word(word: str) -> str:
+    """A word without case or accents, as uncased tokenizers give it back."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
 
 def reply_problem(text: str, finish_reason: str | None) -> str | None:
@@ -907,15 +934,14 @@ class LocalCaptioner:
                     for t, s in zip(texts, sizes)]
         if self.kind == "chat" and not self.model.config.is_encoder_decoder:
             out = out[:, inputs["input_ids"].shape[1]:]  # decoder-only models return the prompt too
-        # plain captioners (BLIP) echo a prompt with their own token edits: strip_prompt removes it as text
+        # plain captioners (BLIP, PaliGemma) echo a prompt with their own token edits: strip_prompt removes it
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [self.strip_prompt(t) for t in texts]
 
     def strip_prompt(self, text: str) -> str:
-        text = text.strip()
-        if self.kind == "plain" and self.prompt and text.lower().startswith(self.prompt.lower()):
-            text = text[len(self.prompt):]  # BLIP echoes a conditional prompt
-        return text.strip()
+        """The caption without an echo of the prompt, for every kind that decodes text: plain captioners return
+        the prompt before the caption, and a chat model may open its answer by repeating the instruction."""
+        return strip_echo(text, self.prompt)
 
 
 def quiet_transformers(verbosity: int) -> None:
