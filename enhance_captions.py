@@ -870,6 +870,10 @@ class LocalCaptioner:
         if tokenizer is not None and not getattr(model.config, "is_encoder_decoder", False):
             tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
 
+    def __getstate__(self) -> dict:
+        # Spawned decoding workers receive the captioner to prepare batches: the processor, never the model's weights.
+        return {key: value for key, value in self.__dict__.items() if key != "model"}
+
     @staticmethod
     def kind_of(processor) -> str:
         if getattr(processor, "image_processor", None) is None:  # a text-only tokenizer can have a chat template
@@ -1050,8 +1054,15 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def make_collate(captioner: LocalCaptioner):
-    def collate(batch):
+class Collate:
+    """The DataLoader's collate_fn: a batch of decoded images becomes the processor's inputs, in the worker.
+    A class, not a closure: workers started by spawn (the default on macOS and Windows) unpickle it."""
+
+    def __init__(self, captioner: LocalCaptioner):
+        self.captioner = captioner
+
+    def __call__(self, batch):
+        captioner = self.captioner
         good = [(i, img) for i, img, _ in batch if img is not None]
         errors = [(i, err) for i, _, err in batch if err is not None]
         try:
@@ -1063,7 +1074,6 @@ def make_collate(captioner: LocalCaptioner):
         if prepared is not None:
             inline_small_tensors(prepared[0])
         return [i for i, _ in good], prepared, errors
-    return collate
 
 
 def inline_small_tensors(inputs) -> None:
@@ -1311,7 +1321,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         progress.update(len(indices) + len(errors))
 
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=make_collate(captioner),
+                        num_workers=cfg.num_workers, collate_fn=Collate(captioner),
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
