@@ -1550,7 +1550,12 @@ class DatasetLock:
         """None when the lock is ours; else why not."""
         if fcntl is None:
             return None
-        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            check_writable(self.path)  # the caches are written beside the images: find out now, not once per image
+            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
+        except OSError as e:
+            return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
+                   "written beside the images, so the folder must be writable"
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1571,6 +1576,13 @@ class DatasetLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless a file can be created beside path (a read-only folder or file system)."""
+    fd, tmp = create_temporary(path)
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager
