@@ -504,6 +504,25 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def printable(text: str) -> str:
+    """text as any UTF-8 terminal or log takes it: a file name that is not valid UTF-8 (Python keeps its bytes as
+    lone surrogates) shows those bytes as \\xNN, as `ls -b` does, instead of crashing the print."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that stand for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(record: dict) -> str:
+    """One JSON line with names readable as they are. A name that is not valid UTF-8 keeps its bytes as \\udcNN
+    escapes (valid JSON, and json.loads then os.fsencode give back the exact name) where UTF-8 cannot hold them."""
+    text = json.dumps(record, ensure_ascii=False)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 # --------------------------------------------------------------------------------------------
 # Rate limiter
 # --------------------------------------------------------------------------------------------
@@ -1132,7 +1151,7 @@ class Reporter:
         from tqdm import tqdm
 
         with self.lock:
-            tqdm.write(message, file=self.stream)
+            tqdm.write(printable(message), file=self.stream)
 
     def progress(self, name: str, total: int) -> Progress:
         return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total > 0)
@@ -1959,7 +1978,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
     stats.failures[:0] = plan.failures
     if state.is_main_process:
         for line in summary_lines(plan, stats):
-            print(line, file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+            print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
             write_report(cfg.report, stats.failures)
         if cfg.export and not stats.fatal:
