@@ -1704,8 +1704,24 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     return lines
 
 
-def write_report(path: Path, failures: Iterable[Failure]) -> None:
-    atomic_write(path, "\n".join(json.dumps(dataclasses.asdict(f), ensure_ascii=False) for f in failures))
+def write_report(path: Path, failures: Iterable[Failure], summary: dict) -> None:
+    """A JSON line per failure (path, stage, error), then the summary record: the last line carries the run's exit
+    code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
+    lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
+    atomic_write(path, "\n".join(lines))
+
+
+def report_summary(plan: Plan, stats: Stats) -> dict:
+    """The run in numbers, for the report's last line."""
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    summary: dict[str, Any] = {"exit_code": stats.exit_code()}
+    for stage, counts in stats.counts.items():
+        summary[stage] = {"done": counts["done"], "cached": cached[stage], "failed": counts["failed"]}
+    summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
+    summary["failed"] = len(stats.failures)
+    summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
+    summary["error"] = stats.fatal
+    return summary
 
 
 def write_export(cfg: Config, plan: Plan) -> int:
@@ -1944,7 +1960,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = agree(state, error)
         if error:
             if state.is_main_process:
-                print(f"error: {error}", file=sys.stderr)
+                print(printable(f"error: {error}"), file=sys.stderr)
+                if cfg.report and not cfg.dry_run:  # cron under accelerate launch reads the exit code there
+                    with contextlib.suppress(OSError):
+                        write_report(cfg.report, [], report_summary(plan, Stats(fatal=error)))
             return EXIT_USAGE
         if cfg.dry_run:
             return EXIT_OK
@@ -1980,7 +1999,11 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
         for line in summary_lines(plan, stats):
             print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
-            write_report(cfg.report, stats.failures)
+            try:
+                write_report(cfg.report, stats.failures, report_summary(plan, stats))
+            except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
+                print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
+                return max(stats.exit_code(), EXIT_USAGE)
         if cfg.export and not stats.fatal:
             count = write_export(cfg, plan)
             reporter.info(f"exported {count} captions to {cfg.export}")
