@@ -1130,8 +1130,8 @@ def refuse_one_by_one(captioner: LocalCaptioner, good: list) -> tuple[list, list
 class Reporter:
     """Prints on the main process; bars on a terminal, a line every few seconds elsewhere (cron, CI, tee)."""
 
-    def __init__(self, verbosity: int, is_main: bool, stream=None):
-        self.verbosity, self.is_main = verbosity, is_main
+    def __init__(self, verbosity: int, is_main: bool, stream=None, processes: int = 1):
+        self.verbosity, self.is_main, self.processes = verbosity, is_main, processes
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.lock = threading.Lock()
@@ -1154,6 +1154,9 @@ class Reporter:
             tqdm.write(printable(message), file=self.stream)
 
     def progress(self, name: str, total: int) -> Progress:
+        """Counts this process's items; only the main process prints, so with several the label says it is a share."""
+        if self.processes > 1:
+            name = f"{name} (this process's share, 1 of {self.processes})"
         return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total > 0)
 
 
@@ -1932,7 +1935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     state = make_state()
-    reporter = Reporter(cfg.verbosity, state.is_main_process)
+    reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(cfg.dataset_dir)
     try:
         error = None
