@@ -57,9 +57,9 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -378,10 +378,17 @@ def read_cache(path: Path) -> str | None:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a hidden temporary file in the same folder and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with atomic_file(path) as f:
+        f.write(text.strip() + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, errors: str = "strict"):
+    """A UTF-8 text file to write, renamed into place when the block ends; removed if it fails."""
+    fd, tmp = create_temporary(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text.strip() + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -389,6 +396,18 @@ def atomic_write(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden `.{name}.{random}.tmp` beside path (the name STALE_TEMPORARY recognises), opened for writing.
+    Created with mode 0o666 so the kernel applies the user's umask: the file that the rename leaves is as readable
+    as any other file the user's programs write (mkstemp's 0600 would survive the rename)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:  # another writer's temporary of the same file: draw another name
+            continue
 
 
 def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
@@ -502,6 +521,32 @@ def clean_reply(text: str | None) -> str:
     return " ".join(text.split())
 
 
+WORD = re.compile(r"\w+")
+ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
+
+
+def strip_echo(text: str, prompt: str | None) -> str:
+    """text without the prompt at its start, however the model re-spelled it: BLIP lower-cases the prompt and
+    spaces its tokens ("describe this image in detail ." for "Describe this image in detail."), an uncased
+    tokenizer drops accents, one that splits words by characters spaces them apart. So the two are compared as
+    their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
+    text = text.strip()
+    target = "".join(fold_word(w) for w in WORD.findall(prompt or ""))
+    seen = ""
+    for match in WORD.finditer(text) if target else ():
+        seen += fold_word(match.group())
+        if seen == target:
+            return text[match.end():].lstrip(ECHO_SEPARATORS).strip()
+        if not target.startswith(seen):
+            break
+    return text
+
+
+def fold_word(word: str) -> str:
+    """A word without case or accents, as uncased tokenizers give it back."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
+
+
 def reply_problem(text: str, finish_reason: str | None) -> str | None:
     """Why a cleaned reply must not be cached, or None when it is fine."""
     if finish_reason == "length":
@@ -530,6 +575,25 @@ def first_line(error: Exception) -> str:
 def redact(text: str, secret: str | None) -> str:
     text = re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)  # credentials inside a URL
     return text.replace(secret, "***") if secret else text
+
+
+def printable(text: str) -> str:
+    """text as any UTF-8 terminal or log takes it: a file name that is not valid UTF-8 (Python keeps its bytes as
+    lone surrogates) shows those bytes as \\xNN, as `ls -b` does, instead of crashing the print."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that stand for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(record: dict) -> str:
+    """One JSON line with names readable as they are. A name that is not valid UTF-8 keeps its bytes as \\udcNN
+    escapes (valid JSON, and json.loads then os.fsencode give back the exact name) where UTF-8 cannot hold them."""
+    text = json.dumps(record, ensure_ascii=False)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,22 +790,11 @@ class Records:
 
     def _write_compacted(self) -> None:
         used = {r.settings for r in self.latest.values()}
-        target = self.folder / RECORDS_FILE
-        tmp = self.folder / f".{RECORDS_FILE}.{os.getpid()}.{random.randrange(1 << 32):08x}.tmp"
-        try:  # created like any file the user's programs write: the umask decides its mode
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8",
-                      errors="surrogateescape") as f:
-                for sid in sorted(used & self.settings.keys()):
-                    f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
-                for key in sorted(self.latest):
-                    f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(self.folder / RECORDS_FILE, errors="surrogateescape") as f:  # written line by line
+            for sid in sorted(used & self.settings.keys()):
+                f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
+            for key in sorted(self.latest):
+                f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
 
 
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None) -> None:
@@ -1046,9 +1099,39 @@ async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], m
 # --------------------------------------------------------------------------------------------
 
 
+# Switches of processors that cut an image into tiles, each tile at the processor's size, and tile counts of those
+# that tile without a switch: the image they start from can be many times the size, by a rule of their own.
+TILING_SWITCHES = ("do_image_splitting", "split_image", "crop_to_patches", "do_pan_and_scan")
+TILE_COUNTS = ("max_image_tiles", "max_patches", "max_num_tiles", "dynamic_hd")
+
+
 def decode_side(image_processor) -> int:
     """The side both of an image's sides may be decoded down to without losing what the processor keeps: the
-    largest side its resize aims at (height/width, shortest_edge, longest_edge), or 0 (decode in full) when it
+    largest size it may resize or tile to, or 0 (decode in full) where that size cannot be bounded."""
+    side = resize_side(image_processor)
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+    if side and pinpoints:  # LLaVA-NeXT, OneVision: the image is resized to one of these grids, then tiled
+        return max([side] + [int(v) for point in pinpoints for v in point])
+    if not tiles(image_processor):
+        return side
+    tile = getattr(image_processor, "max_image_size", None)
+    if side and getattr(image_processor, "do_image_splitting", False) and isinstance(tile, dict) \
+            and set(tile) == {"longest_edge"}:  # Idefics3, SmolVLM: resized to `size`, split into tiles of this
+        return max(side, int(tile["longest_edge"]))
+    return 0  # tiles by a rule we cannot bound (crops of the full image, a grid of up to N tiles)
+
+
+def tiles(image_processor) -> bool:
+    """Whether the processor may cut the image into tiles: its switch says so, or, without one, it has a tile count."""
+    switches = [getattr(image_processor, name) for name in TILING_SWITCHES
+                if getattr(image_processor, name, None) is not None]
+    if switches:
+        return any(switches)
+    return any(getattr(image_processor, name, None) for name in TILE_COUNTS)
+
+
+def resize_side(image_processor) -> int:
+    """The largest side the processor's resize aims at (height/width, shortest_edge, longest_edge), or 0 when it
     does not resize or sizes by anything else (maximum heights, pixel budgets) whose meaning we cannot bound.
     Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe."""
     size = getattr(image_processor, "size", None)
@@ -1085,6 +1168,10 @@ class LocalCaptioner:
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None and not getattr(model.config, "is_encoder_decoder", False):
             tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
+
+    def __getstate__(self) -> dict:
+        # Spawned decoding workers receive the captioner to prepare batches: the processor, never the model's weights.
+        return {key: value for key, value in self.__dict__.items() if key != "model"}
 
     @staticmethod
     def kind_of(processor) -> str:
@@ -1150,15 +1237,14 @@ class LocalCaptioner:
                     for t, s in zip(texts, sizes)]
         if self.kind == "chat" and not self.model.config.is_encoder_decoder:
             out = out[:, inputs["input_ids"].shape[1]:]  # decoder-only models return the prompt too
-        # plain captioners (BLIP) echo a prompt with their own token edits: strip_prompt removes it as text
+        # plain captioners (BLIP, PaliGemma) echo a prompt with their own token edits: strip_prompt removes it
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [self.strip_prompt(t) for t in texts]
 
     def strip_prompt(self, text: str) -> str:
-        text = text.strip()
-        if self.kind == "plain" and self.prompt and text.lower().startswith(self.prompt.lower()):
-            text = text[len(self.prompt):]  # BLIP echoes a conditional prompt
-        return text.strip()
+        """The caption without an echo of the prompt, for every kind that decodes text: plain captioners return
+        the prompt before the caption, and a chat model may open its answer by repeating the instruction."""
+        return strip_echo(text, self.prompt)
 
 
 def quiet_transformers(verbosity: int) -> None:
@@ -1267,8 +1353,15 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def make_collate(captioner: LocalCaptioner):
-    def collate(batch):
+class Collate:
+    """The DataLoader's collate_fn: a batch of decoded images becomes the processor's inputs, in the worker.
+    A class, not a closure: workers started by spawn (the default on macOS and Windows) unpickle it."""
+
+    def __init__(self, captioner: LocalCaptioner):
+        self.captioner = captioner
+
+    def __call__(self, batch):
+        captioner = self.captioner
         good = [(i, img) for i, img, _ in batch if img is not None]
         errors = [(i, err) for i, _, err in batch if err is not None]
         try:
@@ -1280,7 +1373,6 @@ def make_collate(captioner: LocalCaptioner):
         if prepared is not None:
             inline_small_tensors(prepared[0])
         return [i for i, _ in good], prepared, errors
-    return collate
 
 
 def inline_small_tensors(inputs) -> None:
@@ -1318,8 +1410,8 @@ def refuse_one_by_one(captioner: LocalCaptioner, good: list) -> tuple[list, list
 class Reporter:
     """Prints on the main process; bars on a terminal, a line every few seconds elsewhere (cron, CI, tee)."""
 
-    def __init__(self, verbosity: int, is_main: bool, stream=None):
-        self.verbosity, self.is_main = verbosity, is_main
+    def __init__(self, verbosity: int, is_main: bool, stream=None, processes: int = 1):
+        self.verbosity, self.is_main, self.processes = verbosity, is_main, processes
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.lock = threading.Lock()
@@ -1339,9 +1431,12 @@ class Reporter:
         from tqdm import tqdm
 
         with self.lock:
-            tqdm.write(message, file=self.stream)
+            tqdm.write(printable(message), file=self.stream)
 
     def progress(self, name: str, total: int) -> Progress:
+        """Counts this process's items; only the main process prints, so with several the label says it is a share."""
+        if self.processes > 1:
+            name = f"{name} (this process's share, 1 of {self.processes})"
         return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total > 0)
 
 
@@ -1523,7 +1618,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         progress.update(len(indices) + len(errors))
 
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=make_collate(captioner),
+                        num_workers=cfg.num_workers, collate_fn=Collate(captioner),
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
@@ -1939,7 +2034,12 @@ class DatasetLock:
         """None when the lock is ours; else why not."""
         if fcntl is None:
             return None
-        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            check_writable(self.path)  # the caches are written beside the images: find out now, not once per image
+            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
+        except OSError as e:
+            return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
+                   "written beside the images, so the folder must be writable"
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1960,6 +2060,13 @@ class DatasetLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless a file can be created beside path (a read-only folder or file system)."""
+    fd, tmp = create_temporary(path)
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -2145,8 +2252,24 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
     return kept
 
 
-def write_report(path: Path, failures: Iterable[Failure]) -> None:
-    atomic_write(path, "\n".join(json.dumps(dataclasses.asdict(f), ensure_ascii=False) for f in failures))
+def write_report(path: Path, failures: Iterable[Failure], summary: dict) -> None:
+    """A JSON line per failure (path, stage, error), then the summary record: the last line carries the run's exit
+    code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
+    lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
+    atomic_write(path, "\n".join(lines))
+
+
+def report_summary(plan: Plan, stats: Stats) -> dict:
+    """The run in numbers, for the report's last line."""
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    summary: dict[str, Any] = {"exit_code": stats.exit_code()}
+    for stage, counts in stats.counts.items():
+        summary[stage] = {"done": counts["done"], "cached": cached[stage], "failed": counts["failed"]}
+    summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
+    summary["failed"] = len(stats.failures)
+    summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
+    summary["error"] = stats.fatal
+    return summary
 
 
 def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = None) -> int:
@@ -2579,9 +2702,11 @@ def run_audit(cfg: Config) -> int:
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
     print("\n".join(audit_lines(cfg, plan, findings)))
+    code = EXIT_FAILED if findings else EXIT_OK
     if cfg.report:
-        write_report(cfg.report, findings)
-    return EXIT_FAILED if findings else EXIT_OK
+        kinds = collections.Counter(f.kind for f in findings)
+        write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
+    return code
 
 
 # --------------------------------------------------------------------------------------------
@@ -2847,7 +2972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
         return run_audit(cfg)
     state = make_state()
-    reporter = Reporter(cfg.verbosity, state.is_main_process)
+    reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(cfg.dataset_dir)
     try:
         error = None
@@ -2876,7 +3001,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = agree(state, error)
         if error:
             if state.is_main_process:
-                print(f"error: {error}", file=sys.stderr)
+                print(printable(f"error: {error}"), file=sys.stderr)
+                if cfg.report and not cfg.dry_run:  # cron under accelerate launch reads the exit code there
+                    with contextlib.suppress(OSError):
+                        write_report(cfg.report, [], report_summary(plan, Stats(fatal=error)))
             return EXIT_USAGE
         if cfg.dry_run:
             return EXIT_OK
@@ -2918,9 +3046,13 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
         with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
             plan.records.compact()
         for line in summary_lines(plan, stats):
-            print(line, file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+            print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
-            write_report(cfg.report, stats.failures)
+            try:
+                write_report(cfg.report, stats.failures, report_summary(plan, stats))
+            except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
+                print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
+                return max(stats.exit_code(), EXIT_USAGE)
         if cfg.export and not stats.fatal:
             count = write_export(cfg, plan, reporter.warn)
             reporter.info(f"exported {count} captions to {cfg.export}")

@@ -118,6 +118,15 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def report_failures(report: Path) -> list[dict]:
+    """The failure rows of a --report file: every line but the last, which is the run's summary record."""
+    import json
+
+    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert rows and set(rows[-1]) == {"summary"}, rows
+    return rows[:-1]
+
+
 def caches(image: Path) -> tuple[Path, Path]:
     base = image.with_suffix("")
     return base.parent / (base.name + "_generated.txt"), base.parent / (base.name + "_combined.txt")

@@ -7,7 +7,6 @@ words never are.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_main, run_two_processes
+from tests.conftest import (SCRIPT, caches, cli_env, make_dataset, make_image, report_failures, run_args, run_main,
+                            run_two_processes)
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
 SECRET = "sk-test-7f3a9c1e5b2d-DO-NOT-LEAK-0042"
@@ -184,7 +184,7 @@ def test_persistent_fault_fails_only_that_item_after_backing_off(tmp_path, capsy
     assert "llm: 2 done, 0 from cache, 1 failed" in out
     failed = lines_with(err, "FAILED")
     assert len(failed) == 1 and failed[0].startswith(f"FAILED {images[1].resolve()} [llm]: ")
-    rows = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
+    rows = report_failures(report)
     assert [(r["path"], r["stage"]) for r in rows] == [(str(images[1].resolve()), "llm")]
     assert rows[0]["error"]
 
@@ -316,7 +316,7 @@ def test_key_echoed_in_an_error_message_is_redacted_everywhere(tmp_path, capsys,
     assert code == 1
     assert len(lines_with(err, "FAILED")) == 2 and all("400" in line for line in lines_with(err, "FAILED"))
     assert SECRET not in out + err
-    assert SECRET not in report.read_text() and len(report.read_text().splitlines()) == 2
+    assert SECRET not in report.read_text() and len(report_failures(report)) == 2
 
 
 @pytest.mark.parametrize("where", ["unknown_model", "wrong_base_url"])
@@ -371,7 +371,7 @@ def test_bad_reply_is_retried_then_reported_and_never_cached(tmp_path, capsys, m
     failed = lines_with(err, "FAILED")
     assert len(failed) == 1 and failed[0].startswith(f"FAILED {images[0].resolve()} [llm]: ")
     assert "llm: 0 done, 0 from cache, 1 failed" in out
-    assert len(report.read_text().splitlines()) == 1
+    assert len(report_failures(report)) == 1
 
     llm_server.script(BAD_REPLIES[kind](), reply("A red car parked beside a tall oak tree."))  # bad, then good
     code, out, err = run_main(capsys, *args)
@@ -751,7 +751,7 @@ def test_bad_inputs_are_reported_once_each_and_every_good_image_is_captioned(tmp
     assert code == 1, err
 
     root = ds.resolve()
-    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = report_failures(report)
     assert all(set(row) == {"path", "stage", "error"} and row["error"].strip() for row in rows), rows
     reported = sorted(Path(row["path"]).relative_to(root).as_posix() for row in rows)
     expected = sorted([p.relative_to(ds).as_posix() for p in bad.values()] + ["badcaption.jpg"])
@@ -816,7 +816,7 @@ def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(t
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("qwen2_5_vl"), llm_server, "--num_workers", workers,
                                                 "--report", report))
     assert code == 1, err
-    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = report_failures(report)
     assert [(Path(r["path"]).name, r["stage"]) for r in rows] == [("strip.png", "vision")]
     assert "1x300" in rows[0]["error"] and "aspect ratio" in rows[0]["error"]
     assert len(lines_with(err, "FAILED ")) == 1 and "Traceback" not in err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, caches, make_dataset, make_image, run_args, run_cli, run_main
+from tests.conftest import ROOT, caches, make_dataset, make_image, report_failures, run_args, run_cli, run_main
 
 # --------------------------------------------------------------------------------------------
 # A tiny trainer tokenizer: one token per word or punctuation mark, plus <bos> and <eos>
@@ -304,8 +304,10 @@ def test_audit_finds_one_of_each_flaw_and_exits_1(tmp_path, tokenizer_dir):
     report = tmp_path / "audit.jsonl"
     result = run_cli(*audit_args(ds, tokenizer_dir, "--report", report), timeout=120)
     assert result.returncode == 1 and not result.stderr, result.stdout + result.stderr
-    findings = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+    findings = report_failures(report)
     assert all(set(f) == {"path", "kind", "detail"} for f in findings)
+    summary = json.loads(report.read_text(encoding="utf-8").splitlines()[-1])["summary"]
+    assert summary["exit_code"] == 1 and sum(summary["findings"].values()) == len(findings)
     combined = {name: str(caches(image)[1]) for name, image in flawed.items()}
     assert sorted((f["kind"], f["path"]) for f in findings) == sorted([
         ("keep_tokens", combined["keep"]),
@@ -337,7 +339,7 @@ def test_audit_of_a_clean_folder_exits_0_and_asks_nothing(tmp_path, tokenizer_di
     code, out, err = run_main(capsys, *args)
     assert code == 0, out + err
     assert "0 findings" in out
-    assert not report.read_text(encoding="utf-8").strip()
+    assert report_failures(report) == []
     assert llm_server.requests == []
 
 

@@ -670,6 +670,63 @@ def build_llava(path) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# LLaVA-NeXT (CLIP vision + Llama, the image tiled on a grid of pinpoints)
+# --------------------------------------------------------------------------------------
+
+# Tiling sides of the tiny LLaVA-NeXT: the image is resized to the best of these grids (height, width), cut into
+# 32 px tiles, and a 32 px view of the whole image is added. The real checkpoints use [[336, 672], ...].
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def build_llava_next(path) -> str:
+    """Like llava-hf/llava-v1.6-*: the LLaVA-1.5 chat template; the number of image tokens depends on the image's
+    size (the processor counts the tiles and the unpadded rows), so every image has its own prompt length."""
+    from transformers import (CLIPImageProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    _seed()
+    tokenizer = _word_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        unk="<unk>", bos="<s>", eos="</s>", pad="<pad>", prepend_bos=True,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_size, patch = 32, 8
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    bos_id, eos_id, pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch,
+        ),
+        text_config=_tiny_llama(len(tokenizer), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _randomize(model)
+    generation_config = _generation_config(tokenizer, eos_id=eos_id, pad_id=pad_id, bos_token_id=bos_id)
+    return _save(path, model, processor, generation_config)
+
+
+# --------------------------------------------------------------------------------------
 # BLIP captioning
 # --------------------------------------------------------------------------------------
 
@@ -888,6 +945,7 @@ VLM_BUILDERS = {
     "smolvlm": build_smolvlm,
     "janus": build_janus,
     "llava": build_llava,
+    "llava_next": build_llava_next,
     "blip": build_blip,
     "paligemma": build_paligemma,
 }
@@ -901,6 +959,7 @@ __all__ = [
     "build_florence2",
     "build_janus",
     "build_llava",
+    "build_llava_next",
     "build_paligemma",
     "build_qwen2_5_vl",
     "build_qwen3_vl",
