@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (ROOT, SCRIPT, caches, cli_env, free_port, make_dataset, run_args, run_cli,
-                            run_main)
+from tests.conftest import (ROOT, SCRIPT, caches, cli_env, free_port, make_dataset, run_args, run_cli, run_main,
+                            run_two_processes)
 from tests.llm_server import FakeLLMServer, status
 
 LLM_SECRET = "sk-llm-0f5e1d2c3b4a-only-for-the-llm"
@@ -152,6 +152,17 @@ def test_without_a_model_the_endpoints_only_model_is_used_and_named(tmp_path, ca
     assert len(server.requests) == 2 and {r["model"] for r in server.requests} == {"the-only-one"}
     first = next(line for line in err.splitlines() if line.strip())
     assert "the-only-one" in first, err
+
+
+def test_the_model_the_main_process_found_is_used_by_every_process(tmp_path):
+    images = make_dataset(tmp_path / "ds", 4)
+    seed_generated(images)
+    with FakeLLMServer(models=("the-only-one",), unknown_model=404) as server:
+        result = run_two_processes(*without_model(run_args(tmp_path / "ds", corrupt_model(tmp_path), server)))
+        requests = server.chat_requests()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "split over 2 processes" in result.stdout + result.stderr
+    assert len(requests) == 4 and {r["model"] for r in requests} == {"the-only-one"}
 
 
 def test_openai_model_in_the_environment_names_the_model(tmp_path, capsys, monkeypatch):
