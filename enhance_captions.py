@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = [
 #     "torch",
 #     "torchvision",
@@ -40,10 +40,17 @@ Map of this file, top to bottom:
 """
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):  # before any import: torch has no 3.10 builds here, and 3.10 fails far later
+    sys.stderr.write(f"error: enhance_captions.py needs Python 3.11 or newer (this is {sys.version.split()[0]})\n")
+    raise SystemExit(2)
+
 import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
@@ -56,13 +63,13 @@ import random
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlsplit
 
 try:
     import fcntl
@@ -78,6 +85,7 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
 DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"  # where the openai client goes without a base URL
 DEFAULT_TASK_PROMPT = "<MORE_DETAILED_CAPTION>"
 DEFAULT_CHAT_PROMPT = (
     "Describe this image in one detailed paragraph for a training caption: subject, clothing, pose, "
@@ -89,6 +97,7 @@ INLINE_TENSOR_BYTES = 1 << 20  # smaller tensors travel from the decoding worker
 ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
+HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of huggingface_hub's minutes of retries
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -129,11 +138,14 @@ class Config:
     write_captions: str | None = None  # also write each combined caption to {stem}EXT for the trainer
     vlm_system_prompt: str | None = None
     base_url: str | None = None
-    model: str = "llama-3.3-70b-versatile"
+    model: str | None = None  # None: the one model the endpoint lists, found by preflight
+    model_from_list: bool = False
     api_key: str | None = None
     local_llm: str | None = None
+    set_aside_base_url: str | None = None  # $OPENAI_BASE_URL, unused because --local_llm was given
     vlm_base_url: str | None = None
     vlm_model: str | None = None
+    vlm_api_key: str | None = None
     vlm_max_side: int = 1024
     vlm_rpm: float = 0
     cache_generated: bool = True
@@ -803,6 +815,33 @@ def write_cache(records: Records, path: Path, text: str, record: Record, values:
     atomic_write(path, text)
 
 
+def server_reason(error: Exception, secret: str | None) -> str:
+    """A refusing server's own explanation, one line, key redacted, in place of the client's `Error code: 400 - {...}`.
+    The openai client keeps the body's "error" object, or the body itself: OpenAI, vLLM and llama.cpp put a
+    "message" in it, FastAPI servers (`transformers serve`) a "detail", Ollama a bare string."""
+    body = getattr(error, "body", None)
+    text = (body.get("message") or body.get("detail")) if isinstance(body, dict) else body
+    if text is not None and not isinstance(text, str):
+        text = json.dumps(text)
+    if not text or not text.strip():
+        text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return redact((text.strip().splitlines() or [""])[0], secret)[:300]
+
+
+def model_names(served: Sequence[str], most: int = 10) -> str:
+    names = ", ".join(served[:most])
+    return names + f", and {len(served) - most} more" if len(served) > most else names
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Scheme, host and port equal: the same server, so the same key may go to both."""
+    def origin(u: str) -> tuple:
+        parts = urlsplit(u.strip())
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+    return origin(url) == origin(other)
+
+
 # --------------------------------------------------------------------------------------------
 # Rate limiter
 # --------------------------------------------------------------------------------------------
@@ -900,14 +939,21 @@ class Reply:
     finish_reason: str | None
 
 
+ENDPOINT_SETTINGS = {  # what a person changes to fix each endpoint, named in its error lines
+    STAGE_LLM: {"url": "--base_url", "model": "--model", "key": "OPENAI_API_KEY"},
+    STAGE_VISION: {"url": "--vlm_base_url", "model": "--vlm_model", "key": "--vlm_api_key or VLM_API_KEY"},
+}
+
+
 class EndpointChat:
     """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, model: str, limiter: RateLimiter,
-                 max_retries: int, timeout: float, max_tokens: int, temperature: float):
+    def __init__(self, base_url: str | None, api_key: str | None, model: str | None, limiter: RateLimiter,
+                 max_retries: int, timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM):
         import openai
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.settings = ENDPOINT_SETTINGS[stage]
         self.limiter, self.api_key = limiter, api_key
         self.openai = openai
         http = openai.DefaultAsyncHttpxClient(
@@ -938,28 +984,73 @@ class EndpointChat:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 entry[1] = int(json.loads(response.content)["usage"]["total_tokens"])
 
-    async def check(self) -> None:
-        """Fail fast, before any model loads, on an endpoint that is down or refuses the key."""
+    async def check(self) -> str:
+        """Fail fast, before any model loads, on an endpoint that is down, refuses the key or does not serve the
+        model. Returns the model to use: the one configured, or without one the endpoint's only listed model."""
+        served = await self._served_models()
+        if self.model is None:
+            self.model = self._only_model(served)
+        elif served is None or self.model not in served:
+            await self._probe(served)  # llama.cpp lists one name and answers to any: only a request tells
+        return self.model
+
+    async def _served_models(self) -> list[str] | None:
+        """The model names the endpoint lists; None when it lists none (some servers have no /models)."""
+        o = self.openai
         try:
-            await self.client.with_options(max_retries=1, timeout=PREFLIGHT_TIMEOUT).models.list()
-        except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as e:
+            page = await self.client.with_options(max_retries=1, timeout=PREFLIGHT_TIMEOUT).models.list()
+        except (o.AuthenticationError, o.PermissionDeniedError) as e:
             raise FatalEndpointError(self._explain(e)) from e
-        except self.openai.APIConnectionError as e:
-            raise FatalEndpointError(f"cannot reach the endpoint {redact(str(self.client.base_url), self.api_key)}: "
-                                     f"{type(e).__name__}; is the server running and --base_url right?") from e
-        except self.openai.APIError:
-            pass  # the endpoint answers; some servers do not list models
+        except o.APIConnectionError as e:
+            raise FatalEndpointError(f"cannot reach the endpoint {self._url()}: {type(e).__name__}; is the server "
+                                     f"running and {self.settings['url']} right?") from e
+        except o.APIError:
+            return None
+        return [m.id for m in page.data]
+
+    def _only_model(self, served: list[str] | None) -> str:
+        if served and len(served) == 1:
+            return served[0]
+        flag = self.settings["model"]
+        if not served:
+            raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} lists no models: "
+                                     f"name one with {flag} or OPENAI_MODEL")
+        raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} serves {len(served)} models "
+                                 f"({model_names(served)}): pick one with {flag} or OPENAI_MODEL")
+
+    async def _probe(self, served: list[str] | None) -> None:
+        """A one-token request for a model the endpoint does not list: vLLM and OpenAI refuse an unknown model with
+        404, a `transformers serve` pinned to one model with 400; a server that answers to any name says 200."""
+        o = self.openai
+        try:
+            await self.client.with_options(max_retries=1).chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        except (o.NotFoundError, o.BadRequestError) as e:
+            raise FatalEndpointError(f"the endpoint {self._url()} refused {self.settings['model']} {self.model!r} "
+                                     f"({e.status_code}: {self._reason(e)}); it serves: "
+                                     f"{model_names(served) if served else 'no models listed'}") from e
+        except (o.AuthenticationError, o.PermissionDeniedError) as e:
+            raise FatalEndpointError(self._explain(e)) from e
+        except o.APIError:
+            pass  # it answered (busy, rate limited, a broken reply) without refusing the name: the run will tell
+
+    def _url(self) -> str:
+        return redact(str(self.client.base_url), self.api_key)
+
+    def _reason(self, e: Exception) -> str:
+        return server_reason(e, self.api_key)
 
     def _explain(self, e: Exception) -> str:
-        url = redact(str(self.client.base_url), self.api_key)
+        url, key = self._url(), self.settings["key"]
         status = getattr(e, "status_code", None)
         if status == 401:
-            return f"the endpoint {url} rejected the API key (401); check OPENAI_API_KEY"
+            return f"the endpoint {url} rejected the API key (401: {self._reason(e)}); check {key}"
         if status == 403:
-            return f"the endpoint {url} refused access (403); check OPENAI_API_KEY and its permissions"
+            return f"the endpoint {url} refused access (403: {self._reason(e)}); check {key} and its permissions"
         if status == 404:
-            return f"the endpoint {url} answered 404 for model {self.model!r}: unknown model or wrong --base_url"
-        return f"the endpoint {url} failed: {redact(str(e), self.api_key)}"
+            return (f"the endpoint {url} answered 404 for {self.settings['model']} {self.model!r} ({self._reason(e)}): "
+                    f"unknown model or wrong {self.settings['url']}")
+        return f"the endpoint {url} failed: {self._reason(e)}"
 
     async def complete(self, messages: list[dict]) -> Reply:
         o = self.openai
@@ -969,9 +1060,9 @@ class EndpointChat:
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.RateLimitError as e:  # the client gives up at once on a long Retry-After; the limiter waits it out
-            raise RetryableReply(f"rate limited (429): {redact(e.message, self.api_key)[:200]}") from e
+            raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
         except o.APIStatusError as e:
-            raise ItemError(f"endpoint answered {e.status_code}: {redact(e.message, self.api_key)[:200]}") from e
+            raise ItemError(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
         except o.APITimeoutError as e:
             raise ItemError("request timed out (--timeout)") from e
         except o.APIConnectionError as e:
@@ -995,6 +1086,7 @@ class LocalChat:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         common = {"revision": revision, "trust_remote_code": trust_remote_code}
+        check_model_source(model_id, "--local_llm", revision)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, **common)
             self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **common).to(device).eval()
@@ -1269,6 +1361,7 @@ def resolve_dtype(name: str, device):
 
 def load_captioner(cfg: Config, device) -> LocalCaptioner:
     """The model loader: processor and model by path or Hub id, with one clear line for what is missing."""
+    check_model_source(cfg.model_id, "--model_id", cfg.revision)
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
@@ -1318,6 +1411,39 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
     if cfg.repetition_penalty:
         generate_kwargs["repetition_penalty"] = cfg.repetition_penalty
     return LocalCaptioner(processor, model, cfg.prompt, cfg.vlm_system_prompt, generate_kwargs)
+
+
+def check_model_source(name: str, flag: str, revision: str = "main") -> None:
+    """Fail in seconds where loading would fail slowly or obscurely: a path that is no folder, or a Hub id that is
+    not in the cache while the Hub cannot be reached (huggingface_hub tries each missing file six times over about
+    25 s, and a model has several). A local folder or a cached model costs no request."""
+    if name.startswith((".", "/", "~")):
+        if not Path(name).expanduser().is_dir():
+            raise UsageError(f"{flag}: no such folder: {name}")
+        return
+    if Path(name).is_dir():
+        return
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return
+    except errors.HFValidationError:
+        return  # not a Hub id at all: the loader says so
+    offline = (f"to run offline, pass a local folder, or download it beforehand (hf download {name}) "
+               "and set HF_HUB_OFFLINE=1")
+    if huggingface_hub.is_offline_mode():
+        raise UsageError(f"{flag} {name} is not in the model cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+                         f"forbids downloading it; {offline}")
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(name, "config.json", revision=revision),
+                                             timeout=HUB_CHECK_TIMEOUT)
+    except errors.HfHubHTTPError:
+        return  # the Hub answers (unknown, gated, private): the loader explains
+    except Exception as e:  # a network error of whichever HTTP library this huggingface_hub uses
+        raise UsageError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {flag} {name} "
+                         f"({type(e).__name__}); {offline}") from e
 
 
 def release_memory() -> None:
@@ -1547,7 +1673,7 @@ def wait_future(future) -> None:
         try:
             future.result(timeout=0.2)
             return
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not yet the builtin TimeoutError before Python 3.11
             continue
 
 
@@ -1897,8 +2023,8 @@ def shared_pause(cfg: Config, state, stage: str) -> SharedPause | None:
 def make_vision_chat(cfg: Config, state) -> EndpointChat:
     limiter = RateLimiter(requests=process_share(cfg.vlm_rpm, state.process_index, state.num_processes),
                           shared=shared_pause(cfg, state, STAGE_VISION))
-    return EndpointChat(cfg.vlm_base_url, cfg.api_key, cfg.vlm_model, limiter, cfg.max_retries, cfg.timeout,
-                        cfg.max_new_tokens, 0.0)
+    return EndpointChat(cfg.vlm_base_url, cfg.vlm_api_key, cfg.vlm_model, limiter, cfg.max_retries, cfg.timeout,
+                        cfg.max_new_tokens, 0.0, stage=STAGE_VISION)
 
 
 def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Event, *,
@@ -2091,32 +2217,39 @@ def stop_on_signals(stop: threading.Event, stats: Stats, reporter: Reporter):
             signal.signal(s, h)
 
 
-def preflight(cfg: Config, plan: Plan, state) -> None:
-    """Reach every endpoint that the plan needs before any model loads; raise FatalEndpointError if one fails."""
-    checks = []
+def preflight(cfg: Config, plan: Plan, state) -> Config:
+    """Find every model and reach every endpoint that the plan needs before any model loads; raise
+    FatalEndpointError or UsageError if one fails. Returns cfg with the LLM's model where the endpoint chose it."""
+    if plan.to_generate and not cfg.vlm_base_url:
+        check_model_source(cfg.model_id, "--model_id", cfg.revision)
+    llm = vision = None
     if plan.to_combine and cfg.local_llm:
         check_local_model(cfg)
     elif plan.to_combine:
-        checks.append(make_chat(cfg, state))
+        llm = make_chat(cfg, state)
     if plan.to_generate and cfg.vlm_base_url:
-        checks.append(make_vision_chat(cfg, state))
+        vision = make_vision_chat(cfg, state)
 
-    async def check_all():
+    async def check_all() -> str | None:
         try:
-            for chat in checks:
-                await chat.check()
+            model = await llm.check() if llm else cfg.model
+            if vision:
+                await vision.check()
+            return model
         finally:
-            for chat in checks:
-                await chat.close()
+            for chat in (llm, vision):
+                if chat:
+                    await chat.close()
 
-    if checks:
-        asyncio.run(check_all())
+    model = asyncio.run(check_all()) if llm or vision else cfg.model
+    return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
 
 
 def check_local_model(cfg: Config) -> None:
     """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
     from transformers import AutoConfig
 
+    check_model_source(cfg.local_llm, "--local_llm")
     quiet_transformers(cfg.verbosity)
     try:
         AutoConfig.from_pretrained(cfg.local_llm, trust_remote_code=cfg.trust_remote_code)
@@ -2768,12 +2901,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantization", choices=["4bit", "8bit"], help="load the vision model quantized (bitsandbytes)")
     g.add_argument("--vlm_base_url", help="caption with a served vision model at this OpenAI-compatible URL instead")
     g.add_argument("--vlm_model", help="the served vision model's name (with --vlm_base_url)")
+    g.add_argument("--vlm_api_key", help="the vision endpoint's key (default: $VLM_API_KEY; $OPENAI_API_KEY only where "
+                                         "--vlm_base_url has --base_url's scheme, host and port)")
     g.add_argument("--vlm_max_side", type=int, default=1024, help="downscale images to this longest side before sending")
     g.add_argument("--vlm_rpm", type=int, default=0, help="requests per minute to the vision endpoint (0: no limit)")
 
     g = p.add_argument_group("LLM")
     g.add_argument("--base_url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
-    g.add_argument("--model", default="llama-3.3-70b-versatile", help="the endpoint's model")
+    g.add_argument("--model", help="the endpoint's model (default: $OPENAI_MODEL, else the one model the endpoint "
+                                   "lists)")
     g.add_argument("--local_llm", help=f"merge in-process with this transformers instruct model; the default when no "
                                        f"endpoint or key is configured is {DEFAULT_LOCAL_LLM}")
     g.add_argument("--system_prompt", type=Path, help="the LLM's system prompt file (default: system_prompt.txt "
@@ -2858,9 +2994,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("--limit must be at least 1")
     if args.vlm_base_url and not args.vlm_model:
         raise UsageError("--vlm_base_url needs --vlm_model")
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    if args.local_llm and args.base_url:
+        raise UsageError(f"--local_llm and --base_url both given: drop --base_url to merge in-process with "
+                         f"{args.local_llm}, or drop --local_llm to merge through the endpoint")
+    env_base_url = os.environ.get("OPENAI_BASE_URL") or None
+    base_url = args.base_url or (None if args.local_llm else env_base_url)  # an explicit --local_llm wins
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
+    vlm_api_key = args.vlm_api_key or os.environ.get("VLM_API_KEY") or None
+    if vlm_api_key is None and args.vlm_base_url and same_origin(args.vlm_base_url,
+                                                                 args.base_url or env_base_url or DEFAULT_OPENAI_URL):
+        vlm_api_key = api_key  # the LLM endpoint's key, sent to no other server
     extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
     return Config(
@@ -2871,8 +3015,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         write_captions=caption_extension_of(args.write_captions) if args.write_captions else None,
         vlm_system_prompt=read_prompt_file(args.vlm_system_prompt, "--vlm_system_prompt")
         if args.vlm_system_prompt else None,
-        base_url=base_url, model=args.model, api_key=api_key, local_llm=local_llm,
-        vlm_base_url=args.vlm_base_url, vlm_model=args.vlm_model, vlm_max_side=args.vlm_max_side,
+        base_url=base_url, model=args.model or os.environ.get("OPENAI_MODEL") or None, api_key=api_key,
+        local_llm=local_llm, set_aside_base_url=env_base_url if args.local_llm else None,
+        vlm_base_url=args.vlm_base_url, vlm_model=args.vlm_model, vlm_api_key=vlm_api_key,
+        vlm_max_side=args.vlm_max_side,
         vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
         caption_extension=extension, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
         batch_size=args.batch_size, num_workers=args.num_workers, overlap=args.overlap,
@@ -2933,6 +3079,24 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              f"folder; give the name only")
 
 
+def run_description(cfg: Config) -> str:
+    """The vision model and the LLM a run uses (URLs redacted), for the first info line and the dry run."""
+    if cfg.vlm_base_url:
+        vision = f"served {cfg.vlm_model} at {redact(cfg.vlm_base_url, cfg.vlm_api_key)}"
+    else:
+        vision = cfg.model_id
+    if cfg.local_llm:
+        merge = f"local LLM {cfg.local_llm}"
+        if cfg.set_aside_base_url:
+            merge += f" (--local_llm wins over OPENAI_BASE_URL={redact(cfg.set_aside_base_url, cfg.api_key)})"
+    else:
+        model = cfg.model or "chosen from the endpoint's list of models"
+        if cfg.model_from_list:
+            model += " (the one model the endpoint lists)"
+        merge = f"endpoint {redact(cfg.base_url or DEFAULT_OPENAI_URL, cfg.api_key)} model {model}"
+    return f"vision: {vision}; merge: {merge}"
+
+
 def make_state():
     """accelerate's process state; on a machine without GPUs it must be told so, or processes never meet."""
     import torch
@@ -2987,7 +3151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plan.stale:  # the lock is ours: no other run is writing these
                 with contextlib.suppress(OSError):
                     path.unlink()
-            error = adopt_unrecorded(plan)
         if error is None and not plan.items and state.is_main_process:
             error = f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
         if cfg.dry_run:
@@ -2995,8 +3158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n".join(dry_run_report(cfg, plan)))
         elif error is None and state.is_main_process:
             try:
-                preflight(cfg, plan, state)
-            except FatalEndpointError as e:
+                cfg = preflight(cfg, plan, state)
+            except (FatalEndpointError, UsageError) as e:
                 error = str(e)
         error = agree(state, error)
         if error:
@@ -3008,10 +3171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if cfg.dry_run:
             return EXIT_OK
-        backend = f"local LLM {cfg.local_llm}" if cfg.local_llm else \
-            f"endpoint {redact(cfg.base_url or 'https://api.openai.com/v1', cfg.api_key)} model {cfg.model}"
-        vision = f"served {cfg.vlm_model} at {cfg.vlm_base_url}" if cfg.vlm_base_url else cfg.model_id
-        reporter.info(f"vision: {vision}; merge: {backend}")
+        planned, cfg = cfg, agree(state, cfg)  # with the model the main process's preflight found, for every process
+        if cfg.model != planned.model:  # the merge settings name the model: judge the caches against the real one
+            plan = plan_work(cfg)
+        if state.is_main_process and (error := adopt_unrecorded(plan)):
+            print(printable(f"error: {error}"), file=sys.stderr)
+            return EXIT_USAGE
+        reporter.info(run_description(cfg))
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
         for line in plan_items(plan):

@@ -1,9 +1,13 @@
 """Shared fixtures: offline environment, tiny models built once per session, datasets, the loopback LLM server."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from tests.llm_server import FakeLLMServer  # noqa: E402
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "VLM_API_KEY")
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +134,54 @@ def report_failures(report: Path) -> list[dict]:
 def caches(image: Path) -> tuple[Path, Path]:
     base = image.with_suffix("")
     return base.parent / (base.name + "_generated.txt"), base.parent / (base.name + "_combined.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def transformers_serve(tmp_path, model_dir):
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    try:
+        if importlib.util.find_spec("transformers.cli.serve") is None:
+            missing.append("transformers.cli.serve")
+    except ImportError:
+        missing.append("transformers.cli.serve")
+    if missing:
+        pytest.skip(f"the transformers[serving] extra is not installed (missing {', '.join(missing)}); "
+                    "pip install 'transformers[serving]' to run this test")
+    model = model_dir("causal_lm")
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transformers.cli.transformers"]
+    log = open(tmp_path / "serve.log", "w+", encoding="utf-8")
+    server = subprocess.Popen(command + ["serve", model, "--host", "127.0.0.1", "--port", str(port)],
+                              env=cli_env(), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"transformers serve did not answer within 60 s:\n{log.read()[-3000:]}")
+            time.sleep(0.25)
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

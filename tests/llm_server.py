@@ -15,7 +15,7 @@ Usage::
 
 Constructor
 -----------
-``FakeLLMServer(latency=0.0, reply=None, api_key=None, models=("test-model",))``
+``FakeLLMServer(latency=0.0, reply=None, api_key=None, models=("test-model",), unknown_model=None)``
 
 * ``latency`` -- seconds slept by every chat request before it is answered
   (also before a scripted action is carried out).  Mutable at run time.
@@ -34,6 +34,13 @@ Constructor
   requests are still recorded in ``requests``/``headers``/``request_times`` but
   do NOT consume a scripted action.
 * ``models`` -- model ids served by ``GET /v1/models``.
+* ``unknown_model`` -- ``None`` (default): chat requests for any model name are
+  answered, like llama.cpp.  ``404``: a chat request for a model not in
+  ``models`` gets vLLM's/OpenAI's 404 ``{"error": {"message": "The model `X`
+  does not exist.", "code": "model_not_found"}}``.  ``400``: it gets the 400
+  of a ``transformers serve`` pinned to one model, ``{"detail": "Server is
+  pinned to 'M'; requested 'X'."}``.  Such requests are recorded but do not
+  consume a scripted action.
 
 Attributes
 ----------
@@ -445,8 +452,9 @@ class FakeLLMServer:
     """Scriptable OpenAI chat-completions server on 127.0.0.1 (see module docstring)."""
 
     def __init__(self, latency: float = 0.0, reply: Optional[Callable[[dict], Any]] = None,
-                 api_key: Optional[str] = None, models=("test-model",)):
+                 api_key: Optional[str] = None, models=("test-model",), unknown_model: Optional[int] = None):
         self.latency = float(latency)
+        self.unknown_model = unknown_model
         self.reply = reply
         self.api_key = api_key
         self.models = tuple(models)
@@ -549,12 +557,13 @@ class FakeLLMServer:
         if not isinstance(body, dict):
             return h._send_error_json(400, "Request body must be a JSON object.")
         authorised = h._authorised()
+        refused = self._refuses_model(body)
         with self._lock:
             self.requests.append(body)
             self.headers.append(_Headers(h.headers.items()))
             self.request_times.append(arrival)
             self.peers.append(tuple(h.client_address[:2]))
-            action = self._queue.popleft() if (authorised and self._queue) else None
+            action = self._queue.popleft() if (authorised and not refused and self._queue) else None
             self.in_flight += 1
             if self.in_flight > self.max_in_flight:
                 self.max_in_flight = self.in_flight
@@ -562,10 +571,23 @@ class FakeLLMServer:
             self._sleep(self.latency)
             if not authorised:
                 return h._send_error_json(401)
+            if refused:
+                return h._send(self.unknown_model, refused)
             self._perform(h, body, action)
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _refuses_model(self, body: dict) -> Optional[dict]:
+        """The error body for a model this server does not serve, or None (see ``unknown_model``)."""
+        asked = body.get("model")
+        if self.unknown_model is None or asked in self.models:
+            return None
+        if self.unknown_model == 400:
+            pinned = self.models[0] if self.models else ""
+            return {"detail": f"Server is pinned to '{pinned}'; requested '{asked}'."}
+        return {"error": {"message": f"The model `{asked}` does not exist.", "type": "invalid_request_error",
+                          "param": "model", "code": "model_not_found"}}
 
     def _perform(self, h: _Handler, body: dict, action: Optional[Action]) -> None:
         if isinstance(action, Status):

@@ -2,17 +2,14 @@
 --limit, --overwrite, --export, --caption_extension, logs for humans and for cron, --help and the docs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,12 +53,6 @@ def set_old_mtime(paths) -> int:
     for path in paths:
         os.utime(path, (old, old))
     return old * 1_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def no_endpoint_env(monkeypatch, folder: Path) -> None:
@@ -173,51 +164,6 @@ def test_dotenv_in_the_working_directory_sets_the_endpoint(tmp_path, llm_server)
 # --------------------------------------------------------------------------------------------
 # 2. A real OpenAI-compatible server: `transformers serve`
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def transformers_serve(tmp_path, model_dir):
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-    try:
-        if importlib.util.find_spec("transformers.cli.serve") is None:
-            missing.append("transformers.cli.serve")
-    except ImportError:
-        missing.append("transformers.cli.serve")
-    if missing:
-        pytest.skip(f"the transformers[serving] extra is not installed (missing {', '.join(missing)}); "
-                    "pip install 'transformers[serving]' to run this test")
-    model = model_dir("causal_lm")
-    port = free_port()
-    exe = Path(sys.executable).with_name("transformers")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transformers.cli.transformers"]
-    log = open(tmp_path / "serve.log", "w+", encoding="utf-8")
-    server = subprocess.Popen(command + ["serve", model, "--host", "127.0.0.1", "--port", str(port)],
-                              env=cli_env(), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"transformers serve did not answer within 60 s:\n{log.read()[-3000:]}")
-            time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1", model
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 def test_end_to_end_against_transformers_serve(tmp_path, model_dir, transformers_serve):
