@@ -3175,8 +3175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.model != planned.model:  # the merge settings name the model: judge the caches against the real one
             plan = plan_work(cfg)
         if state.is_main_process and (error := adopt_unrecorded(plan)):
-            print(printable(f"error: {error}"), file=sys.stderr)
-            return EXIT_USAGE
+            reporter.warn(f"warning: {error}; they are adopted on a later run")
         reporter.info(run_description(cfg))
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
