@@ -189,24 +189,40 @@ class Failure:
 
 @dataclasses.dataclass
 class Stats:
+    """A run's counts and failures. The event-loop thread, the writer thread and the main thread all change them,
+    so every change goes through count(), fail() or merge(), under one lock."""
+
     counts: dict[str, collections.Counter] = dataclasses.field(
         default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)}
     )
     failures: list[Failure] = dataclasses.field(default_factory=list)
     fatal: str | None = None
     signal: int | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, stage: str, what: str = "done") -> None:
+        with self.lock:
+            self.counts[stage][what] += 1
 
     def fail(self, path: Path | str, stage: str, error: str) -> None:
-        self.failures.append(Failure(str(path), stage, error))
-        if stage in self.counts:
-            self.counts[stage]["failed"] += 1
+        with self.lock:
+            self.failures.append(Failure(str(path), stage, error))
+            if stage in self.counts:
+                self.counts[stage]["failed"] += 1
 
     def merge(self, other: Stats) -> None:
-        for stage, counter in other.counts.items():
-            self.counts[stage].update(counter)
-        self.failures.extend(other.failures)
-        self.fatal = self.fatal or other.fatal
-        self.signal = self.signal or other.signal
+        with self.lock:
+            for stage, counter in other.counts.items():
+                self.counts[stage].update(counter)
+            self.failures.extend(other.failures)
+            self.fatal = self.fatal or other.fatal
+            self.signal = self.signal or other.signal
+
+    def __getstate__(self) -> dict:  # gather_object pickles Stats between processes; a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
     def exit_code(self) -> int:
         if self.fatal:
@@ -1133,7 +1149,7 @@ class AsyncStage:
                 continue  # stopping: leave the rest for the next run
             try:
                 await self.handle(item)
-                self.stats.counts[self.name]["done"] += 1
+                self.stats.count(self.name, "done")
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
@@ -1213,7 +1229,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         except OSError as e:
             stats.fail(item.image, STAGE_VISION, f"cannot write {item.generated_path.name}: {e.strerror or e}")
             return
-        stats.counts[STAGE_VISION]["done"] += 1
+        stats.count(STAGE_VISION, "done")
         on_caption(item)
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
@@ -1238,7 +1254,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             if cfg.cache_generated:
                 writer.submit(save, item, text)
             else:
-                stats.counts[STAGE_VISION]["done"] += 1
+                stats.count(STAGE_VISION, "done")
                 on_caption(item)
             reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
