@@ -44,6 +44,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import io
@@ -107,6 +108,12 @@ class ItemError(Exception):
 
 class RetryableReply(ItemError):
     """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
+
+
+class Stopped(BaseException):
+    """The run is stopping (a signal, or a fatal error elsewhere): this item is left for the next run. A
+    BaseException, like asyncio.CancelledError, so that no retry loop that catches Exception (older openai
+    clients retry any exception a request hook raises) takes it for a fault to retry."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +404,7 @@ def image_data_url(path: Path, max_side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def build_user_message(manual: str | None, generated: str, reminder: Sequence[str] = ()) -> str:
+def build_user_message(manual: str | None, generated: str) -> str:
     """The LLM's user turn: each caption once, clearly labelled; says so when there is no manual caption."""
     parts = []
     if manual:
@@ -405,39 +412,79 @@ def build_user_message(manual: str | None, generated: str, reminder: Sequence[st
     else:
         parts.append("There is no manual caption for this image; write the caption from the generated one.")
     parts.append(f"Generated caption (from a vision model; use it for visual detail):\n{generated}")
-    if reminder:
-        quoted = ", ".join(f'"{r}"' for r in reminder)
-        parts.append(f"Your caption must contain these exact phrases, verbatim: {quoted}.")
     return "\n\n".join(parts)
 
 
 def keep_token_parts(manual: str | None, keep_tokens: int) -> list[str]:
-    """The first N comma-separated parts of the manual caption: trigger words and names that must survive."""
+    """The first N comma-separated parts of the manual caption: trigger words and names that must survive.
+    As in kohya's keep_tokens, a caption without a comma is one part, and one with fewer parts keeps them all."""
     if not manual or keep_tokens <= 0:
         return []
     parts = [p.strip() for p in manual.split(",")]
     return [p for p in parts if p][:keep_tokens]
 
 
+def keep_tokens_first(text: str, parts: Sequence[str]) -> str:
+    """--keep_tokens by construction, not by asking the LLM: the kept parts first, verbatim, in order, joined by
+    ", ", each exactly once; then the reply with every copy of them (any case, on word boundaries) taken out."""
+    if not parts:
+        return text
+    rest = text
+    for part in sorted(parts, key=len, reverse=True):  # "ohwx man" before "ohwx": no half of a copy is left
+        core = part.rstrip(".!?;: ")  # a last part "red shirt." also matches "red shirt" inside a sentence
+        if re.search(r"\w", core):
+            words = r"\s+".join(re.escape(w) for w in core.split())
+            rest = re.sub(rf"(?<!\w){words}(?:['\u2019]s)?(?!\w)", "", rest, flags=re.IGNORECASE)
+    rest = tidy_after_removal(rest)
+    head = ", ".join(parts)
+    if not rest:
+        return head
+    return head + (" " if head[-1] in ".!?;:" else ", ") + rest
+
+
+def tidy_after_removal(text: str) -> str:
+    """The punctuation a removed phrase leaves behind: empty brackets, doubled commas, a space before a comma,
+    commas or a full stop at the start."""
+    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]+(?=[.!?])", "", text)
+    text = re.sub(r"([.!?])\s*[,;:]+", r"\1", text)
+    return re.sub(r"^[\s,;:.!?]+|[\s,;:]+$", "", text)
+
+
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 CODE_FENCE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+# What a model says before the caption, as a closed list of fixed phrasings ("Sure! Here's the merged caption:",
+# "**Final caption:**", "Caption:"). Never a pattern such as "this is ...:", which ate "This is ohwx woman:".
 PREAMBLE = re.compile(
-    r"^\s*(?:(?:sure|certainly|okay|ok)[,!.]?\s*)?"
-    r"(?:(?:here(?:'s| is)|below is|this is)\b[^:\n]{0,80}:|(?:\*\*)?(?:the\s+)?(?:combined|final|enhanced|merged)?\s*caption(?:\*\*)?\s*:(?:\*\*)?)\s*",
+    r"^\s*(?:(?:sure|certainly|okay|ok|of course|absolutely)\s*[,!.]?\s*)?(?:\*\*)?"
+    r"(?:(?:here(?:['\u2019]s| is)|below is)\s+)?(?:(?:the|your|my|a)\s+)?"
+    r"(?:(?:combined|merged|final|enhanced|improved|refined|rewritten|new)\s+)?caption"
+    r"(?:\s+for\s+(?:the|this)\s+image)?(?:\*\*)?\s*:(?:\*\*)?\s*",
     re.IGNORECASE,
 )
-QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u201e": "\u201c", "\u00ab": "\u00bb"}
+# Words a preamble shares with any caption; another shared word means the opening may be the caption itself.
+STOP_WORDS = frozenset("a an the is are of for this that here my your and or in on at with to s".split())
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
 REFUSAL = re.compile(
-    r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:'|no)t|i cannot|i'?m unable|i am unable|i won'?t|as an ai\b)",
+    r"^(?:i'?m sorry|i am sorry|sorry,?\s+(?:but\s+)?i\b|i'?m unable to|i am unable to|i'?m not able to"
+    r"|i am not able to|as an ai\b|i (?:can'?t|cannot|can not|won'?t|will not)\s+"
+    r"(?:help|assist|provide|create|generate|describe|caption|write|comply|fulfil|do|process|produce|make|"
+    r"complete|identify|view|see|analy[sz]e|support|share|continue|engage))",
     re.IGNORECASE,
 )
 
 
-def clean_reply(text: str | None) -> str:
-    """Strip reasoning, preambles, fences and quotes from a reply; collapse it to one paragraph."""
+def clean_reply(text: str | None, manual: str | None = None) -> str:
+    """Strip what is certainly not caption text: reasoning, a known preamble, fences, wrapping quotes; collapse it
+    to one paragraph. A candidate preamble that shares a word with the manual caption stays: it is caption text."""
     text = text or ""
-    if "</think>" in text and "<think>" not in text:  # some reasoning servers drop the opening tag
-        text = text.rsplit("</think>", 1)[1]
+    lowered = text.lower()
+    if "</think>" in lowered and "<think>" not in lowered:  # some reasoning servers drop the opening tag
+        text = text[lowered.rindex("</think>") + len("</think>"):]
     text = THINK_BLOCK.sub("", text).strip()
     previous = None
     while text != previous:  # wrappers nest in any order: a preamble before a fence, quotes inside it
@@ -445,11 +492,23 @@ def clean_reply(text: str | None) -> str:
         fenced = CODE_FENCE.match(text)
         if fenced:
             text = fenced.group(1).strip()
-        text = PREAMBLE.sub("", text, count=1).strip()
-        closing = QUOTES.get(text[:1])
-        if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:  # wrapped, not quoting inside
-            text = text[1:-1].strip()
+        preamble = PREAMBLE.match(text)
+        if preamble and not content_words(preamble.group(0)) & content_words(manual or ""):
+            text = text[preamble.end():].strip()
+        text = unwrap_quotes(text)
     return " ".join(text.split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[^\W_]+", text.translate(APOSTROPHES).lower())} - STOP_WORDS
+
+
+def unwrap_quotes(text: str) -> str:
+    """The text inside one pair of wrapping quotes; a caption that only quotes something inside stays whole."""
+    closing = QUOTES.get(text[:1])
+    if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
 
 
 def reply_problem(text: str, finish_reason: str | None) -> str | None:
@@ -458,7 +517,7 @@ def reply_problem(text: str, finish_reason: str | None) -> str | None:
         return "reply cut off at --max_tokens (finish_reason=length)"
     if not re.search(r"\w", text):
         return "empty reply"
-    if REFUSAL.match(text):
+    if REFUSAL.match(unwrap_quotes(text.strip()).translate(APOSTROPHES)):
         return f"refusal: {text[:60]!r}"
     return None
 
@@ -579,6 +638,27 @@ class Reply:
     finish_reason: str | None
 
 
+@dataclasses.dataclass
+class Attempts:
+    """One item's request budget: --max_retries + 1 requests in all, the openai client's own retries included.
+    complete_item() puts it in ATTEMPTS for its task; the request hook counts every request that goes out."""
+
+    left: int
+    stopping: asyncio.Event
+    in_flight: bool = False  # a request is on the wire and its reply is worth waiting for when stopping
+
+
+ATTEMPTS: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar("attempts", default=None)
+
+
+def count_request() -> None:
+    """A request goes out for this task's item: one attempt spent, and its reply is awaited even when stopping."""
+    attempts = ATTEMPTS.get()
+    if attempts is not None:
+        attempts.left -= 1
+        attempts.in_flight = True
+
+
 class EndpointChat:
     """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
 
@@ -599,12 +679,18 @@ class EndpointChat:
     async def _before_request(self, request) -> None:
         if request.method != "POST":
             return
+        attempts = ATTEMPTS.get()
+        if attempts is not None and attempts.stopping.is_set():
+            raise Stopped  # the openai client may be about to retry: once stopping, nothing new is sent
         try:
             body = json.loads(request.content or b"{}")
         except ValueError:
             body = {}
         estimate = estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
         request.extensions["limiter_entry"] = await self.limiter.acquire(estimate)
+        if attempts is not None and attempts.stopping.is_set():
+            raise Stopped  # the limiter's wait ended just as the stop came
+        count_request()
 
     async def _after_response(self, response) -> None:
         entry = response.request.extensions.get("limiter_entry")
@@ -612,6 +698,11 @@ class EndpointChat:
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
                 self.limiter.pause(min(float(retry_after), 600.0))
+        attempts = ATTEMPTS.get()
+        if attempts is not None and response.status_code >= 400:
+            attempts.in_flight = False  # the client may now sleep and retry: nothing here is worth waiting for
+            if attempts.stopping.is_set():
+                raise Stopped
         if entry is not None and self.limiter.tokens and response.status_code == 200:
             await response.aread()
             with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -642,8 +733,11 @@ class EndpointChat:
 
     async def complete(self, messages: list[dict]) -> Reply:
         o = self.openai
+        attempts = ATTEMPTS.get()
+        # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
+        client = self.client if attempts is None else self.client.with_options(max_retries=max(attempts.left - 1, 0))
         try:
-            response = await self.client.chat.completions.create(
+            response = await client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
@@ -688,6 +782,7 @@ class LocalChat:
         self.busy = False
 
     async def complete(self, messages: list[dict]) -> Reply:
+        count_request()  # queued for a batch is in flight: a generation cannot be called back halfway
         future = asyncio.get_running_loop().create_future()
         self.queue.append((messages, future))
         if not self.busy:
@@ -746,31 +841,59 @@ class LocalChat:
 # --------------------------------------------------------------------------------------------
 
 
-async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], max_retries: int,
-                        must_keep: Sequence[str] = (), sleep=asyncio.sleep) -> str:
-    """Ask until the reply is usable. Transport errors were already retried by the openai client;
-    here bad replies (broken, empty, refused, cut off, missing kept tokens) are asked again."""
-    reminder: Sequence[str] = ()
-    problem = "no attempt made"
-    for attempt in range(max_retries + 1):
-        if attempt:
-            await sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-        try:
-            reply = await backend.complete(build(reminder))
-        except RetryableReply as e:
-            problem = str(e)
-            continue
-        text = clean_reply(reply.text)
-        problem = reply_problem(text, reply.finish_reason)
-        if problem:
-            continue
-        missing = [part for part in must_keep if part not in text]
-        if not missing:
-            return text
-        if reminder:  # the reminder did not help: put the missing parts at the front ourselves
-            return ", ".join(missing) + ", " + text
-        reminder, problem = must_keep, f"reply dropped kept tokens {missing}"
+async def complete_item(backend, messages: list[dict], max_retries: int, manual: str | None = None,
+                        must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
+                        sleep=asyncio.sleep) -> str:
+    """Ask until the reply is usable, in at most max_retries + 1 requests in all. The openai client retries
+    transport faults (5xx, resets, timeouts) with its own backoff; here bad replies (broken, empty, refused, cut
+    off) are asked again; the request hook counts both against one budget (Attempts). The kept tokens are put
+    first by construction. Raises Stopped once `stopping` is set, and sends nothing after it."""
+    attempts = Attempts(max_retries + 1, stopping or asyncio.Event())
+    token = ATTEMPTS.set(attempts)
+    try:
+        problem = "no attempt made"
+        while attempts.left > 0:
+            if attempts.left <= max_retries:  # asked before: back off
+                used = max_retries + 1 - attempts.left
+                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random())), attempts)
+            before = attempts.left
+            try:
+                reply = await unless_stopped(backend.complete(messages), attempts)
+            except RetryableReply as e:
+                problem = str(e)
+                continue
+            finally:
+                attempts.in_flight = False
+                if attempts.left == before:  # a backend that counts no requests (a test double): one call, one try
+                    attempts.left -= 1
+            text = clean_reply(reply.text, manual)
+            problem = reply_problem(text, reply.finish_reason)
+            if not problem:
+                return keep_tokens_first(text, must_keep)
+    finally:
+        ATTEMPTS.reset(token)
     raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
+
+
+async def unless_stopped(awaitable, attempts: Attempts):
+    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter or in
+    the openai client's retry sleep at once, and raise Stopped. A request on the wire (attempts.in_flight) is let
+    finish: its reply is saved, and the response hook raises Stopped for a failed one before any retry."""
+    task = asyncio.ensure_future(awaitable)
+    stop = asyncio.ensure_future(attempts.stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        stop.cancel()
+    if not task.done() and not attempts.in_flight:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+            await task
+        raise Stopped
+    return await task
 
 
 # --------------------------------------------------------------------------------------------
@@ -1150,6 +1273,8 @@ class AsyncStage:
             try:
                 await self.handle(item)
                 self.stats.count(self.name, "done")
+            except Stopped:
+                continue  # neither done nor failed: the next run does it
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
@@ -1161,11 +1286,41 @@ class AsyncStage:
             self.progress.update()
 
 
-class EventLoopThread:
-    """An asyncio loop in a background thread, for the request stages while torch runs in the main one."""
+class StopEvent(threading.Event):
+    """The run's stop flag, set by a signal handler or a stage: a threading.Event that also sets the asyncio
+    Events that tasks on event loops wait on, so that a wait in the limiter or a retry sleep ends at once."""
 
     def __init__(self):
+        super().__init__()
+        self.wakers: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for wake in list(self.wakers):
+            wake()
+
+    def on_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """An asyncio.Event on `loop` that is set when this one is. No lock: a signal handler may call set()
+        while this runs, on the same thread; the is_set() after the append catches a set() that came first."""
+        event = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
+                loop.call_soon_threadsafe(event.set)
+
+        self.wakers.append(wake)
+        if self.is_set():
+            wake()
+        return event
+
+
+class EventLoopThread:
+    """An asyncio loop in a background thread, for the request stages while torch runs in the main one.
+    `stopping` is the run's stop flag as an asyncio.Event on that loop."""
+
+    def __init__(self, stop: StopEvent):
         self.loop = asyncio.new_event_loop()
+        self.stopping = stop.on_loop(self.loop)
         self.thread = threading.Thread(target=self.loop.run_forever, name="requests", daemon=True)
         self.thread.start()
 
@@ -1292,9 +1447,9 @@ def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
     return messages
 
 
-def llm_messages(item: Item, system_prompt: str, manual: str | None, reminder: Sequence[str]) -> list[dict]:
+def llm_messages(item: Item, system_prompt: str, manual: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt},
-            {"role": "user", "content": build_user_message(manual, item.generated or "", reminder)}]
+            {"role": "user", "content": build_user_message(manual, item.generated or "")}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1378,7 +1533,7 @@ def make_vision_chat(cfg: Config, state) -> EndpointChat:
                         cfg.max_new_tokens, 0.0)
 
 
-def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Event, *,
+def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         make_captioner=load_captioner, make_llm=make_chat) -> Stats:
     """Caption and merge this process's share of the plan; returns its Stats for main() to gather."""
     stats = Stats()
@@ -1390,15 +1545,15 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     if not vision_items and not n_llm:
         return stats
 
-    events = EventLoopThread()
+    events = EventLoopThread(stop)
     chat = None
     llm_stage: AsyncStage | None = None
     llm_progress = reporter.progress("llm", n_llm)
 
     async def merge(item: Item) -> None:
         manual = read_text(item.caption_path)
-        text = await complete_item(chat, lambda reminder: llm_messages(item, cfg.system_prompt, manual, reminder),
-                                   cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
+        text = await complete_item(chat, llm_messages(item, cfg.system_prompt, manual), cfg.max_retries, manual,
+                                   keep_token_parts(manual, cfg.keep_tokens), stopping=events.stopping)
         await asyncio.to_thread(atomic_write, item.combined_path, text)  # an fsync must not stall the loop
         item.combined = text
         reporter.detail(f"merged {item.image}")
@@ -1459,7 +1614,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[
     async def describe(item: Item) -> None:
         url = await asyncio.to_thread(image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, prompt)
-        text = await complete_item(chat, lambda _: messages, cfg.max_retries)
+        text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         if cfg.cache_generated:
             await asyncio.to_thread(atomic_write, item.generated_path, text)
         item.generated = text
@@ -1862,7 +2017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.info(f"vision: {vision}; merge: {backend}")
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
-        stop = threading.Event()
+        stop = StopEvent()
         stats = Stats()
         with stop_on_signals(stop, stats, reporter):
             try:
