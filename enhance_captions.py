@@ -1864,10 +1864,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.3, help="LLM sampling temperature")
     g.add_argument("--rpm", type=int, default=0, help="requests per minute for the whole run, all processes (0: none)")
     g.add_argument("--tpm", type=int, default=0, help="tokens per minute for the whole run, all processes (0: none)")
-    g.add_argument("--max_retries", type=int, default=5, help="retries per request (backoff, honours Retry-After)")
+    g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport retries included (backoff, honours Retry-After)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--keep_tokens", type=int, default=0,
-                   help="the first N comma-separated parts of the manual caption must appear verbatim (0: off)")
+                   help="start each caption with the first N comma-separated parts of the manual caption, verbatim "
+                        "and once each (0: off)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--batch_size", type=int, default=8, help="images per generate call")
