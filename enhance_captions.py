@@ -52,6 +52,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import csv
 import dataclasses
 import gc
@@ -119,6 +120,12 @@ class ItemError(Exception):
 
 class RetryableReply(ItemError):
     """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
+
+
+class Stopped(BaseException):
+    """The run is stopping (a signal, or a fatal error elsewhere): this item is left for the next run. A
+    BaseException, like asyncio.CancelledError, so that no retry loop that catches Exception (older openai
+    clients retry any exception a request hook raises) takes it for a fault to retry."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,26 +265,55 @@ class Failure:
     error: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    path: str
+    stage: str
+    note: str
+
+
 @dataclasses.dataclass
 class Stats:
+    """A run's counts and failures. The event-loop thread, the writer thread and the main thread all change them,
+    so every change goes through count(), fail() or merge(), under one lock."""
+
     counts: dict[str, collections.Counter] = dataclasses.field(
         default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)}
     )
     failures: list[Failure] = dataclasses.field(default_factory=list)
+    notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     fatal: str | None = None
     signal: int | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, stage: str, what: str = "done") -> None:
+        with self.lock:
+            self.counts[stage][what] += 1
 
     def fail(self, path: Path | str, stage: str, error: str) -> None:
-        self.failures.append(Failure(str(path), stage, error))
-        if stage in self.counts:
-            self.counts[stage]["failed"] += 1
+        with self.lock:
+            self.failures.append(Failure(str(path), stage, error))
+            if stage in self.counts:
+                self.counts[stage]["failed"] += 1
+
+    def note(self, path: Path | str, stage: str, note: str) -> None:
+        with self.lock:
+            self.notes.append(Note(str(path), stage, note))
 
     def merge(self, other: Stats) -> None:
-        for stage, counter in other.counts.items():
-            self.counts[stage].update(counter)
-        self.failures.extend(other.failures)
-        self.fatal = self.fatal or other.fatal
-        self.signal = self.signal or other.signal
+        with self.lock:
+            for stage, counter in other.counts.items():
+                self.counts[stage].update(counter)
+            self.failures.extend(other.failures)
+            self.notes.extend(other.notes)
+            self.fatal = self.fatal or other.fatal
+            self.signal = self.signal or other.signal
+
+    def __getstate__(self) -> dict:  # gather_object pickles Stats between processes; a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
     def exit_code(self) -> int:
         if self.fatal:
@@ -478,7 +514,7 @@ def image_data_url(path: Path, max_side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def build_user_message(manual: str | None, generated: str, reminder: Sequence[str] = ()) -> str:
+def build_user_message(manual: str | None, generated: str) -> str:
     """The LLM's user turn: each caption once, clearly labelled; says so when there is no manual caption."""
     parts = []
     if manual:
@@ -486,39 +522,79 @@ def build_user_message(manual: str | None, generated: str, reminder: Sequence[st
     else:
         parts.append("There is no manual caption for this image; write the caption from the generated one.")
     parts.append(f"Generated caption (from a vision model; use it for visual detail):\n{generated}")
-    if reminder:
-        quoted = ", ".join(f'"{r}"' for r in reminder)
-        parts.append(f"Your caption must contain these exact phrases, verbatim: {quoted}.")
     return "\n\n".join(parts)
 
 
 def keep_token_parts(manual: str | None, keep_tokens: int) -> list[str]:
-    """The first N comma-separated parts of the manual caption: trigger words and names that must survive."""
+    """The first N comma-separated parts of the manual caption: trigger words and names that must survive.
+    As in kohya's keep_tokens, a caption without a comma is one part, and one with fewer parts keeps them all."""
     if not manual or keep_tokens <= 0:
         return []
     parts = [p.strip() for p in manual.split(",")]
     return [p for p in parts if p][:keep_tokens]
 
 
+def keep_tokens_first(text: str, parts: Sequence[str]) -> str:
+    """--keep_tokens by construction, not by asking the LLM: the kept parts first, verbatim, in order, joined by
+    ", ", each exactly once; then the reply with every copy of them (any case, on word boundaries) taken out."""
+    if not parts:
+        return text
+    rest = text
+    for part in sorted(parts, key=len, reverse=True):  # "ohwx man" before "ohwx": no half of a copy is left
+        core = part.rstrip(".!?;: ")  # a last part "red shirt." also matches "red shirt" inside a sentence
+        if re.search(r"\w", core):
+            words = r"\s+".join(re.escape(w) for w in core.split())
+            rest = re.sub(rf"(?<!\w){words}(?:['\u2019]s)?(?!\w)", "", rest, flags=re.IGNORECASE)
+    rest = tidy_after_removal(rest)
+    head = ", ".join(parts)
+    if not rest:
+        return head
+    return head + (" " if head[-1] in ".!?;:" else ", ") + rest
+
+
+def tidy_after_removal(text: str) -> str:
+    """The punctuation a removed phrase leaves behind: empty brackets, doubled commas, a space before a comma,
+    commas or a full stop at the start."""
+    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]+(?=[.!?])", "", text)
+    text = re.sub(r"([.!?])\s*[,;:]+", r"\1", text)
+    return re.sub(r"^[\s,;:.!?]+|[\s,;:]+$", "", text)
+
+
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 CODE_FENCE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+# What a model says before the caption, as a closed list of fixed phrasings ("Sure! Here's the merged caption:",
+# "**Final caption:**", "Caption:"). Never a pattern such as "this is ...:", which ate "This is ohwx woman:".
 PREAMBLE = re.compile(
-    r"^\s*(?:(?:sure|certainly|okay|ok)[,!.]?\s*)?"
-    r"(?:(?:here(?:'s| is)|below is|this is)\b[^:\n]{0,80}:|(?:\*\*)?(?:the\s+)?(?:combined|final|enhanced|merged)?\s*caption(?:\*\*)?\s*:(?:\*\*)?)\s*",
+    r"^\s*(?:(?:sure|certainly|okay|ok|of course|absolutely)\s*[,!.]?\s*)?(?:\*\*)?"
+    r"(?:(?:here(?:['\u2019]s| is)|below is)\s+)?(?:(?:the|your|my|a)\s+)?"
+    r"(?:(?:combined|merged|final|enhanced|improved|refined|rewritten|new)\s+)?caption"
+    r"(?:\s+for\s+(?:the|this)\s+image)?(?:\*\*)?\s*:(?:\*\*)?\s*",
     re.IGNORECASE,
 )
-QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u201e": "\u201c", "\u00ab": "\u00bb"}
+# Words a preamble shares with any caption; another shared word means the opening may be the caption itself.
+PREAMBLE_STOP_WORDS = frozenset("a an the is are of for this that here my your and or in on at with to s".split())
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
 REFUSAL = re.compile(
-    r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:'|no)t|i cannot|i'?m unable|i am unable|i won'?t|as an ai\b)",
+    r"^(?:i'?m sorry|i am sorry|sorry,?\s+(?:but\s+)?i\b|i'?m unable to|i am unable to|i'?m not able to"
+    r"|i am not able to|as an ai\b|i (?:can'?t|cannot|can not|won'?t|will not)\s+"
+    r"(?:help|assist|provide|create|generate|describe|caption|write|comply|fulfil|do|process|produce|make|"
+    r"complete|identify|view|see|analy[sz]e|support|share|continue|engage))",
     re.IGNORECASE,
 )
 
 
-def clean_reply(text: str | None) -> str:
-    """Strip reasoning, preambles, fences and quotes from a reply; collapse it to one paragraph."""
+def clean_reply(text: str | None, manual: str | None = None) -> str:
+    """Strip what is certainly not caption text: reasoning, a known preamble, fences, wrapping quotes; collapse it
+    to one paragraph. A candidate preamble that shares a word with the manual caption stays: it is caption text."""
     text = text or ""
-    if "</think>" in text and "<think>" not in text:  # some reasoning servers drop the opening tag
-        text = text.rsplit("</think>", 1)[1]
+    lowered = text.lower()
+    if "</think>" in lowered and "<think>" not in lowered:  # some reasoning servers drop the opening tag
+        text = text[lowered.rindex("</think>") + len("</think>"):]
     text = THINK_BLOCK.sub("", text).strip()
     previous = None
     while text != previous:  # wrappers nest in any order: a preamble before a fence, quotes inside it
@@ -526,14 +602,14 @@ def clean_reply(text: str | None) -> str:
         fenced = CODE_FENCE.match(text)
         if fenced:
             text = fenced.group(1).strip()
-        text = PREAMBLE.sub("", text, count=1).strip()
-        closing = QUOTES.get(text[:1])
-        if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:  # wrapped, not quoting inside
-            text = text[1:-1].strip()
+        preamble = PREAMBLE.match(text)
+        if preamble and not content_words(preamble.group(0)) & content_words(manual or ""):
+            text = text[preamble.end():].strip()
+        text = unwrap_quotes(text)
     return " ".join(text.split())
 
 
-WORD = re.compile(r"\w+")
+ECHO_WORD = re.compile(r"\w+")
 ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
 
 
@@ -543,9 +619,9 @@ def strip_echo(text: str, prompt: str | None) -> str:
     tokenizer drops accents, one that splits words by characters spaces them apart. So the two are compared as
     their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
     text = text.strip()
-    target = "".join(fold_word(w) for w in WORD.findall(prompt or ""))
+    target = "".join(fold_word(w) for w in ECHO_WORD.findall(prompt or ""))
     seen = ""
-    for match in WORD.finditer(text) if target else ():
+    for match in ECHO_WORD.finditer(text) if target else ():
         seen += fold_word(match.group())
         if seen == target:
             return text[match.end():].lstrip(ECHO_SEPARATORS).strip()
@@ -559,15 +635,32 @@ def fold_word(word: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
 
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[^\W_]+", text.translate(APOSTROPHES).lower())} - PREAMBLE_STOP_WORDS
+
+
+def unwrap_quotes(text: str) -> str:
+    """The text inside one pair of wrapping quotes; a caption that only quotes something inside stays whole."""
+    closing = QUOTES.get(text[:1])
+    if len(text) >= 2 and text[-1] == closing and closing not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
+
+
 def reply_problem(text: str, finish_reason: str | None) -> str | None:
     """Why a cleaned reply must not be cached, or None when it is fine."""
     if finish_reason == "length":
         return "reply cut off at --max_tokens (finish_reason=length)"
     if not re.search(r"\w", text):
         return "empty reply"
-    if REFUSAL.match(text):
+    if is_refusal(text):
         return f"refusal: {text[:60]!r}"
     return None
+
+
+def is_refusal(text: str) -> bool:
+    """A refusal whatever its apostrophes (straight, typographic, modifier letter), letter case and wrapping quotes."""
+    return bool(REFUSAL.match(unwrap_quotes(text.strip()).translate(APOSTROPHES)))
 
 
 def estimate_tokens(text: str) -> int:
@@ -945,6 +1038,27 @@ ENDPOINT_SETTINGS = {  # what a person changes to fix each endpoint, named in it
 }
 
 
+@dataclasses.dataclass
+class Attempts:
+    """One item's request budget: --max_retries + 1 requests in all, the openai client's own retries included.
+    complete_item() puts it in ATTEMPTS for its task; the request hook counts every request that goes out."""
+
+    left: int
+    stopping: asyncio.Event
+    in_flight: bool = False  # a request is on the wire and its reply is worth waiting for when stopping
+
+
+ATTEMPTS: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar("attempts", default=None)
+
+
+def count_request() -> None:
+    """A request goes out for this task's item: one attempt spent, and its reply is awaited even when stopping."""
+    attempts = ATTEMPTS.get()
+    if attempts is not None:
+        attempts.left -= 1
+        attempts.in_flight = True
+
+
 class EndpointChat:
     """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
 
@@ -966,12 +1080,18 @@ class EndpointChat:
     async def _before_request(self, request) -> None:
         if request.method != "POST":
             return
+        attempts = ATTEMPTS.get()
+        if attempts is not None and attempts.stopping.is_set():
+            raise Stopped  # the openai client may be about to retry: once stopping, nothing new is sent
         try:
             body = json.loads(request.content or b"{}")
         except ValueError:
             body = {}
         estimate = estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
         request.extensions["limiter_entry"] = await self.limiter.acquire(estimate)
+        if attempts is not None and attempts.stopping.is_set():
+            raise Stopped  # the limiter's wait ended just as the stop came
+        count_request()
 
     async def _after_response(self, response) -> None:
         entry = response.request.extensions.get("limiter_entry")
@@ -979,6 +1099,11 @@ class EndpointChat:
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
                 self.limiter.pause(min(float(retry_after), 600.0))
+        attempts = ATTEMPTS.get()
+        if attempts is not None and response.status_code >= 400:
+            attempts.in_flight = False  # the client may now sleep and retry: nothing here is worth waiting for
+            if attempts.stopping.is_set():
+                raise Stopped
         if entry is not None and self.limiter.tokens and response.status_code == 200:
             await response.aread()
             with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -1054,8 +1179,11 @@ class EndpointChat:
 
     async def complete(self, messages: list[dict]) -> Reply:
         o = self.openai
+        attempts = ATTEMPTS.get()
+        # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
+        client = self.client if attempts is None else self.client.with_options(max_retries=max(attempts.left - 1, 0))
         try:
-            response = await self.client.chat.completions.create(
+            response = await client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
@@ -1101,6 +1229,7 @@ class LocalChat:
         self.busy = False
 
     async def complete(self, messages: list[dict]) -> Reply:
+        count_request()  # queued for a batch is in flight: a generation cannot be called back halfway
         future = asyncio.get_running_loop().create_future()
         self.queue.append((messages, future))
         if not self.busy:
@@ -1159,31 +1288,78 @@ class LocalChat:
 # --------------------------------------------------------------------------------------------
 
 
-async def complete_item(backend, build: Callable[[Sequence[str]], list[dict]], max_retries: int,
-                        must_keep: Sequence[str] = (), sleep=asyncio.sleep) -> str:
-    """Ask until the reply is usable. Transport errors were already retried by the openai client;
-    here bad replies (broken, empty, refused, cut off, missing kept tokens) are asked again."""
-    reminder: Sequence[str] = ()
-    problem = "no attempt made"
-    for attempt in range(max_retries + 1):
-        if attempt:
-            await sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-        try:
-            reply = await backend.complete(build(reminder))
-        except RetryableReply as e:
-            problem = str(e)
-            continue
-        text = clean_reply(reply.text)
-        problem = reply_problem(text, reply.finish_reason)
-        if problem:
-            continue
-        missing = [part for part in must_keep if part not in text]
-        if not missing:
-            return text
-        if reminder:  # the reminder did not help: put the missing parts at the front ourselves
-            return ", ".join(missing) + ", " + text
-        reminder, problem = must_keep, f"reply dropped kept tokens {missing}"
+class OverBudget(ItemError):
+    """Every reply was longer than the trainer's token budget: the last one, for the caller to cut."""
+
+    def __init__(self, text: str, problem: str):
+        super().__init__(problem)
+        self.text, self.problem = text, problem
+
+
+async def complete_item(backend, messages: list[dict], max_retries: int, manual: str | None = None,
+                        must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
+                        sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None) -> str:
+    """Ask until the reply is usable, in at most max_retries + 1 requests in all. The openai client retries
+    transport faults (5xx, resets, timeouts) with its own backoff; here bad replies (broken, empty, refused, cut
+    off) are asked again; the request hook counts both against one budget (Attempts). The kept tokens are put
+    first by construction. A reply that `too_long` finds over the token budget is asked again with its count and
+    the limit; OverBudget carries the last one when none fits. Raises Stopped once `stopping` is set, and sends
+    nothing after it."""
+    attempts = Attempts(max_retries + 1, stopping or asyncio.Event())
+    token = ATTEMPTS.set(attempts)
+    try:
+        problem = "no attempt made"
+        while attempts.left > 0:
+            if attempts.left <= max_retries:  # asked before: back off
+                used = max_retries + 1 - attempts.left
+                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random())), attempts)
+            before = attempts.left
+            try:
+                reply = await unless_stopped(backend.complete(messages), attempts)
+            except RetryableReply as e:
+                problem = str(e)
+                continue
+            finally:
+                attempts.in_flight = False
+                if attempts.left == before:  # a backend that counts no requests (a test double): one call, one try
+                    attempts.left -= 1
+            text = clean_reply(reply.text, manual)
+            problem = reply_problem(text, reply.finish_reason)
+            if problem:
+                continue
+            text = keep_tokens_first(text, must_keep)
+            over = too_long(text) if too_long else None
+            if over is None:
+                return text
+            if attempts.left <= 0:
+                raise OverBudget(text, f"{over} (after {max_retries + 1} attempts)")
+            messages = messages + [{"role": "assistant", "content": reply.text or ""},
+                                   {"role": "user", "content": f"That caption is too long: {over}. Write it again, "
+                                                               "shorter, keeping every fact of the manual caption."}]
+    finally:
+        ATTEMPTS.reset(token)
     raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
+
+
+async def unless_stopped(awaitable, attempts: Attempts):
+    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter or in
+    the openai client's retry sleep at once, and raise Stopped. A request on the wire (attempts.in_flight) is let
+    finish: its reply is saved, and the response hook raises Stopped for a failed one before any retry."""
+    task = asyncio.ensure_future(awaitable)
+    stop = asyncio.ensure_future(attempts.stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        stop.cancel()
+    if not task.done() and not attempts.in_flight:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+            await task
+        raise Stopped
+    return await task
 
 
 # --------------------------------------------------------------------------------------------
@@ -1638,7 +1814,9 @@ class AsyncStage:
                 continue  # stopping: leave the rest for the next run
             try:
                 await self.handle(item)
-                self.stats.counts[self.name]["done"] += 1
+                self.stats.count(self.name, "done")
+            except Stopped:
+                continue  # neither done nor failed: the next run does it
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
@@ -1650,11 +1828,41 @@ class AsyncStage:
             self.progress.update()
 
 
-class EventLoopThread:
-    """An asyncio loop in a background thread, for the request stages while torch runs in the main one."""
+class StopEvent(threading.Event):
+    """The run's stop flag, set by a signal handler or a stage: a threading.Event that also sets the asyncio
+    Events that tasks on event loops wait on, so that a wait in the limiter or a retry sleep ends at once."""
 
     def __init__(self):
+        super().__init__()
+        self.wakers: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for wake in list(self.wakers):
+            wake()
+
+    def on_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """An asyncio.Event on `loop` that is set when this one is. No lock: a signal handler may call set()
+        while this runs, on the same thread; the is_set() after the append catches a set() that came first."""
+        event = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
+                loop.call_soon_threadsafe(event.set)
+
+        self.wakers.append(wake)
+        if self.is_set():
+            wake()
+        return event
+
+
+class EventLoopThread:
+    """An asyncio loop in a background thread, for the request stages while torch runs in the main one.
+    `stopping` is the run's stop flag as an asyncio.Event on that loop."""
+
+    def __init__(self, stop: StopEvent):
         self.loop = asyncio.new_event_loop()
+        self.stopping = stop.on_loop(self.loop)
         self.thread = threading.Thread(target=self.loop.run_forever, name="requests", daemon=True)
         self.thread.start()
 
@@ -1719,7 +1927,7 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         except OSError as e:
             stats.fail(item.image, STAGE_VISION, f"cannot write {item.generated_path.name}: {e.strerror or e}")
             return
-        stats.counts[STAGE_VISION]["done"] += 1
+        stats.count(STAGE_VISION, "done")
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
         for index, error in errors:
@@ -1776,9 +1984,9 @@ def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
     return messages
 
 
-def llm_messages(item: Item, system_prompt: str, manual: str | None, reminder: Sequence[str]) -> list[dict]:
+def llm_messages(item: Item, system_prompt: str, manual: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt},
-            {"role": "user", "content": build_user_message(manual, item.generated or "", reminder)}]
+            {"role": "user", "content": build_user_message(manual, item.generated or "")}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1817,7 +2025,9 @@ def run_settings(cfg: Config) -> Settings:
                   "repetition_penalty": cfg.repetition_penalty}
     vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
     merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+             "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+             "prefix": cfg.prefix, "suffix": cfg.suffix, "max_caption_tokens": cfg.max_caption_tokens,
+             "caption_tokenizer": cfg.caption_tokenizer}
     return Settings(vision, merge, variants_of(cfg))
 
 
@@ -2027,8 +2237,8 @@ def make_vision_chat(cfg: Config, state) -> EndpointChat:
                         cfg.max_new_tokens, 0.0, stage=STAGE_VISION)
 
 
-def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Event, *,
-        make_captioner=load_captioner, make_llm=make_chat) -> Stats:
+def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
+        make_captioner=load_captioner, make_llm=make_chat, count_tokens: Callable[[str], int] | None = None) -> Stats:
     """Caption and merge this process's share of the plan; returns its Stats for main() to gather."""
     stats = Stats()
     generating = {id(i) for i in plan.to_generate}
@@ -2038,7 +2248,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
     if not vision_items and not n_llm:
         return stats
 
-    events = EventLoopThread()
+    events = EventLoopThread(stop)
     chat = None
     llm_stage: AsyncStage | None = None
     llm_progress = reporter.progress("llm", n_llm)
@@ -2053,10 +2263,23 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: threading.Even
                                                                    commit=commit), settings.vision)
         forward(item)
 
+    def dress(text: str, kept: Sequence[str]) -> str:  # the --prefix and --suffix, once each
+        return apply_affixes(text, cfg.prefix, cfg.suffix, kept)
+
+    def over_budget(text: str, kept: Sequence[str]) -> str | None:
+        return budget_problem(dress(text, kept), cfg.max_caption_tokens, count_tokens) if count_tokens else None
+
     async def merge(job: Merge) -> None:
         item, variant, manual = job.item, job.variant, job.item.manual
-        text = await complete_item(chat, lambda reminder: llm_messages(item, variant.system_prompt, manual, reminder),
-                                   cfg.max_retries, keep_token_parts(manual, cfg.keep_tokens))
+        kept = keep_token_parts(manual, cfg.keep_tokens)
+        try:
+            text = dress(await complete_item(chat, llm_messages(item, variant.system_prompt, manual), cfg.max_retries,
+                                             manual, kept, stopping=events.stopping,
+                                             too_long=lambda t: over_budget(t, kept)), kept)
+        except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
+            text = fit_to_budget(dress(e.text, kept), kept, cfg.max_caption_tokens, count_tokens, cfg.prefix,
+                                 cfg.suffix)
+            stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
         record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
         await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name])
@@ -2133,7 +2356,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[
     async def describe(item: Item) -> None:
         url = await asyncio.to_thread(image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, prompt)
-        text = await complete_item(chat, lambda _: messages, cfg.max_retries)
+        text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         await asyncio.to_thread(keep, item, text)
 
     stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop)
@@ -2347,6 +2570,7 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
         lines.append(f"input: {inputs} skipped")
+    lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
@@ -2385,9 +2609,9 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
     return kept
 
 
-def write_report(path: Path, failures: Iterable[Failure], summary: dict) -> None:
-    """A JSON line per failure (path, stage, error), then the summary record: the last line carries the run's exit
-    code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
+def write_report(path: Path, failures: Iterable[Failure | Note | Finding], summary: dict) -> None:
+    """A JSON line per failure (path, stage, error) or note (path, stage, note), then the summary record: the last
+    line carries the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
     lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
     atomic_write(path, "\n".join(lines))
 
@@ -2400,6 +2624,7 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
         summary[stage] = {"done": counts["done"], "cached": cached[stage], "failed": counts["failed"]}
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
+    summary["notes"] = len(stats.notes)
     summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
     summary["error"] = stats.fatal
     return summary
@@ -2658,7 +2883,7 @@ class Finding:
     detail: str
 
 
-STOP_WORDS = frozenset(
+PHRASE_STOP_WORDS = frozenset(
     "a an the and or but of in on at to with without by for from as into onto over under near its it his her their "
     "this that these those is are was were be been being has have there here very some".split()
 )
@@ -2691,7 +2916,7 @@ def common_phrases(texts: Sequence[str], fixed: Iterable[str]) -> list[tuple[str
     counts = collections.Counter(gram for text in texts for gram in word_ngrams(text))
     found: list[str] = []
     for gram, n in sorted(counts.items(), key=lambda kv: (-len(kv[0].split()), kv[0])):
-        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= STOP_WORDS:
+        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS:
             continue
         if any(f" {gram} " in f for f in fixed_words) or any(f" {gram} " in f" {longer} " for longer in found):
             continue
@@ -2795,7 +3020,7 @@ def generated_finding(item: Item) -> Finding | None:
     text = read_cache(item.generated_path)
     if text is None:
         return None
-    if REFUSAL.match(text):
+    if is_refusal(text):
         return Finding(str(item.generated_path), "refusal", f"refusal: {text[:60]!r}")
     loop = find_loop(text)
     return Finding(str(item.generated_path), "loop", loop) if loop else None
@@ -2918,10 +3143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.3, help="LLM sampling temperature")
     g.add_argument("--rpm", type=int, default=0, help="requests per minute for the whole run, all processes (0: none)")
     g.add_argument("--tpm", type=int, default=0, help="tokens per minute for the whole run, all processes (0: none)")
-    g.add_argument("--max_retries", type=int, default=5, help="retries per request (backoff, honours Retry-After)")
+    g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport retries included (backoff, honours Retry-After)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--keep_tokens", type=int, default=0,
-                   help="the first N comma-separated parts of the manual caption must appear verbatim (0: off)")
+                   help="start each caption with the first N comma-separated parts of the manual caption, verbatim "
+                        "and once each (0: off)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--batch_size", type=int, default=8, help="images per generate call")
@@ -3139,9 +3365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(cfg.dataset_dir)
     try:
-        error = None
+        error, count_tokens = None, None
         try:
             check_against_state(cfg, state)
+            count_tokens = caption_counter(cfg)  # the trainer's tokenizer, for --max_caption_tokens
             if state.is_main_process and not cfg.dry_run:
                 error = lock.acquire()
         except UsageError as e:
@@ -3181,11 +3408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
         for line in plan_items(plan):
             reporter.detail(line)
-        stop = threading.Event()
+        stop = StopEvent()
         stats = Stats()
         with stop_on_signals(stop, stats, reporter):
             try:
-                stats.merge(run(cfg, plan, state, reporter, stop))
+                stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens))
             except UsageError as e:  # the model cannot be loaded: nothing else can go on
                 stats.fatal = str(e)
         return finish(cfg, plan, state, stats, reporter)
@@ -3214,7 +3441,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> 
             print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
             try:
-                write_report(cfg.report, stats.failures, report_summary(plan, stats))
+                write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
             except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
                 print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
                 return max(stats.exit_code(), EXIT_USAGE)

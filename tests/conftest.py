@@ -86,13 +86,23 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+TWO_PROCESS_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", "0", str(SCRIPT)]
+
+
+def two_process_env() -> dict[str, str]:
+    return cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+
+
+def two_process_command(*args) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of run_two_processes, for a test that starts it with Popen."""
+    return TWO_PROCESS_LAUNCHER + [str(a) for a in args], two_process_env()
+
+
 def run_two_processes(*args, timeout: float = 600):
     """The real script under `accelerate launch` as two CPU processes that see each other (world size 2)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-                str(SCRIPT)]
-    return run_cli(*args, launcher=launcher, env=cli_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES=""),
-                   timeout=timeout)
+    return run_cli(*args, launcher=TWO_PROCESS_LAUNCHER, env=two_process_env(), timeout=timeout)
 
 
 def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None, launcher=None):

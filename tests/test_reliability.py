@@ -419,39 +419,20 @@ def keep_tokens_dataset(tmp_path):
     return images
 
 
-def test_keep_tokens_reply_that_drops_one_is_retried_with_a_reminder(tmp_path, capsys, model_dir, llm_server):
+@pytest.mark.parametrize("answer, combined", [
+    ("A smiling man in a red shirt, outdoors.", "ohwx man, red shirt, A smiling man in a, outdoors."),  # drops one
+    ("A smiling man outdoors.", "ohwx man, red shirt, A smiling man outdoors."),  # drops both
+    ("ohwx man in a red shirt, smiling outdoors.", "ohwx man, red shirt, in a, smiling outdoors."),  # keeps both
+])
+def test_keep_tokens_are_put_first_by_construction_in_one_request(tmp_path, capsys, model_dir, llm_server, answer,
+                                                                  combined):
     images = keep_tokens_dataset(tmp_path)
-    llm_server.script(reply("A smiling man in a red shirt, outdoors."),  # drops "ohwx man"
-                      reply("ohwx man in a red shirt, smiling outdoors."))
+    llm_server.script(reply(answer))
     code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--keep_tokens", "2", "--max_retries", "1"))
     assert code == 0, err
-    first, second = (user_message(r) for r in llm_server.requests)
-    assert second != first and '"ohwx man"' in second and '"ohwx man"' not in first  # the reminder
-    assert combined_text(images[0]) == "ohwx man in a red shirt, smiling outdoors."
-
-
-def test_keep_tokens_still_missing_after_the_reminder_are_put_at_the_front(tmp_path, capsys, model_dir,
-                                                                          llm_server):
-    images = keep_tokens_dataset(tmp_path)
-    llm_server.script(reply("A smiling man outdoors."), reply("A smiling man in a shirt, outdoors."))
-    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
-                                                "--keep_tokens", "2", "--max_retries", "1"))
-    assert code == 0, err
-    assert len(llm_server.requests) == 2
-    text = combined_text(images[0])
-    assert text.startswith("ohwx man") and "red shirt" in text.split("A smiling man")[0]
-    assert text.endswith("A smiling man in a shirt, outdoors.")
-
-
-def test_keep_tokens_kept_on_the_first_try_needs_one_request(tmp_path, capsys, model_dir, llm_server):
-    images = keep_tokens_dataset(tmp_path)
-    llm_server.script(reply("ohwx man in a red shirt, smiling outdoors."))
-    code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
-                                                "--keep_tokens", "2"))
-    assert code == 0, err
-    assert len(llm_server.requests) == 1
-    assert combined_text(images[0]) == "ohwx man in a red shirt, smiling outdoors."
+    assert len(llm_server.requests) == 1  # never asked again for the kept tokens
+    assert combined_text(images[0]) == combined
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,8 +61,6 @@ def test_user_message_labels_each_caption_once_and_says_when_there_is_no_manual_
     without = ec.build_user_message(None, "a man in a red shirt")
     assert "There is no manual caption" in without and "Manual caption" not in without
     assert not without.startswith((".", " ")) and ". ." not in without
-    reminded = ec.build_user_message("ohwx man, red shirt", "x", reminder=["ohwx man"])
-    assert '"ohwx man"' in reminded
 
 
 def test_keep_token_parts():
@@ -257,34 +255,31 @@ def test_complete_item_retries_bad_replies_then_reports():
 
     ok = Backend([ec.RetryableReply("not json"), ec.Reply("", "stop"), ec.Reply("I'm sorry, I can't.", "stop"),
                   ec.Reply("A red car.", "stop")])
-    text = asyncio.run(ec.complete_item(ok, lambda reminder: [reminder], 5, sleep=clock.sleep))
+    text = asyncio.run(ec.complete_item(ok, [], 5, sleep=clock.sleep))
     assert text == "A red car." and len(ok.calls) == 4 and len(clock.sleeps) == 3
     assert clock.sleeps[1] > clock.sleeps[0] * 0.5  # backoff grows (with jitter)
 
     bad = Backend([ec.Reply("cut", "length")] * 3)
     with pytest.raises(ec.ItemError, match="cut off"):
-        asyncio.run(ec.complete_item(bad, lambda reminder: [reminder], 2, sleep=clock.sleep))
+        asyncio.run(ec.complete_item(bad, [], 2, sleep=clock.sleep))
 
 
-def test_complete_item_keep_tokens_reminds_then_prefixes():
+def test_complete_item_puts_the_kept_tokens_first_without_asking_again():
     class Backend:
         def __init__(self, replies):
-            self.replies, self.reminders = list(replies), []
+            self.replies, self.calls = list(replies), 0
 
         async def complete(self, messages):
-            self.reminders.append(list(messages[0]))
+            self.calls += 1
             return ec.Reply(self.replies.pop(0), "stop")
 
     async def no_sleep(_):
         pass
 
-    fixed = Backend(["a man in red", "ohwx man wearing a red shirt"])
-    assert asyncio.run(ec.complete_item(fixed, lambda r: [r], 3, ["ohwx man"], sleep=no_sleep)) == \
-        "ohwx man wearing a red shirt"
-    assert fixed.reminders == [[], ["ohwx man"]]
-    stubborn = Backend(["a man in red", "still a man in red"])
-    assert asyncio.run(ec.complete_item(stubborn, lambda r: [r], 3, ["ohwx man", "red"], sleep=no_sleep)) == \
-        "ohwx man, still a man in red"
+    stubborn = Backend(["a man in red"])
+    assert asyncio.run(ec.complete_item(stubborn, [], 3, None, ["ohwx man", "red"], sleep=no_sleep)) == \
+        "ohwx man, red, a man in"
+    assert stubborn.calls == 1
 
 
 def test_load_image_refuses_a_bomb_without_allocating(tmp_path):
