@@ -2277,8 +2277,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
                                              manual, kept, stopping=events.stopping,
                                              too_long=lambda t: over_budget(t, kept)), kept)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = fit_to_budget(dress(e.text, kept), kept, cfg.max_caption_tokens, count_tokens, cfg.prefix,
-                                 cfg.suffix)
+            text = training_caption(e.text, kept, cfg, count_tokens)
             stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
         record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)

@@ -389,3 +389,72 @@ def test_shipped_prompts_are_sent_as_the_system_prompt(tmp_path, llm_server, cap
                               "--system_prompt", prompt)
     assert code == 0, out + err
     assert [r["messages"][0] for r in llm_server.requests] == [{"role": "system", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets and fixed text in the merge itself
+# --------------------------------------------------------------------------------------------
+
+LONG_REPLY = "sks woman, a red dress, standing in the park, soft golden light. A red dress in the soft light."
+
+
+def budget_dataset(ds: Path) -> Path:
+    image = make_image(ds / "a.jpg", 1)
+    caches(image)[0].write_text("a woman in a red dress in a park\n", encoding="utf-8")  # only the merge runs
+    image.with_suffix(".txt").write_text("sks woman, in the park", encoding="utf-8")
+    return image
+
+
+def merge_args(ds: Path, server, tokenizer_dir: str, *extra) -> list:
+    return ["--dataset_dir", ds, "--model_id", ds / "no-model", "--base_url", server.base_url, "--model", "test-model",
+            "--keep_tokens", "1", "--max_caption_tokens", "12", "--caption_tokenizer", tokenizer_dir, *extra]
+
+
+def test_a_reply_over_the_budget_is_asked_again_with_its_count_then_cut_with_a_note(tmp_path, llm_server, capsys,
+                                                                                   tokenizer_dir, count):
+    ds = tmp_path / "ds"
+    image = budget_dataset(ds)
+    llm_server.reply = lambda body: LONG_REPLY  # never complies
+    report = tmp_path / "report.jsonl"
+    code, out, err = run_main(capsys, *merge_args(ds, llm_server, tokenizer_dir, "--max_retries", "2",
+                                                  "--report", report))
+    assert code == 0, out + err
+    assert len(llm_server.requests) == 3
+    for request in llm_server.requests[1:]:  # asked again, with the count and the limit
+        last = request["messages"][-1]["content"]
+        assert last.startswith("That caption is too long") and "the limit is 12" in last
+        assert f"is {count(LONG_REPLY)} tokens" in last
+    text = caches(image)[1].read_text(encoding="utf-8").strip()
+    assert count(text) <= 12 and text.startswith("sks woman, ")
+    assert LONG_REPLY.startswith(text.rstrip("."))  # cut at a boundary of the reply, nothing invented
+    rows = report_failures(report)
+    assert [r["path"] for r in rows] == [str(image)] and "cut to" in rows[0]["note"]
+
+
+def test_a_reply_that_fits_on_the_second_try_is_cached_without_a_note(tmp_path, llm_server, capsys, tokenizer_dir,
+                                                                      count):
+    ds = tmp_path / "ds"
+    image = budget_dataset(ds)
+    llm_server.script(("reply", LONG_REPLY), ("reply", "sks woman, a red dress"))
+    report = tmp_path / "report.jsonl"
+    code, out, err = run_main(capsys, *merge_args(ds, llm_server, tokenizer_dir, "--report", report))
+    assert code == 0, out + err
+    assert len(llm_server.requests) == 2
+    assert caches(image)[1].read_bytes() == b"sks woman, a red dress\n"
+    assert report_failures(report) == []
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("sks woman, a red dress", "photo, sks woman, a red dress, golden"),
+    ("photo, sks woman, a red dress, golden", "photo, sks woman, a red dress, golden"),  # never doubled
+    ("Photo, sks woman, golden, a red dress", "photo, sks woman, a red dress, golden"),
+])
+def test_prefix_and_suffix_reach_every_combined_caption_once(tmp_path, llm_server, capsys, reply, expected):
+    ds = tmp_path / "ds"
+    image = budget_dataset(ds)
+    llm_server.reply = lambda body: reply
+    code, out, err = run_main(capsys, "--dataset_dir", ds, "--model_id", ds / "no-model", "--base_url",
+                              llm_server.base_url, "--model", "test-model", "--keep_tokens", "1",
+                              "--prefix", "photo", "--suffix", "golden")
+    assert code == 0, out + err
+    assert caches(image)[1].read_text(encoding="utf-8").strip() == expected
