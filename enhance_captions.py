@@ -3067,6 +3067,9 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
         ext, manual = caption_extension_of(args.write_captions), caption_extension_of(args.caption_extension)
         if not re.fullmatch(r"\.[A-Za-z0-9]+", ext):
             raise UsageError(f"--write_captions {args.write_captions}: give a plain extension such as .caption or .txt")
+        if ext.lower() in IMAGE_EXTENSIONS:
+            raise UsageError(f"--write_captions {ext} is an image extension: the text files would be found as images "
+                             "(or replace them); give one such as .caption or .txt")
         if ext.lower() == manual.lower():
             raise UsageError(f"--write_captions {ext} would overwrite the manual captions (--caption_extension "
                              f"{manual}) that the next run reads: keep the manual captions as .caption and write "
