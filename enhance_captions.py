@@ -1870,7 +1870,9 @@ def plan_work(cfg: Config) -> Plan:
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
     records = Records(cfg.dataset_dir)
-    if cfg.refresh != "none":  # --refresh none trusts every cache as it is: no record is needed to judge one
+    # --refresh none trusts every cache as it is: no record is needed to judge one; but the --write_captions files
+    # are copies kept in step, and only their records tell this script's copy from a hand edit
+    if cfg.refresh != "none" or cfg.write_captions:
         records.load()
     plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
     budget = cfg.limit
