@@ -2080,7 +2080,9 @@ def plan_work(cfg: Config) -> Plan:
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
     records = Records(cfg.dataset_dir)
-    if cfg.refresh != "none":  # --refresh none trusts every cache as it is: no record is needed to judge one
+    # --refresh none trusts every cache as it is: no record is needed to judge one; but the --write_captions files
+    # are copies kept in step, and only their records tell this script's copy from a hand edit
+    if cfg.refresh != "none" or cfg.write_captions:
         records.load()
     plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
     budget = cfg.limit
@@ -3292,6 +3294,9 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
         ext, manual = caption_extension_of(args.write_captions), caption_extension_of(args.caption_extension)
         if not re.fullmatch(r"\.[A-Za-z0-9]+", ext):
             raise UsageError(f"--write_captions {args.write_captions}: give a plain extension such as .caption or .txt")
+        if ext.lower() in IMAGE_EXTENSIONS:
+            raise UsageError(f"--write_captions {ext} is an image extension: the text files would be found as images "
+                             "(or replace them); give one such as .caption or .txt")
         if ext.lower() == manual.lower():
             raise UsageError(f"--write_captions {ext} would overwrite the manual captions (--caption_extension "
                              f"{manual}) that the next run reads: keep the manual captions as .caption and write "
