@@ -2548,6 +2548,7 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
     lines = [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
+        f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
         f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
         *plan_lines(plan),

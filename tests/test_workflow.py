@@ -214,6 +214,8 @@ def test_dry_run_reports_the_plan_and_touches_nothing(tmp_path, llm_server, caps
     assert tokens and max(tokens) > 0, out
     assert "a.png" in out and "a.jpg" in out                         # the conflict, by name
     assert "bad.jpg" in out and "img003.txt" in out                  # the unreadable files, by name
+    line = next(line for line in out.splitlines() if "vision:" in line and "merge:" in line)  # what would run
+    assert str(tmp_path / "no-such-model") in line and llm_server.base_url in line and "model test-model" in line
     assert llm_server.requests == []
     assert snapshot(ds) == before                                    # no cache, no lock, no temporary file
 
