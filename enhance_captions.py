@@ -20,21 +20,26 @@ For every image `photo.jpg` (with an optional manual caption `photo.txt` beside 
     photo_generated.txt   what a vision-language model sees in the image
     photo_combined.txt    the manual and generated captions merged by an LLM
 
-Both are caches: a rerun (after a crash, a Ctrl-C, or from cron) redoes only what is missing.
+Both are caches, and `.enhance_captions/` records what made each one: a rerun (after a crash, a Ctrl-C, or from
+cron while the captions are being edited) redoes exactly what changed, and never overwrites a hand edit.
 
     accelerate launch enhance_captions.py --dataset_dir images/ \\
         --model_id florence-community/Florence-2-base --prompt "<MORE_DETAILED_CAPTION>" \\
         --base_url http://127.0.0.1:11434/v1/ --model llama3.1
 
 Map of this file, top to bottom:
-    constants and types        Config, Item, Failure, Stats
-    pure functions             discovery, caches, images, prompts, reply cleaning, sharding
+    constants and types        Config, Item, Variant, Merge, Failure, Note, Stats
+    pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
+    records                    what made each cache: per-process journals folded into records.jsonl
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
     chat backends              the OpenAI-compatible endpoint, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
+    progress and messages      the one reporter that prints
     stages                     the vision loop, the async LLM stage, overlap or one after the other
+    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why)
     run()                      orchestration for one process
+    around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
     CLI                        build_parser(), main()
 """
@@ -394,6 +399,23 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
     return [i for i in items if i.image not in bad], failures
 
 
+def digest(data: bytes) -> str:
+    """A short content hash: 64 bits tell a hand edit from what was written."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def cache_bytes(text: str) -> bytes:
+    """A cache's bytes exactly as atomic_write writes them, so a record's hash can be taken before the write."""
+    return (text.strip() + "\n").encode("utf-8")
+
+
+def image_stamp(path: Path) -> str:
+    """An image's size and mtime: one stat per image, so a rerun over 100k images stays cheap. A replaced image
+    (a new file, an edit, a copy) changes it; a copy that keeps both size and mtime would not be noticed."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_caption(path: Path) -> tuple[str | None, str | None]:
     """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
     The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
@@ -709,23 +731,6 @@ RECORDS_DIR = ".enhance_captions"  # hidden: trainers, imagefolder loaders and w
 RECORDS_FILE = "records.jsonl"
 JOURNAL_DIR = "journal"
 KIND_GENERATED, KIND_COMBINED = "generated", "combined"
-
-
-def digest(data: bytes) -> str:
-    """A short content hash: 64 bits tell a hand edit from what was written."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def cache_bytes(text: str) -> bytes:
-    """A cache's bytes exactly as atomic_write writes them, so a record's hash can be taken before the write."""
-    return (text.strip() + "\n").encode("utf-8")
-
-
-def image_stamp(path: Path) -> str:
-    """An image's size and mtime: one stat per image, so a rerun over 100k images stays cheap. A replaced image
-    (a new file, an edit, a copy) changes it; a copy that keeps both size and mtime would not be noticed."""
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def settings_id(kind: str, values: dict) -> str:
