@@ -120,14 +120,14 @@ def test_bad_flag_missing_folder_missing_prompt_file_exit_2(tmp_path, llm_server
     assert llm_server.requests == []
 
 
-def test_unreachable_endpoint_fails_before_any_model_loads(tmp_path):
+def test_unreachable_endpoint_fails_before_any_model_loads(tmp_path, model_dir):
     import socket
 
     make_dataset(tmp_path / "ds", 2)
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run_cli("--dataset_dir", tmp_path / "ds", "--model_id", tmp_path / "no-model",
+    result = run_cli("--dataset_dir", tmp_path / "ds", "--model_id", model_dir("florence2"),
                      "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "0")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]

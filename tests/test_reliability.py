@@ -761,9 +761,10 @@ def test_bad_inputs_are_reported_once_each_and_every_good_image_is_captioned(tmp
     assert len(messages) == len(good) - 1
     assert not any("caf" in m for m in messages)  # the undecodable caption was not guessed at
     assert any("ünïcødé subject, 写真" in m for m in messages)
-    n_bad_images = len([n for n in bad if n not in ("loop", "a.png", "a.jpg")])
+    # A dangling symlink fails at planning (its image cannot be stat'ed), the other bad images in the vision stage.
+    n_bad_images = len([n for n in bad if n not in ("loop", "a.png", "a.jpg", "dangling.jpg")])
     assert f"vision: {len(good)} done, 0 from cache, {n_bad_images} failed" in out
-    assert f"llm: {len(good) - 1} done, 0 from cache, 1 failed" in out
+    assert f"llm: {len(good) - 1} done, 0 from cache, 0 failed" in out  # badcaption's merge waits, reported at input
 
 
 def test_dataset_dir_that_is_a_file_or_an_empty_folder_is_a_clear_exit_2(tmp_path, capsys, model_dir, llm_server):
