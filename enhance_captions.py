@@ -30,7 +30,7 @@ Map of this file, top to bottom:
     constants and types        Config, Item, Failure, Stats
     pure functions             discovery, caches, images, prompts, reply cleaning, sharding
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
-    chat backends              the OpenAI-compatible endpoint, and a local transformers LLM
+    chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     stages                     the vision loop, the async LLM stage, overlap or one after the other
