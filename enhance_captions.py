@@ -32,7 +32,7 @@ Map of this file, top to bottom:
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
     records                    what made each cache: per-process journals folded into records.jsonl
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
-    chat backends              the OpenAI-compatible endpoint, and a local transformers LLM
+    chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
@@ -87,6 +87,9 @@ GENERATED_SUFFIX = "_generated.txt"
 COMBINED_SUFFIX = "_combined.txt"
 LOCK_NAME = ".enhance_captions.lock"
 PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by the processes of a run
+SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections) that set a pooled endpoint aside
+SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
+SET_ASIDE_MAX_SECONDS = 600.0
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
@@ -127,6 +130,15 @@ class RetryableReply(ItemError):
     """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
 
 
+class EndpointDown(ItemError):
+    """The endpoint did not answer this request (no connection, a dropped one, a timeout, a 5xx): a pool of
+    endpoints sends it to another. `refused`: no connection could be made at all."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
 class Stopped(BaseException):
     """The run is stopping (a signal, or a fatal error elsewhere): this item is left for the next run. A
     BaseException, like asyncio.CancelledError, so that no retry loop that catches Exception (older openai
@@ -149,15 +161,15 @@ class Config:
     variants: tuple[tuple[str, str], ...] = ()  # (name, system prompt) per --variant
     write_captions: str | None = None  # also write each combined caption to {stem}EXT for the trainer
     vlm_system_prompt: str | None = None
-    base_url: str | None = None
+    base_url: tuple[str, ...] = ()  # one or more (--base_url repeatable); none: the openai client's default
     model: str | None = None  # None: the one model the endpoint lists, found by preflight
     model_from_list: bool = False
     api_key: str | None = None
     local_llm: str | None = None
     set_aside_base_url: str | None = None  # $OPENAI_BASE_URL, unused because --local_llm was given
-    vlm_base_url: str | None = None
+    vlm_base_url: tuple[str, ...] = ()  # one or more (--vlm_base_url repeatable)
     vlm_model: str | None = None
-    vlm_api_key: str | None = None
+    vlm_api_keys: tuple[str | None, ...] = ()  # the key for each vlm_base_url
     vlm_max_side: int = 1024
     vlm_rpm: float = 0
     cache_generated: bool = True
@@ -1068,10 +1080,12 @@ class EndpointChat:
     """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
 
     def __init__(self, base_url: str | None, api_key: str | None, model: str | None, limiter: RateLimiter,
-                 max_retries: int, timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM):
+                 max_retries: int, timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM,
+                 pooled: bool = False):
         import openai
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.pooled = pooled  # one request per complete(): the pool retries a failed one on another endpoint
         self.settings = ENDPOINT_SETTINGS[stage]
         self.limiter, self.api_key = limiter, api_key
         self.openai = openai
@@ -1186,7 +1200,8 @@ class EndpointChat:
         o = self.openai
         attempts = ATTEMPTS.get()
         # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
-        client = self.client if attempts is None else self.client.with_options(max_retries=max(attempts.left - 1, 0))
+        retries = 0 if self.pooled else None if attempts is None else max(attempts.left - 1, 0)
+        client = self.client if retries is None else self.client.with_options(max_retries=retries)
         try:
             response = await client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
@@ -1195,11 +1210,13 @@ class EndpointChat:
         except o.RateLimitError as e:  # the client gives up at once on a long Retry-After; the limiter waits it out
             raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
         except o.APIStatusError as e:
-            raise ItemError(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
+            error = EndpointDown if e.status_code >= 500 else ItemError
+            raise error(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
         except o.APITimeoutError as e:
-            raise ItemError("request timed out (--timeout)") from e
-        except o.APIConnectionError as e:
-            raise ItemError(f"connection failed: {redact(str(e), self.api_key)[:200]}") from e
+            raise EndpointDown("request timed out (--timeout)") from e
+        except o.APIConnectionError as e:  # ConnectError (httpx, httpx2): no connection was made at all
+            raise EndpointDown(f"connection failed: {redact(str(e), self.api_key)[:200]}",
+                               refused=type(e.__cause__).__name__ == "ConnectError") from e
         except (o.APIResponseValidationError, ValueError) as e:
             raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
         if not getattr(response, "choices", None):
@@ -1209,6 +1226,103 @@ class EndpointChat:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+@dataclasses.dataclass
+class PoolMember:
+    """One endpoint of a pool and how it has fared."""
+
+    chat: EndpointChat
+    in_flight: int = 0
+    sent: int = 0
+    failures: int = 0  # failed requests in a row
+    back_at: float = 0.0  # set aside until this time (the pool's clock)
+    aside: float = 0.0  # how long it was set aside last; 0 once it answers again
+    reason: str = ""
+
+
+class EndpointPool:
+    """Several endpoints serving one model, in EndpointChat's place. A request goes to the endpoint with the fewest
+    in flight; each has its own limiter (so --rpm and --tpm hold per endpoint) and sends one request per call, no
+    transport retries of its own. An endpoint that stops answering (a refused connection, or SET_ASIDE_AFTER
+    failures in a row) is set aside with one warning line and used again after SET_ASIDE_SECONDS, doubled each
+    time it fails again on its return. The request that failed goes to another endpoint, out of the item's
+    attempts (ATTEMPTS). With every endpoint set aside no endpoint is left: FatalEndpointError ends the run."""
+
+    def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
+                 clock=time.monotonic, sleep=asyncio.sleep):
+        self.members = [PoolMember(chat) for chat in chats]
+        self.warn = warn or warn_stderr
+        self.clock, self.sleep = clock, sleep
+
+    async def check(self) -> str:
+        """Every endpoint's own check. The first settles the model (the one configured, or the one it lists); the
+        others must serve that model. Any one failing is an error that names it."""
+        first, *rest = self.members
+        model = await first.chat.check()
+        for member in rest:
+            member.chat.model = model
+        for result in await asyncio.gather(*(m.chat.check() for m in rest), return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+        return model
+
+    async def complete(self, messages: list[dict]) -> Reply:
+        attempts = ATTEMPTS.get()
+        last: PoolMember | None = None
+        tries = 0
+        while True:
+            member = self._pick(avoid=last)
+            if member is last:  # no other endpoint to go to: back off, as the client's own retries would
+                await self.sleep(min(8.0, 0.5 * 2 ** (tries - 1)) * (0.5 + random.random()))
+            member.in_flight += 1
+            member.sent += 1
+            try:
+                reply = await member.chat.complete(messages)
+            except EndpointDown as e:
+                self._failed(member, e)
+                if attempts is None or attempts.left <= 0:
+                    raise EndpointDown(f"{member.chat._url()}: {e}", e.refused) from e
+                last, tries = member, tries + 1
+                continue
+            finally:
+                member.in_flight -= 1
+            member.failures, member.aside = 0, 0.0
+            return reply
+
+    def _pick(self, avoid: PoolMember | None = None) -> PoolMember:
+        """The endpoint with the fewest requests in flight, then the fewest sent; another than `avoid` if any."""
+        now = self.clock()
+        ready = [m for m in self.members if m.back_at <= now]
+        if not ready:
+            raise FatalEndpointError("no endpoint left, every one is set aside: " + "; ".join(
+                f"{m.chat._url()} ({m.reason})" for m in self.members))
+        return min(ready, key=lambda m: (m is avoid, m.in_flight, m.sent))
+
+    def _failed(self, member: PoolMember, error: EndpointDown) -> None:
+        member.failures += 1
+        member.reason = str(error)
+        now = self.clock()
+        if member.back_at > now:  # set aside already, by a request that failed before this one
+            return
+        if not (error.refused or member.failures >= SET_ASIDE_AFTER or member.aside):  # aside: just back, on trial
+            return
+        member.aside = min(2 * member.aside or SET_ASIDE_SECONDS, SET_ASIDE_MAX_SECONDS)
+        member.back_at = now + member.aside
+        left = sum(m.back_at <= now for m in self.members)
+        self.warn(f"warning: endpoint {member.chat._url()} set aside for {member.aside:.0f} s ({error}); "
+                  + (f"its requests go to the others ({left} left)" if left else "no endpoint is left"))
+
+    async def close(self) -> None:
+        for member in self.members:
+            await member.chat.close()
+
+
+def warn_stderr(message: str) -> None:
+    """A warning from inside a stage, where no Reporter reaches: printed between the progress bars, as Reporter does."""
+    from tqdm import tqdm
+
+    tqdm.write(printable(message), file=sys.stderr)
 
 
 class LocalChat:
@@ -2220,28 +2334,44 @@ def my_share(state, items: list[Item]) -> list[Item]:
 
 
 def make_chat(cfg: Config, state):
-    """The LLM client factory: the endpoint with this process's share of the rate limits, or a local LLM."""
+    """The LLM client factory: the endpoint (or a pool of them) with this process's share of the rate limits, or a
+    local LLM."""
     if cfg.local_llm:
         quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
                          cfg.max_tokens, cfg.temperature, trust_remote_code=cfg.trust_remote_code)
-    limiter = RateLimiter(requests=process_share(cfg.rpm, state.process_index, state.num_processes),
-                          tokens=process_share(cfg.tpm, state.process_index, state.num_processes),
-                          shared=shared_pause(cfg, state, STAGE_LLM))
-    return EndpointChat(cfg.base_url, cfg.api_key, cfg.model, limiter, cfg.max_retries, cfg.timeout,
-                        cfg.max_tokens, cfg.temperature)
+    urls = cfg.base_url or (None,)
+    return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in urls], cfg.model, cfg.rpm, cfg.tpm,
+                         cfg.max_tokens, cfg.temperature)
 
 
-def shared_pause(cfg: Config, state, stage: str) -> SharedPause | None:
-    """Where several processes call one endpoint, a 429's pause reaches all of them; one process keeps it in memory."""
-    return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=stage)) if state.num_processes > 1 else None
+def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
+                  model: str | None, rpm: int, tpm: int, max_tokens: int, temperature: float):
+    """The one place that builds endpoint clients: each (url, key) gets its own limiter with this process's share of
+    --rpm/--tpm, which so hold per endpoint. Several endpoints make an EndpointPool."""
+    pooled = len(endpoints) > 1
+    chats = []
+    for url, key in endpoints:
+        limiter = RateLimiter(requests=process_share(rpm, state.process_index, state.num_processes),
+                              tokens=process_share(tpm, state.process_index, state.num_processes),
+                              shared=shared_pause(cfg, state, stage, url if pooled else None))
+        chats.append(EndpointChat(url, key, model, limiter, cfg.max_retries, cfg.timeout, max_tokens, temperature,
+                                  stage=stage, pooled=pooled))
+    return EndpointPool(chats) if pooled else chats[0]
 
 
-def make_vision_chat(cfg: Config, state) -> EndpointChat:
-    limiter = RateLimiter(requests=process_share(cfg.vlm_rpm, state.process_index, state.num_processes),
-                          shared=shared_pause(cfg, state, STAGE_VISION))
-    return EndpointChat(cfg.vlm_base_url, cfg.vlm_api_key, cfg.vlm_model, limiter, cfg.max_retries, cfg.timeout,
-                        cfg.max_new_tokens, 0.0, stage=STAGE_VISION)
+def shared_pause(cfg: Config, state, stage: str, url: str | None = None) -> SharedPause | None:
+    """Where several processes call one endpoint, a 429's pause reaches all of them; one process keeps it in memory.
+    In a pool each endpoint has its own pause, its file named with a short hash of its URL."""
+    if state.num_processes == 1:
+        return None
+    name = stage if url is None else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
+    return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name))
+
+
+def make_vision_chat(cfg: Config, state) -> EndpointChat | EndpointPool:
+    return endpoint_chat(cfg, state, STAGE_VISION, list(zip(cfg.vlm_base_url, cfg.vlm_api_keys)), cfg.vlm_model,
+                         cfg.vlm_rpm, 0, cfg.max_new_tokens, 0.0)
 
 
 def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
@@ -3131,15 +3261,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel (default: the model's own choice)")
     g.add_argument("--device_map", choices=["auto"], help="split one large model over all GPUs (one process only)")
     g.add_argument("--quantization", choices=["4bit", "8bit"], help="load the vision model quantized (bitsandbytes)")
-    g.add_argument("--vlm_base_url", help="caption with a served vision model at this OpenAI-compatible URL instead")
+    g.add_argument("--vlm_base_url", action="append", help="caption with a served vision model at this "
+                   "OpenAI-compatible URL instead (repeatable: several servers of one model share the work)")
     g.add_argument("--vlm_model", help="the served vision model's name (with --vlm_base_url)")
-    g.add_argument("--vlm_api_key", help="the vision endpoint's key (default: $VLM_API_KEY; $OPENAI_API_KEY only where "
-                                         "--vlm_base_url has --base_url's scheme, host and port)")
+    g.add_argument("--vlm_api_key", help="the vision endpoints' key (default: $VLM_API_KEY; $OPENAI_API_KEY only to a "
+                                         "--vlm_base_url with the scheme, host and port of a --base_url)")
     g.add_argument("--vlm_max_side", type=int, default=1024, help="downscale images to this longest side before sending")
-    g.add_argument("--vlm_rpm", type=int, default=0, help="requests per minute to the vision endpoint (0: no limit)")
+    g.add_argument("--vlm_rpm", type=int, default=0, help="requests per minute to each vision endpoint (0: no limit)")
 
     g = p.add_argument_group("LLM")
-    g.add_argument("--base_url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
+    g.add_argument("--base_url", action="append", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, one URL "
+                   "or several separated by commas or spaces); repeatable: several servers of one model share the "
+                   "requests, fewest in flight first, and one that stops answering is set aside")
     g.add_argument("--model", help="the endpoint's model (default: $OPENAI_MODEL, else the one model the endpoint "
                                    "lists)")
     g.add_argument("--local_llm", help=f"merge in-process with this transformers instruct model; the default when no "
@@ -3148,8 +3281,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "beside the script)")
     g.add_argument("--max_tokens", type=int, default=512, help="length limit of the merged caption, in tokens")
     g.add_argument("--temperature", type=float, default=0.3, help="LLM sampling temperature")
-    g.add_argument("--rpm", type=int, default=0, help="requests per minute for the whole run, all processes (0: none)")
-    g.add_argument("--tpm", type=int, default=0, help="tokens per minute for the whole run, all processes (0: none)")
+    g.add_argument("--rpm", type=int, default=0, help="requests per minute to each endpoint, for the whole run, all "
+                                                      "processes (0: none)")
+    g.add_argument("--tpm", type=int, default=0, help="tokens per minute to each endpoint, for the whole run, all "
+                                                      "processes (0: none)")
     g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport retries included (backoff, honours Retry-After)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--keep_tokens", type=int, default=0,
@@ -3231,13 +3366,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--local_llm and --base_url both given: drop --base_url to merge in-process with "
                          f"{args.local_llm}, or drop --local_llm to merge through the endpoint")
     env_base_url = os.environ.get("OPENAI_BASE_URL") or None
-    base_url = args.base_url or (None if args.local_llm else env_base_url)  # an explicit --local_llm wins
+    base_url = endpoint_urls(args.base_url or (() if args.local_llm else url_list(env_base_url)), "--base_url")
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
+    vlm_base_url = endpoint_urls(args.vlm_base_url or (), "--vlm_base_url")
     vlm_api_key = args.vlm_api_key or os.environ.get("VLM_API_KEY") or None
-    if vlm_api_key is None and args.vlm_base_url and same_origin(args.vlm_base_url,
-                                                                 args.base_url or env_base_url or DEFAULT_OPENAI_URL):
-        vlm_api_key = api_key  # the LLM endpoint's key, sent to no other server
+    llm_urls = args.base_url or url_list(env_base_url) or (DEFAULT_OPENAI_URL,)
+    vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
+                         for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
     return Config(
@@ -3250,7 +3386,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.vlm_system_prompt else None,
         base_url=base_url, model=args.model or os.environ.get("OPENAI_MODEL") or None, api_key=api_key,
         local_llm=local_llm, set_aside_base_url=env_base_url if args.local_llm else None,
-        vlm_base_url=args.vlm_base_url, vlm_model=args.vlm_model, vlm_api_key=vlm_api_key,
+        vlm_base_url=vlm_base_url, vlm_model=args.vlm_model, vlm_api_keys=vlm_api_keys,
         vlm_max_side=args.vlm_max_side,
         vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
         caption_extension=extension, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
@@ -3266,6 +3402,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_caption_tokens=args.max_caption_tokens,
         caption_tokenizer=args.caption_tokenizer, audit=args.audit,
     )
+
+
+def url_list(text: str | None) -> tuple[str, ...]:
+    """$OPENAI_BASE_URL: one URL, or several separated by commas or white space."""
+    return tuple(url for url in re.split(r"[\s,]+", text or "") if url)
+
+
+def endpoint_urls(urls: Sequence[str], flag: str) -> tuple[str, ...]:
+    """Each endpoint once: the same server twice would get twice its --rpm and share of the work."""
+    seen: set[str] = set()
+    for url in urls:
+        if url.strip().rstrip("/") in seen:
+            raise UsageError(f"{flag} {redact(url, None)} is given twice")
+        seen.add(url.strip().rstrip("/"))
+    return tuple(url.strip() for url in urls)
 
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -3318,7 +3469,8 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
 def run_description(cfg: Config) -> str:
     """The vision model and the LLM a run uses (URLs redacted), for the first info line and the dry run."""
     if cfg.vlm_base_url:
-        vision = f"served {cfg.vlm_model} at {redact(cfg.vlm_base_url, cfg.vlm_api_key)}"
+        vision = f"served {cfg.vlm_model} at " + ", ".join(redact(url, key) for url, key in
+                                                           zip(cfg.vlm_base_url, cfg.vlm_api_keys))
     else:
         vision = cfg.model_id
     if cfg.local_llm:
@@ -3329,7 +3481,8 @@ def run_description(cfg: Config) -> str:
         model = cfg.model or "chosen from the endpoint's list of models"
         if cfg.model_from_list:
             model += " (the one model the endpoint lists)"
-        merge = f"endpoint {redact(cfg.base_url or DEFAULT_OPENAI_URL, cfg.api_key)} model {model}"
+        urls = ", ".join(redact(url, cfg.api_key) for url in cfg.base_url or (DEFAULT_OPENAI_URL,))
+        merge = f"endpoint{'s' if len(cfg.base_url) > 1 else ''} {urls} model {model}"
     return f"vision: {vision}; merge: {merge}"
 
 
