@@ -1,0 +1,265 @@
+"""Records: what made each cache, and the one decision per item that reads them (--refresh, hand edits, adoption).
+
+Every run goes through the command line against the loopback fake server. Where no model load is expected, the
+vision model is a copy of the tiny model whose weights file is junk: a needless load fails the run. Requests are
+told apart by the manual captions make_dataset writes ("subject{i}, photo number {i}"); the tiny model's words
+are never asserted, only whether a caption's bytes changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import caches, make_dataset, make_image, run_args, run_main, run_two_processes
+from tests.test_reliability import Cli
+
+SUBJECT = re.compile(r"subject(\d+), photo number \1")
+RECORDS = Path(".enhance_captions") / "records.jsonl"
+JOURNALS = Path(".enhance_captions") / "journal"
+LOCK = ".enhance_captions.lock"
+CACHE_SUFFIXES = ("_generated.txt", "_combined.txt")
+OTHER_PICTURE = 39  # a make_image seed whose picture the tiny model captions unlike img000's (either way is checked)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+class VisionModel:
+    """A copy of the tiny vision model at one path (so the settings stay the same) whose weights can be junk."""
+
+    def __init__(self, source: str, folder: Path):
+        shutil.copytree(source, folder)
+        self.path = folder
+        self.weights = folder / "model.safetensors"
+        self.good_bytes = self.weights.read_bytes()
+
+    def good(self) -> Path:
+        """A load is expected: the real weights."""
+        self.weights.write_bytes(self.good_bytes)
+        return self.path
+
+    def broken(self) -> Path:
+        """No load is expected: a load would fail the run."""
+        self.weights.write_bytes(b"not a safetensors file " * 64)
+        return self.path
+
+
+@pytest.fixture
+def vlm(model_dir, tmp_path) -> VisionModel:
+    return VisionModel(model_dir("florence2"), tmp_path / "vlm")
+
+
+def user_message(request: dict) -> str:
+    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
+
+
+def system_message(request: dict) -> str:
+    return [m for m in request["messages"] if m["role"] == "system"][0]["content"]
+
+
+def subject_of(request: dict) -> int | None:
+    match = SUBJECT.search(user_message(request))
+    return int(match.group(1)) if match else None
+
+
+def subjects(requests) -> list:
+    """Which images were asked for, by manual caption; None for an image without one."""
+    return sorted((subject_of(r) for r in requests), key=lambda s: (s is None, s))
+
+
+def run(capsys, ds, model, server, *extra, expect: int = 0) -> tuple[str, list[dict]]:
+    """One in-process run; returns its stdout and the requests it made."""
+    asked = len(server.requests)
+    code, out, err = run_main(capsys, *run_args(ds, model, server, *extra))
+    assert code == expect, out + err
+    return out + err, server.chat_requests()[asked:]
+
+
+def vision_done(out: str) -> int:
+    return int(re.search(r"^vision: (\d+) done", out, re.M).group(1))
+
+
+def snapshot(ds: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under the dataset, hidden ones too (but not the lock a run rewrites): bytes and mtime."""
+    return {p.relative_to(ds).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(ds.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def cache_files(ds: Path) -> dict[str, Path]:
+    return {p.relative_to(ds).as_posix(): p for p in sorted(ds.rglob("*"))
+            if p.name.endswith(CACHE_SUFFIXES) and not p.name.startswith(".")}
+
+
+def read_records(ds: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """records.jsonl: every line parses, one record per cache; (records by cache, settings by id)."""
+    rows = [json.loads(line) for line in (ds / RECORDS).read_text(encoding="utf-8").splitlines()]
+    records = [r for r in rows if "cache" in r]
+    keys = [r["cache"] for r in records]
+    assert len(keys) == len(set(keys)), "more than one record for a cache"
+    settings = {r["settings"]: r["values"] for r in rows if "values" in r}
+    assert len(records) + len(settings) == len(rows), "a line that is neither a record nor settings"
+    return dict(zip(keys, records)), settings
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def assert_recorded(ds: Path, edited: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every cache on disk has a record whose sha is its bytes' hash (a hand edit's differs), with its settings;
+    the journals are folded in."""
+    records, settings = read_records(ds)
+    for key, path in cache_files(ds).items():
+        assert key in records, f"{key} has no record"
+        assert (records[key]["sha"] == sha(path)) is (key not in edited), key
+        assert records[key]["settings"] in settings, key
+    assert not list((ds / JOURNALS).glob("*.jsonl")), "a journal was left behind"
+    return records
+
+
+def assert_quiet(capsys, ds, vlm, server, *extra) -> None:
+    """A rerun with nothing changed: no request, no model load, no file written."""
+    before = snapshot(ds)
+    out, requests = run(capsys, ds, vlm.broken(), server, *extra)
+    assert requests == []
+    assert vision_done(out) == 0
+    assert changed(before, snapshot(ds)) == set()
+
+
+def summary(out: str, name: str) -> str:
+    return re.search(rf"^  {name}: .*$", out, re.M).group(0)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. One change at a time: exactly the requests and model loads it needs
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 4)
+    (ds / "img003.txt").unlink()  # one image without a manual caption
+    gen = [caches(image)[0] for image in images]
+    hand_edits: tuple[str, ...] = ()
+
+    out, requests = run(capsys, ds, vlm.good(), llm_server)
+    assert vision_done(out) == 4
+    assert subjects(requests) == [0, 1, 2, None]
+    assert set(assert_recorded(ds)) == set(cache_files(ds)) and len(cache_files(ds)) == 8
+
+    # nothing changed
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # a manual caption edited: that merge again, from the cached vision caption
+    (ds / "img000.txt").write_text("subject0, photo number 0, in the rain", encoding="utf-8")
+    before = snapshot(ds)
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [0] and "in the rain" in user_message(requests[0])
+    assert gen[0].read_text(encoding="utf-8").strip() in user_message(requests[0])
+    assert changed(before, snapshot(ds)) == {"img000_combined.txt", RECORDS.as_posix()}
+    assert "1 manual changed" in summary(out, "stale")
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # a manual caption added to an image that had none
+    (ds / "img003.txt").write_text("subject3, photo number 3", encoding="utf-8")
+    before = snapshot(ds)
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [3]
+    assert changed(before, snapshot(ds)) == {"img003_combined.txt", RECORDS.as_posix()}
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # a manual caption deleted
+    (ds / "img002.txt").unlink()
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [None]
+    assert "There is no manual caption" in user_message(requests[0])
+    assert gen[2].read_text(encoding="utf-8").strip() in user_message(requests[0])
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # a vision caption edited by hand: merged again from the edited text, which is kept byte for byte
+    hand_edits = ("img001_generated.txt",)
+    edited = b"a hand edited vision caption, with a lantern"  # no final newline: not how the script writes
+    gen[1].write_bytes(edited)
+    before = snapshot(ds)
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [1]
+    assert "a hand edited vision caption, with a lantern" in user_message(requests[0])
+    assert gen[1].read_bytes() == edited
+    assert changed(before, snapshot(ds)) == {"img001_combined.txt", RECORDS.as_posix()}
+    assert "1 generated edited" in summary(out, "stale")
+    assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 1 (1 generated)"
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # an image touched (same pixels, new mtime): captioned again; the caption is the same, so no merge
+    old = gen[2].read_bytes()
+    os.utime(images[2], ns=(images[2].stat().st_atime_ns, images[2].stat().st_mtime_ns + 5_000_000_000))
+    out, requests = run(capsys, ds, vlm.good(), llm_server)
+    assert vision_done(out) == 1
+    assert gen[2].read_bytes() == old  # greedy captions of the same pixels
+    assert requests == []
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)  # the merge now stands for the new image: not captioned again
+
+    # an image replaced by another picture: captioned again, merged again only if its caption changed
+    old = gen[0].read_bytes()
+    make_image(images[0], OTHER_PICTURE)
+    out, requests = run(capsys, ds, vlm.good(), llm_server)
+    assert vision_done(out) == 1
+    assert subjects(requests) == ([0] if gen[0].read_bytes() != old else [])
+    if requests:
+        assert gen[0].read_text(encoding="utf-8").strip() in user_message(requests[0])
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # a vision caption deleted whose merge is current: nothing to do, and it is not made again
+    gen[3].unlink()
+    assert_quiet(capsys, ds, vlm, llm_server)
+    assert not gen[3].exists()
+
+    # another system prompt: ignored by --refresh inputs, a merge per image with --refresh settings
+    prompt = tmp_path / "other_prompt.txt"
+    prompt.write_text("Merge the captions, tersely.", encoding="utf-8")
+    assert_quiet(capsys, ds, vlm, llm_server, "--system_prompt", prompt)
+    out, requests = run(capsys, ds, vlm.good(), llm_server, "--system_prompt", prompt, "--refresh", "settings")
+    assert subjects(requests) == [0, 1, 3, None]
+    assert all(system_message(r) == "Merge the captions, tersely." for r in requests)
+    assert vision_done(out) == 1 and gen[3].exists()  # img003's merge needs the vision caption deleted above
+    assert "4 settings changed" in summary(out, "stale")
+    assert gen[1].read_bytes() == edited
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server, "--system_prompt", prompt, "--refresh", "settings")
+
+    # other vision settings with --refresh settings: captioned again (not the hand edit), merged where it changed
+    old = {i: gen[i].read_bytes() for i in range(4)}
+    settings = ("--system_prompt", prompt, "--refresh", "settings", "--max_new_tokens", "5")
+    out, requests = run(capsys, ds, vlm.good(), llm_server, *settings)
+    assert vision_done(out) == 3
+    assert gen[1].read_bytes() == edited
+    recaptioned = [i for i in (0, 2, 3) if gen[i].read_bytes() != old[i]]
+    assert subjects(requests) == sorted((None if i == 2 else i for i in recaptioned), key=lambda s: (s is None, s))
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server, *settings)
+
+    # --refresh none trusts every cache; the next --refresh inputs run merges the edit
+    (ds / "img002.txt").write_text("subject2, photo number 2", encoding="utf-8")
+    assert_quiet(capsys, ds, vlm, llm_server, "--refresh", "none")
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [2]
+    assert_recorded(ds, hand_edits)
+    assert_quiet(capsys, ds, vlm, llm_server)
