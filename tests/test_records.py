@@ -263,3 +263,86 @@ def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_s
     assert subjects(requests) == [2]
     assert_recorded(ds, hand_edits)
     assert_quiet(capsys, ds, vlm, llm_server)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Hand edits are kept byte for byte until --overwrite names their kind
+# --------------------------------------------------------------------------------------------
+
+UTF8_EDIT = "My own caption \u2014 a caf\u00e9 at dusk\n".encode("utf-8")
+CP1252_EDIT = b"caf\xe9 au lait, my own words\r\n"  # saved by an editor as cp1252: not valid UTF-8
+
+
+def edit_manual_captions(ds: Path, n: int) -> None:
+    for i in range(n):
+        (ds / f"img{i:03d}.txt").write_text(f"subject{i}, photo number {i}, edited", encoding="utf-8")
+
+
+def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 3)
+    run(capsys, ds, vlm.good(), llm_server)
+    comb = [caches(image)[1] for image in images]
+    comb[0].write_bytes(UTF8_EDIT)
+    comb[1].write_bytes(CP1252_EDIT)
+    edit_manual_captions(ds, 3)  # their manual captions changed too: still kept
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, "-v")
+    assert subjects(requests) == [2]
+    assert comb[0].read_bytes() == UTF8_EDIT and comb[1].read_bytes() == CP1252_EDIT
+    assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 2 (2 combined)"
+    assert f"kept {comb[0]}: edited by hand" in out and f"kept {comb[1]}: edited by hand" in out
+    assert_recorded(ds, ("img000_combined.txt", "img001_combined.txt"))
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+    # the other kind's --overwrite leaves them alone
+    out, requests = run(capsys, ds, vlm.good(), llm_server, "--overwrite", "generated")
+    assert vision_done(out) == 3
+    assert comb[0].read_bytes() == UTF8_EDIT and comb[1].read_bytes() == CP1252_EDIT
+    assert 0 not in subjects(requests) and 1 not in subjects(requests)
+    assert "edited by hand (kept): 2 (2 combined)" in out
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, "--overwrite", "combined")
+    assert subjects(requests) == [0, 1, 2]
+    assert comb[0].read_bytes() != UTF8_EDIT and comb[1].read_bytes() != CP1252_EDIT
+    assert all(c.read_text(encoding="utf-8").startswith("MERGED ") for c in comb)
+    assert_recorded(ds)
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+
+def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 3)
+    run(capsys, ds, vlm.good(), llm_server)
+    gen = [caches(image)[0] for image in images]
+    gen[0].write_bytes(UTF8_EDIT)
+    gen[1].write_bytes(CP1252_EDIT)
+    edit_manual_captions(ds, 3)
+    edits = ("img000_generated.txt", "img001_generated.txt")
+
+    # img000 merges from its edited text; img001's cannot be read: one line naming it, and it is not replaced
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, expect=1)
+    assert subjects(requests) == [0, 2]
+    assert "caf\u00e9 at dusk" in user_message(requests[0])
+    assert gen[0].read_bytes() == UTF8_EDIT and gen[1].read_bytes() == CP1252_EDIT
+    assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 2 (2 generated)"
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "img001_generated.txt is not valid UTF-8" in failed[0], out
+    assert_recorded(ds, edits)
+
+    # the other kind's --overwrite leaves them alone
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, "--overwrite", "combined", expect=1)
+    assert subjects(requests) == [0, 2]
+    assert gen[0].read_bytes() == UTF8_EDIT and gen[1].read_bytes() == CP1252_EDIT
+
+    old = gen[2].read_bytes()
+    out, requests = run(capsys, ds, vlm.good(), llm_server, "--overwrite", "generated")
+    assert vision_done(out) == 3
+    assert gen[0].read_bytes() != UTF8_EDIT and gen[1].read_bytes() != CP1252_EDIT
+    for path in gen:
+        path.read_bytes().decode("utf-8")
+    # img001's merge waited for a readable vision caption; img000's was made from the edit, which is gone;
+    # img002's stands unless its new caption differs
+    assert subjects(requests) == [0, 1] + ([2] if gen[2].read_bytes() != old else [])
+    assert_recorded(ds)
+    assert_quiet(capsys, ds, vlm, llm_server)
