@@ -346,3 +346,92 @@ def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_p
     assert subjects(requests) == [0, 1] + ([2] if gen[2].read_bytes() != old else [])
     assert_recorded(ds)
     assert_quiet(capsys, ds, vlm, llm_server)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. SIGKILL at any point leaves records and caches consistent
+# --------------------------------------------------------------------------------------------
+
+
+def all_record_shas(ds: Path) -> dict[str, set[str]]:
+    """Every sha recorded for each cache, in records.jsonl and in the journals a killed run left."""
+    shas: dict[str, set[str]] = {}
+    for path in [ds / RECORDS, *sorted((ds / JOURNALS).glob("*.jsonl"))]:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line a kill cut short
+                continue
+            if "cache" in row:
+                shas.setdefault(row["cache"], set()).add(row["sha"])
+    return shas
+
+
+@pytest.mark.parametrize("point", ["vision", "llm_first_request", "llm_midway", "remerge_midway"])
+def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
+        tmp_path, capsys, vlm, llm_server, point):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 8 if point == "vision" else 6)
+    model = vlm.good()
+    if point == "remerge_midway":  # a finished folder whose manual captions all changed: merges only, no load
+        run(capsys, ds, model, llm_server)
+        edit_manual_captions(ds, len(images))
+        model = vlm.broken()
+    before_kill = snapshot(ds)
+    llm_server.latency = 0.5
+    killed = Cli(tmp_path, "killed", *run_args(ds, model, llm_server, "--batch_size", "1", "--concurrency", "2"))
+    asked = len(llm_server.requests)
+    if point == "vision":
+        killed.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
+    else:
+        k = 1 if point == "llm_first_request" else 4
+        killed.wait_for(lambda: len(llm_server.requests) >= asked + k, what=f"{k} LLM requests")
+    killed.proc.send_signal(signal.SIGKILL)
+    killed.proc.wait(30)
+
+    # what the kill left: no empty cache, and each one's bytes are recorded (journal or records.jsonl)
+    recorded = all_record_shas(ds)
+    for key, path in cache_files(ds).items():
+        assert path.read_bytes().strip(), key
+        assert sha(path) in recorded.get(key, set()), f"{key} is on disk without its record"
+    if point == "vision":
+        assert len(list(ds.glob("*_generated.txt"))) < len(images)  # killed mid-stage
+    if point == "remerge_midway":
+        redo = [i for i, image in enumerate(images)
+                if caches(image)[1].read_bytes() == before_kill[f"img{i:03d}_combined.txt"][0]]
+        missing_generated = []
+    else:
+        redo = [i for i, image in enumerate(images) if not caches(image)[1].exists()]
+        missing_generated = [i for i, image in enumerate(images) if not caches(image)[0].exists()]
+    assert redo
+
+    llm_server.latency = 0.0
+    out, requests = run(capsys, ds, vlm.good() if missing_generated else vlm.broken(), llm_server)
+    assert subjects(requests) == redo  # what the kill left undone, once each
+    assert vision_done(out) == len(missing_generated)
+    assert all(caches(image)[0].exists() and caches(image)[1].exists() for image in images)
+    assert set(assert_recorded(ds)) == set(cache_files(ds))
+    assert not [p for p in ds.rglob("*.tmp")]
+    assert_quiet(capsys, ds, vlm, llm_server)
+
+
+def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(tmp_path, capsys, vlm, llm_server):
+    """The record goes to the journal before the cache is renamed into place: a kill in between leaves the old
+    file behind a newer record (and maybe half a line). The old file is still ours, so it is redone, not kept."""
+    ds = tmp_path / "ds"
+    make_dataset(ds, 2)
+    run(capsys, ds, vlm.good(), llm_server)
+    records, _ = read_records(ds)
+    (ds / "img000.txt").write_text("subject0, photo number 0, edited", encoding="utf-8")
+    written = dict(records["img000_combined.txt"], sha="0123456789abcdef", manual=sha(ds / "img000.txt"))
+    journal = ds / JOURNALS / "00000000000000000001-elsewhere-1.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(json.dumps(written) + "\n" + '{"cache": "img001_combined.txt", "sha": "fe', encoding="utf-8")
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [0]
+    assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 0 (none)"
+    assert set(assert_recorded(ds)) == set(cache_files(ds))
+    assert_quiet(capsys, ds, vlm, llm_server)
