@@ -435,3 +435,30 @@ def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(t
     assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 0 (none)"
     assert set(assert_recorded(ds)) == set(cache_files(ds))
     assert_quiet(capsys, ds, vlm, llm_server)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Two processes write their records side by side
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 6)
+    result = run_two_processes(*run_args(ds, vlm.good(), llm_server))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert subjects(llm_server.requests) == list(range(6))
+    records = assert_recorded(ds)  # every line parses, one record per cache, each matching its file
+    assert set(records) == set(cache_files(ds)) and len(records) == 12
+
+    # both processes merge again (no load in either), and both journals are folded in
+    edit_manual_captions(ds, len(images))
+    asked = len(llm_server.requests)
+    result = run_two_processes(*run_args(ds, vlm.broken(), llm_server))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert subjects(llm_server.requests[asked:]) == list(range(6))
+    records = assert_recorded(ds)
+    assert set(records) == set(cache_files(ds)) and len(records) == 12
+    manual = {f"img{i:03d}_combined.txt": sha(ds / f"img{i:03d}.txt") for i in range(6)}
+    assert {k: r["manual"] for k, r in records.items() if k in manual} == manual
+    assert_quiet(capsys, ds, vlm, llm_server)
