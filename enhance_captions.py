@@ -1973,9 +1973,10 @@ def check_local_model(cfg: Config) -> None:
 
 def adopt_unrecorded(plan: Plan) -> str | None:
     """Record the caches found without a record, as they are now (main process, once the lock is ours)."""
+    values = {plan.settings.vision_id: plan.settings.vision, plan.settings.merge_id: plan.settings.merge}
     try:
         for path, record in plan.adopt:
-            plan.records.write(path, record, None)
+            plan.records.write(path, record, values.get(record.settings))
     except OSError as e:
         return f"cannot write the records in {plan.records.folder}: {e.strerror or e}"
     return None
