@@ -462,3 +462,45 @@ def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm
     manual = {f"img{i:03d}_combined.txt": sha(ds / f"img{i:03d}.txt") for i in range(6)}
     assert {k: r["manual"] for k, r in records.items() if k in manual} == manual
     assert_quiet(capsys, ds, vlm, llm_server)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Caches from before records existed are adopted as they are
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_legacy_folder_is_adopted_without_a_request_or_a_load(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 4)
+    gen, comb = zip(*(caches(image) for image in images))
+    for i in range(4):
+        gen[i].write_text(f"a legacy vision caption {i}\n", encoding="utf-8")
+    for i in range(3):  # img003 has only its vision caption: its merge is missing
+        comb[i].write_text(f"a legacy merged caption {i}\n", encoding="utf-8")
+    legacy = snapshot(ds)
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, "-v")
+    assert subjects(requests) == [3]
+    assert "a legacy vision caption 3" in user_message(requests[0])
+    assert vision_done(out) == 0
+    assert summary(out, "adopted") == "  adopted: 7 (3 combined, 4 generated)"
+    assert f"adopted {gen[0]}" in out and f"adopted {comb[0]}" in out
+    after = snapshot(ds)
+    assert all(after[k] == legacy[k] for k in legacy)  # taken as they are
+    records = assert_recorded(ds)
+    assert set(records) == set(cache_files(ds))
+    assert {k for k, r in records.items() if r.get("adopted")} == set(cache_files(ds)) - {"img003_combined.txt"}
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert requests == [] and summary(out, "adopted") == "  adopted: 0 (none)"
+
+    # adopted merges go stale like any other
+    (ds / "img001.txt").write_text("subject1, photo number 1, edited", encoding="utf-8")
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [1]
+    assert "a legacy vision caption 1" in user_message(requests[0])
+    make_image(images[2], OTHER_PICTURE)  # the tiny model never writes "a legacy vision caption 2"
+    out, requests = run(capsys, ds, vlm.good(), llm_server)
+    assert vision_done(out) == 1 and subjects(requests) == [2]
+    assert_recorded(ds)
+    assert_quiet(capsys, ds, vlm, llm_server)
