@@ -1988,7 +1988,7 @@ def plan_lines(plan: Plan) -> list[str]:
     merge = collections.Counter(i.merge for i in plan.to_combine)
     kept = collections.Counter(k for i in plan.items for k in i.kept)
     adopted = collections.Counter(k for i in plan.items for k in i.adopted)
-    stale = vision + merge
+    stale = collections.Counter(why for i in plan.items for why in {i.vision, i.merge} if why)  # items, not caches
     conditional = sum(i.merge_unless is not None for i in plan.to_combine)
 
     def breakdown(counter) -> str:
