@@ -504,3 +504,65 @@ def test_a_legacy_folder_is_adopted_without_a_request_or_a_load(tmp_path, capsys
     assert vision_done(out) == 1 and subjects(requests) == [2]
     assert_recorded(ds)
     assert_quiet(capsys, ds, vlm, llm_server)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The dry run counts by reason and touches nothing
+# --------------------------------------------------------------------------------------------
+
+
+def plan_summary(out: str) -> list[str]:
+    names = ("to caption", "to merge", "stale", "edited by hand \\(kept\\)", "adopted")
+    return [summary(out, name) for name in names]
+
+
+def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, llm_server):
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 5)
+    run(capsys, ds, vlm.good(), llm_server)
+    caches(images[3])[1].unlink()
+    _, requests = run(capsys, ds, vlm.broken(), llm_server, "--temperature", "0.5")  # other merge settings
+    assert subjects(requests) == [3]
+
+    (ds / "img000.txt").write_text("subject0, photo number 0, edited", encoding="utf-8")  # manual changed
+    old_caption = caches(images[1])[0].read_bytes()
+    make_image(images[1], OTHER_PICTURE)                                                   # image changed
+    caches(images[2])[0].write_text("a hand edited vision caption\n", encoding="utf-8")    # generated edited
+    caches(images[4])[1].write_text("a hand edited merged caption\n", encoding="utf-8")    # kept
+    legacy = make_dataset(tmp_path / "more", 7)[5:]                                        # img005: adopted
+    for image in legacy:                                                                   # img006: missing
+        shutil.copy(image, ds / image.name)
+        shutil.copy(image.with_suffix(".txt"), ds / image.with_suffix(".txt").name)
+    img005, img006 = (ds / image.name for image in legacy)
+    for path in caches(img005):
+        path.write_text("a legacy caption\n", encoding="utf-8")
+
+    args = ("--refresh", "settings")
+    before = snapshot(ds)
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, *args, "--dry_run", "-v")
+    assert requests == []
+    assert snapshot(ds) == before
+    assert plan_summary(out) == [
+        "  to caption: 2 (1 image changed, 1 missing)",
+        "  to merge: 5 (1 generated edited, 1 image changed, 1 manual changed, 1 missing, 1 settings changed), "
+        "1 of them only if the new vision caption differs",
+        "  stale: 1 manual changed, 1 image changed, 1 generated edited, 1 settings changed",
+        "  edited by hand (kept): 2 (1 combined, 1 generated)",
+        "  adopted: 2 (1 combined, 1 generated)",
+    ]
+    for line in (f"caption {images[1]}: image changed", f"caption {img006}: missing",
+                 f"merge {images[0]}: manual changed", f"merge {images[1]}: image changed",
+                 f"merge {images[2]}: generated edited", f"merge {images[3]}: settings changed",
+                 f"merge {img006}: missing", f"kept {caches(images[2])[0]}: edited by hand",
+                 f"kept {caches(images[4])[1]}: edited by hand", f"adopted {caches(img005)[0]}",
+                 f"adopted {caches(img005)[1]}"):
+        assert f"    {line}\n" in out, line
+
+    # the run does what the dry run said, and its summary says the same
+    out_run, requests = run(capsys, ds, vlm.good(), llm_server, *args)
+    assert plan_summary(out_run) == plan_summary(out)
+    assert vision_done(out_run) == 2
+    recaptioned = caches(images[1])[0].read_bytes() != old_caption
+    assert subjects(requests) == [0] + [1] * recaptioned + [2, 3, 6]
+    assert_recorded(ds, ("img002_generated.txt", "img004_combined.txt"))
+    assert_quiet(capsys, ds, vlm, llm_server, *args)
