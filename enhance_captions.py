@@ -2618,9 +2618,11 @@ def check_local_model(cfg: Config) -> None:
 
 def adopt_unrecorded(plan: Plan) -> str | None:
     """Record the caches found without a record, as they are now (main process, once the lock is ours)."""
+    settings = plan.settings
+    values = {settings.vision_id: settings.vision} | {settings.merge_ids[n]: v for n, v in settings.merges.items()}
     try:
         for path, record in plan.adopt:
-            plan.records.write(path, record, None)
+            plan.records.write(path, record, values.get(record.settings))
     except OSError as e:
         return f"cannot write the records in {plan.records.folder}: {e.strerror or e}"
     return None
@@ -2632,7 +2634,8 @@ def plan_lines(plan: Plan) -> list[str]:
     merge = collections.Counter(m.reason for m in plan.to_combine)
     kept = collections.Counter(k for i in plan.items for k in i.kept)
     adopted = collections.Counter(k for i in plan.items for k in i.adopted)
-    stale = vision + merge
+    stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
+                                if why)  # images, once per reason: not each of their caches
     conditional = sum(m.unless is not None for m in plan.to_combine)
 
     def breakdown(counter) -> str:
