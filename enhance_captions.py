@@ -1339,6 +1339,11 @@ class LocalChat:
             self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **common).to(device).eval()
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load --local_llm {model_id}: {first_line(e)}") from e
+        except Exception as e:
+            if not is_damaged_weights(e):
+                raise
+            raise UsageError(f"cannot load --local_llm {model_id}: its weights are damaged ({first_line(e)}); "
+                             "download it again") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -1696,6 +1701,11 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
                 raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
         except OSError as e:
             raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
+        except Exception as e:  # a damaged weights file (safetensors' own error) or a broken checkpoint
+            if not is_damaged_weights(e):
+                raise
+            raise UsageError(f"cannot load {cfg.model_id}: its weights are damaged ({first_line(e)}); download "
+                             "it again") from e
     if model is None:
         raise UsageError(f"{cfg.model_id} is not an image-to-text model; supported: {LocalCaptioner.KINDS}")
     if "device_map" not in kwargs:
@@ -1739,6 +1749,11 @@ def check_model_source(name: str, flag: str, revision: str = "main") -> None:
     except Exception as e:  # a network error of whichever HTTP library this huggingface_hub uses
         raise UsageError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {flag} {name} "
                          f"({type(e).__name__}); {offline}") from e
+
+
+def is_damaged_weights(error: Exception) -> bool:
+    """safetensors reports a truncated or garbled file with its own exception type, outside OSError/ValueError."""
+    return type(error).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError")
 
 
 def release_memory() -> None:
@@ -2438,6 +2453,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
                 llm_stage.submit(job)
             elif job.reason:  # the vision caption came out as before: the merge made from it stands
                 unchanged_merge(records, job)
+                stats.count(STAGE_LLM, "unchanged")
                 llm_progress.update()
 
     # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
@@ -2700,7 +2716,7 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
 
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    lines = [f"{stage}: {c['done']} done, {cached[stage]} from cache, {c['failed']} failed"
+    lines = [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
              for stage, c in stats.counts.items()]
     lines += plan_lines(plan)
     if plan.trainer_captions is not None:
@@ -2761,7 +2777,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     summary: dict[str, Any] = {"exit_code": stats.exit_code()}
     for stage, counts in stats.counts.items():
-        summary[stage] = {"done": counts["done"], "cached": cached[stage], "failed": counts["failed"]}
+        summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
+                          "failed": counts["failed"]}
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)

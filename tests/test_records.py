@@ -566,3 +566,14 @@ def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, l
     assert subjects(requests) == [0] + [1] * recaptioned + [2, 3, 6]
     assert_recorded(ds, ("img002_generated.txt", "img004_combined.txt"))
     assert_quiet(capsys, ds, vlm, llm_server, *args)
+
+
+def test_damaged_weights_are_one_line_and_exit_2(tmp_path, capsys, vlm, llm_server):
+    """The junk weights that guard the tests above, met when a load is really needed: one clear line."""
+    ds = tmp_path / "ds"
+    make_dataset(ds, 2)
+    code, out, err = run_main(capsys, *run_args(ds, vlm.broken(), llm_server))
+    assert code == 2, out + err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in err
+    assert llm_server.requests == [] and not list(ds.glob("*_combined.txt"))
