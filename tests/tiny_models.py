@@ -624,15 +624,25 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_llava(path) -> str:
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    _seed()
-    tokenizer = _word_tokenizer(
+def _llava_tokenizer():
+    """The LLaVA family's word tokenizer: Llama's specials and the <image> placeholder."""
+    return _word_tokenizer(
         ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
         unk="<unk>", bos="<s>", eos="</s>", pad="<pad>", prepend_bos=True,
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def _tiny_clip_vision(image_size: int, patch: int) -> dict:
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, projection_dim=32,
+                num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=patch)
+
+
+def build_llava(path) -> str:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    _seed()
+    tokenizer = _llava_tokenizer()
     image_size, patch = 32, 8
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
@@ -647,16 +657,7 @@ def build_llava(path) -> str:
     )
     bos_id, eos_id, pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch,
-        ),
+        vision_config=_tiny_clip_vision(image_size, patch),
         text_config=_tiny_llama(len(tokenizer), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch) ** 2,
@@ -685,11 +686,7 @@ def build_llava_next(path) -> str:
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
     _seed()
-    tokenizer = _word_tokenizer(
-        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
-        unk="<unk>", bos="<s>", eos="</s>", pad="<pad>", prepend_bos=True,
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = _llava_tokenizer()
     image_size, patch = 32, 8
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
@@ -704,16 +701,7 @@ def build_llava_next(path) -> str:
     )
     bos_id, eos_id, pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     config = LlavaNextConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch,
-        ),
+        vision_config=_tiny_clip_vision(image_size, patch),
         text_config=_tiny_llama(len(tokenizer), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
