@@ -103,7 +103,9 @@ ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
 HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of huggingface_hub's minutes of retries
-REQUEST_CHUNK = 4  # requests a process claims at a time: one store round trip per 4, and little left over at the end
+# Requests a process claims at a time, at most: a store round trip per chunk, and at the end of a run no more than
+# one chunk that another process could have taken. Never more than --concurrency, so a claimed chunk starts at once.
+REQUEST_CHUNK = 4
 STATS_WAIT = 5.0  # seconds of one wait for another process's Stats; the waits go on until it comes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -2342,6 +2344,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     if not vision_items and not n_llm:
         return stats
     alone = work.store is None  # several processes: this one's part is known only once it is done
+    chunk = min(REQUEST_CHUNK, cfg.concurrency)
 
     events = EventLoopThread(stop)
     chat = None
@@ -2384,7 +2387,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         nonlocal chat
         chat = make_llm(cfg, state)
         return AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop,
-                          work.items(STAGE_LLM, llm_only, REQUEST_CHUNK))
+                          work.items(STAGE_LLM, llm_only, chunk))
 
     def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
         if llm_stage is None:
@@ -2404,7 +2407,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         if vision_items:
             vision_progress = reporter.progress("vision", len(vision_items) if alone else None)
             if cfg.vlm_base_url:
-                caption_served(cfg, state, events, work.items(STAGE_VISION, vision_items, REQUEST_CHUNK), stats,
+                caption_served(cfg, state, events, work.items(STAGE_VISION, vision_items, chunk), stats,
                                vision_progress, stop, keep_caption)
             else:
                 captioner = make_captioner(cfg, state.device)
