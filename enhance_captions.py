@@ -1795,6 +1795,8 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.enabled and self.total is None and self.done:  # no total reached to print the last count at
+            self.reporter._write(self.line())
 
 
 # --------------------------------------------------------------------------------------------

@@ -239,3 +239,23 @@ def test_three_processes_caption_and_merge_each_image_once(tmp_path, model_dir, 
     assert_merged_once(images, llm_server)
     for image in images:
         assert caches(image)[0].read_text(encoding="utf-8").strip()
+
+
+def test_two_machines_on_loopback_take_their_work_from_one_store(tmp_path, model_dir, llm_server):
+    """`accelerate launch --num_machines 2`, one launcher per machine rank, both on 127.0.0.1 and one folder."""
+    images = make_dataset(tmp_path / "ds", 6)
+    port = free_port()
+    launchers = []
+    for rank in (0, 1):
+        options = ["--num_machines", "2", "--machine_rank", rank, "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", port]
+        command = launch_command(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server), options=options)
+        launchers.append(subprocess.Popen(command, env=two_process_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], [err[-3000:] for _, err in outputs]
+    out, err = outputs[0]
+    assert "split over 2 processes" in out + err
+    assert "vision: 6 done, 0 from cache, 0 failed" in out and "llm: 6 done, 0 from cache, 0 failed" in out
+    assert not outputs[1][0].strip()  # the summary comes from the main process, on machine 0
+    assert_merged_once(images, llm_server)
