@@ -106,7 +106,7 @@ HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of hug
 # Requests a process claims at a time, at most: a store round trip per chunk, and at the end of a run no more than
 # one chunk that another process could have taken. Never more than --concurrency, so a claimed chunk starts at once.
 REQUEST_CHUNK = 4
-STATS_WAIT = 5.0  # seconds of one wait for another process's Stats; the waits go on until it comes
+STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's Stats: as long as any run takes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -2288,16 +2288,11 @@ class SharedWork:
         return total
 
     def wait(self, key: str, waiting: Callable[[], None]) -> None:
-        """Wait for a key as long as it takes, in slices, so that a Ctrl-C still reaches this process."""
-        from torch.distributed import DistStoreError
-
-        for n in itertools.count():
-            try:
-                self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
-                return
-            except DistStoreError:
-                if n == 0:
-                    waiting()
+        """Wait for a key in one wait, not in slices: torch logs two warning lines for every wait that runs out.
+        A SIGTERM still ends this process at once (the launcher passes a Ctrl-C on to its processes as one)."""
+        if not self.store.check([key]):
+            waiting()
+            self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
 
 
 

@@ -83,22 +83,25 @@ def test_shared_work_claims_through_the_store_one_counter_per_stage_and_run():
     assert next(rerun.chunks(ec.STAGE_VISION, 10, 4)) == range(0, 4)
 
 
-def test_the_main_process_waits_for_late_stats_without_a_deadline(monkeypatch):
-    monkeypatch.setattr(ec, "STATS_WAIT", 0.2)
+def test_the_main_process_waits_for_late_stats_beyond_the_store_timeout():
     store = tcp_store()
-    main, other = ec.SharedWork(store, "r", 0, 2), ec.SharedWork(store, "r", 1, 2)
+    store.set_timeout(datetime.timedelta(seconds=0.3))  # the store's own timeout does not limit the wait
+    from torch.distributed import TCPStore
+
+    client = TCPStore("127.0.0.1", store.port, is_master=False)  # the other process's connection
+    main, other = ec.SharedWork(store, "r", 0, 2), ec.SharedWork(client, "r", 1, 2)
     mine, theirs = ec.Stats(), ec.Stats()
     mine.count(ec.STAGE_LLM)
     theirs.count(ec.STAGE_LLM)
     theirs.fail("late.jpg", ec.STAGE_LLM, "bad reply")
     said: list[str] = []
-    late = threading.Timer(1.0, lambda: other.gather(theirs, said.append))  # several wait slices later
+    late = threading.Timer(1.5, lambda: other.gather(theirs, said.append))  # past the store's timeout
     late.start()
     total = main.gather(mine, said.append)
     late.join()
     assert total.counts[ec.STAGE_LLM] == {"done": 2, "failed": 1}
     assert [f.path for f in total.failures] == ["late.jpg"]
-    assert said == ["waiting for process 2 of 2 to finish its work"]  # once, not once per slice
+    assert said == ["waiting for process 2 of 2 to finish its work"]
 
 
 def test_finish_calls_no_collective(tmp_path, monkeypatch, capsys):
