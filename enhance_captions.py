@@ -1795,7 +1795,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.total is None and self.done:  # no total reached to print the last count at
+        elif self.enabled and self.total is None:  # no total reached to print the last count at (0: none here)
             self.reporter._write(self.line())
 
 
