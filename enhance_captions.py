@@ -60,11 +60,14 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import datetime
 import gc
 import hashlib
 import io
+import itertools
 import json
 import os
+import pickle
 import random
 import re
 import signal
@@ -72,9 +75,10 @@ import socket
 import threading
 import time
 import unicodedata
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 try:
@@ -107,6 +111,10 @@ ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
 HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of huggingface_hub's minutes of retries
+# Requests a process claims at a time, at most: a store round trip per chunk, and at the end of a run no more than
+# one chunk that another process could have taken. Never more than --concurrency, so a claimed chunk starts at once.
+REQUEST_CHUNK = 4
+STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's Stats: as long as any run takes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -326,7 +334,7 @@ class Stats:
             self.fatal = self.fatal or other.fatal
             self.signal = self.signal or other.signal
 
-    def __getstate__(self) -> dict:  # gather_object pickles Stats between processes; a lock does not pickle
+    def __getstate__(self) -> dict:  # Stats travel between processes pickled; a lock does not pickle
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
 
     def __setstate__(self, state: dict) -> None:
@@ -704,6 +712,16 @@ def estimate_tokens(text: str) -> int:
 def process_share(total: int, index: int, count: int) -> int:
     """This process's whole-number share of a per-run budget; the shares add up to the total exactly."""
     return total // count + (1 if index < total % count else 0)
+
+
+def claimed_chunks(total: int, size: int, claim: Callable[[], int] | None = None) -> Iterator[range]:
+    """The chunks of a list of `total` that this process does, each claimed when the one before is done with:
+    chunk n is [n*size, (n+1)*size). claim() hands out the next chunk number from a counter shared by all
+    processes, each number once; without one, this process does every chunk, in order."""
+    for n in (itertools.count() if claim is None else iter(claim, None)):
+        if n * size >= total:
+            return
+        yield range(n * size, min((n + 1) * size, total))
 
 
 def first_line(error: Exception) -> str:
@@ -1869,15 +1887,16 @@ class Reporter:
         with self.lock:
             tqdm.write(printable(message), file=self.stream)
 
-    def progress(self, name: str, total: int) -> Progress:
-        """Counts this process's items; only the main process prints, so with several the label says it is a share."""
+    def progress(self, name: str, total: int | None) -> Progress:
+        """Counts this process's items; only the main process prints, so with several the label says it is a share.
+        Several processes take their work as they go: then total is None, and the count has no end to show."""
         if self.processes > 1:
             name = f"{name} (this process's share, 1 of {self.processes})"
-        return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total > 0)
+        return Progress(self, name, total, enabled=self.is_main and self.verbosity >= 1 and total != 0)
 
 
 class Progress:
-    def __init__(self, reporter: Reporter, name: str, total: int, enabled: bool, every: float = 5.0):
+    def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool, every: float = 5.0):
         self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
         self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
         self.lock = threading.Lock()
@@ -1901,6 +1920,8 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            return f"{self.name}: {self.done} done ({rate:.2f}/s)"
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
         return f"{self.name}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta_text})"
@@ -1908,6 +1929,8 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.enabled and self.total is None:  # no total reached to print the last count at (0: none here)
+            self.reporter._write(self.line())
 
 
 # --------------------------------------------------------------------------------------------
@@ -1919,13 +1942,17 @@ class AsyncStage:
     """Bounded concurrent workers on an event loop thread; any thread can submit items.
 
     `handle(item)` does one item and raises ItemError to fail it; FatalEndpointError stops the stage.
+    The workers take the items of `source` first (this process's claimed chunks, see SharedWork), then what
+    submit() passes on, until close().
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
-                 handle: Callable[[Item], Any], stats: Stats, progress: Progress, stop: threading.Event):
+                 handle: Callable[[Item], Any], stats: Stats, progress: Progress, stop: threading.Event,
+                 source: Iterable = ()):
         self.loop, self.name, self.handle = loop, name, handle
         self.stats, self.progress, self.stop = stats, progress, stop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.source: Iterator | None = iter(source)
         self.done = asyncio.run_coroutine_threadsafe(self._run(concurrency), loop)
 
     def submit(self, item: Item | None) -> None:
@@ -1935,12 +1962,22 @@ class AsyncStage:
         self.submit(None)
 
     async def _run(self, concurrency: int) -> None:
+        self.taking = asyncio.Lock()
         workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
         await asyncio.gather(*workers)
 
+    async def _next(self) -> Item | None:
+        async with self.taking:  # one worker at a time draws from the source
+            if self.source is not None and not self.stop.is_set():  # stopping: claim nothing more
+                item = await asyncio.to_thread(next, self.source, None)  # a claim is a store round trip
+                if item is not None:
+                    return item
+            self.source = None
+        return await self.queue.get()
+
     async def _work(self) -> None:
         while True:
-            item = await self.queue.get()
+            item = await self._next()
             if item is None:  # closing: pass the word on to the next worker
                 self.queue.put_nowait(None)
                 return
@@ -2021,13 +2058,14 @@ def wait_future(future) -> None:
 
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
-                    keep: Callable[[Item, str], None]) -> None:
+                    keep: Callable[[Item, str], None], batches: Iterable[range]) -> None:
     """The vision loop: decode in DataLoader workers, generate per batch, keep each batch's captions at once
-    (`keep(item, text)` writes the cache on the writer thread and passes the item on)."""
+    (`keep(item, text)` writes the cache on the writer thread and passes the item on). `batches` are the
+    positions in `items` of this process's batches, claimed as the DataLoader asks for the next."""
     import torch
 
     with torch_threads_set(model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
-        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, keep)
+        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, keep, batches)
 
 
 @contextlib.contextmanager
@@ -2052,7 +2090,7 @@ def model_threads(device, num_workers: int, threads: int) -> int:
 
 def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
-                    keep: Callable[[Item, str], None]) -> None:
+                    keep: Callable[[Item, str], None], batches: Iterable[range]) -> None:
     from torch.utils.data import DataLoader
 
     def save(item: Item, text: str) -> None:  # on the writer thread, so saving overlaps the next batch
@@ -2085,7 +2123,9 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
 
-    loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_size=cfg.batch_size,
+    # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
+    # the workers decode them: claiming stays here, decoding stays in the workers.
+    loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_sampler=batches,
                         num_workers=cfg.num_workers, collate_fn=Collate(captioner),
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
@@ -2336,9 +2376,59 @@ def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
     item.adopted += (kind,)
 
 
-def my_share(state, items: list[Item]) -> list[Item]:
-    with state.split_between_processes(items) as share:
-        return list(share)
+class SharedWork:
+    """How the processes of one run share its work, through the key-value store that torch.distributed already
+    runs for the process group. Every process plans the same sorted lists, so a chunk number names the same items
+    everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
+    takes the next chunk when it is done with its last, so one that drew slow images or slow merges takes fewer,
+    and all finish close together. A process that dies leaves only its claimed chunks undone, for the rerun.
+    At the end each process leaves its Stats in the store and the main process waits for them without a deadline:
+    a collective there times out (NCCL's default is 10 minutes) when one process finishes long after the others,
+    and takes the summary, the report and the export with it. The keys carry the run's id, so a rerun in the same
+    store never sees old counts. One process has no store, and takes every chunk in order."""
+
+    def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
+        self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
+
+    @classmethod
+    def of(cls, state, run_id: str) -> SharedWork:
+        if state.num_processes == 1:
+            return cls()
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return cls(_get_default_store(), run_id, state.process_index, state.num_processes)
+
+    def key(self, name: str) -> str:
+        return f"enhance_captions/{self.run_id}/{name}"
+
+    def chunks(self, stage: str, total: int, size: int) -> Iterator[range]:
+        claim = None if self.store is None else lambda: self.store.add(self.key(stage), 1) - 1
+        return claimed_chunks(total, size, claim)
+
+    def items(self, stage: str, items: Sequence, size: int) -> Iterator:
+        return (items[i] for chunk in self.chunks(stage, len(items), size) for i in chunk)
+
+    def gather(self, stats: Stats, waiting: Callable[[str], None]) -> Stats:
+        """On the main process, the Stats of every process; on the others, their own, once left for the main one."""
+        if self.store is None:
+            return stats
+        if self.rank:
+            self.store.set(self.key(f"stats/{self.rank}"), pickle.dumps(stats))
+            return stats
+        total = Stats()
+        total.merge(stats)
+        for rank in range(1, self.processes):
+            key = self.key(f"stats/{rank}")
+            self.wait(key, lambda: waiting(f"waiting for process {rank + 1} of {self.processes} to finish its work"))
+            total.merge(pickle.loads(self.store.get(key)))
+        return total
+
+    def wait(self, key: str, waiting: Callable[[], None]) -> None:
+        """Wait for a key in one wait, not in slices: torch logs two warning lines for every wait that runs out.
+        A SIGTERM still ends this process at once (the launcher passes a Ctrl-C on to its processes as one)."""
+        if not self.store.check([key]):
+            waiting()
+            self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
 
 
 
@@ -2390,20 +2480,25 @@ def make_vision_chat(cfg: Config, state) -> EndpointChat | EndpointPool:
 
 
 def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
-        make_captioner=load_captioner, make_llm=make_chat, count_tokens: Callable[[str], int] | None = None) -> Stats:
-    """Caption and merge this process's share of the plan; returns its Stats for main() to gather."""
+        make_captioner=load_captioner, make_llm=make_chat, count_tokens: Callable[[str], int] | None = None,
+        work: SharedWork | None = None) -> Stats:
+    """Caption and merge the chunks of the plan this process claims; returns its Stats for main() to gather.
+    The merges of the images it captions follow them; the other merges are claimed by their own counter."""
     stats = Stats()
+    work = work or SharedWork()
     generating = {id(i) for i in plan.to_generate}
-    vision_items = my_share(state, plan.to_generate)
-    llm_only = my_share(state, [m for m in plan.to_combine if id(m.item) not in generating])
-    n_llm = len(llm_only) + sum(bool(m.reason) for i in vision_items for m in i.merges)
+    vision_items = plan.to_generate
+    llm_only = [m for m in plan.to_combine if id(m.item) not in generating]
+    n_llm = len(plan.to_combine)
     if not vision_items and not n_llm:
         return stats
+    alone = work.store is None  # several processes: this one's part is known only once it is done
+    chunk = min(REQUEST_CHUNK, cfg.concurrency)
 
     events = EventLoopThread(stop)
     chat = None
     llm_stage: AsyncStage | None = None
-    llm_progress = reporter.progress("llm", n_llm)
+    llm_progress = reporter.progress("llm", n_llm if alone else None)
     records, settings = plan.records, plan.settings
     commit: str | None = None  # the vision model's resolved revision, once it is loaded
 
@@ -2440,10 +2535,8 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     def start_llm() -> AsyncStage:
         nonlocal chat
         chat = make_llm(cfg, state)
-        stage = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop)
-        for item in llm_only:
-            stage.submit(item)
-        return stage
+        return AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop,
+                          work.items(STAGE_LLM, llm_only, chunk))
 
     def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
         if llm_stage is None:
@@ -2462,20 +2555,22 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         if n_llm and overlap:
             llm_stage = start_llm()
         if vision_items:
-            vision_progress = reporter.progress("vision", len(vision_items))
+            vision_progress = reporter.progress("vision", len(vision_items) if alone else None)
             if cfg.vlm_base_url:
-                caption_served(cfg, state, events, vision_items, stats, vision_progress, stop, keep_caption)
+                caption_served(cfg, state, events, work.items(STAGE_VISION, vision_items, chunk), stats,
+                               vision_progress, stop, keep_caption)
             else:
                 captioner = make_captioner(cfg, state.device)
                 commit = getattr(captioner.model.config, "_commit_hash", None)
-                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, keep_caption)
+                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, keep_caption,
+                                work.chunks(STAGE_VISION, len(vision_items), cfg.batch_size))
                 captioner = None
                 release_memory()
             vision_progress.close()
         if n_llm and llm_stage is None and not stop.is_set():
             llm_stage = start_llm()
             for item in vision_items:
-                if item.generated is not None:
+                if item.generated is not None:  # captioned here, by this process
                     forward(item)
         if llm_stage is not None:
             llm_stage.close()
@@ -2499,7 +2594,7 @@ def unchanged_merge(records: Records, job: Merge) -> None:
         records.write(job.path, dataclasses.replace(record, image=job.item.stamp))
 
 
-def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[Item], stats: Stats,
+def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
                    progress: Progress, stop: threading.Event, keep: Callable[[Item, str], None]) -> None:
     """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
     chat = make_vision_chat(cfg, state)
@@ -2511,9 +2606,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Sequence[
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         await asyncio.to_thread(keep, item, text)
 
-    stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop)
-    for item in items:
-        stage.submit(item)
+    stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop, items)
     stage.close()
     wait_future(stage.done)
     events.run(chat.close(), timeout=10)
@@ -3586,6 +3679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = plan_work(cfg)
         if state.is_main_process and (error := adopt_unrecorded(plan)):
             reporter.warn(f"warning: {error}; they are adopted on a later run")
+        work = SharedWork.of(state, agree(state, uuid.uuid4().hex))  # the main process names the run's keys
         reporter.info(run_description(cfg))
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
@@ -3595,23 +3689,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = Stats()
         with stop_on_signals(stop, stats, reporter):
             try:
-                stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens))
+                stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
             except UsageError as e:  # the model cannot be loaded: nothing else can go on
                 stats.fatal = str(e)
-        return finish(cfg, plan, state, stats, reporter)
+        return finish(cfg, plan, state, stats, reporter, work)
     finally:
         lock.release()
 
 
-def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter) -> int:
-    """Gather every process's Stats, print the summary, write the report and export; one exit code for all."""
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        total = Stats()
-        for part in gather_object([stats]):
-            total.merge(part)
-        stats = total
+def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork | None = None) -> int:
+    """Gather every process's Stats, print the summary, write the report and export. The main process's exit code
+    is the run's; the others exit with their own (accelerate launch exits 1 if any process does not exit 0)."""
+    stats = (work or SharedWork()).gather(stats, reporter.info)
     stats.failures[:0] = plan.failures
     if state.is_main_process and cfg.write_captions and not stats.fatal:
         for line in write_trainer_captions(cfg, plan, stats):

@@ -100,6 +100,15 @@ def two_process_command(*args) -> tuple[list[str], dict[str, str]]:
     return TWO_PROCESS_LAUNCHER + [str(a) for a in args], two_process_env()
 
 
+def launch_command(*args, processes: int = 2, script: Path = SCRIPT, options=()) -> list[str]:
+    """`accelerate launch` of the script (or a wrapper of it) as `processes` CPU processes, with launcher options."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--mixed_precision", "no", "--dynamo_backend", "no", *[str(o) for o in options]]
+    if "--num_machines" not in launcher:
+        launcher += ["--num_machines", "1", "--main_process_port", "0"]
+    return launcher + [str(script)] + [str(a) for a in args]
+
+
 def run_two_processes(*args, timeout: float = 600):
     """The real script under `accelerate launch` as two CPU processes that see each other (world size 2)."""
     return run_cli(*args, launcher=TWO_PROCESS_LAUNCHER, env=two_process_env(), timeout=timeout)

@@ -218,36 +218,34 @@ def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, m
 
 
 def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_path, model_dir, llm_server):
-    """The same pause across `accelerate launch` processes. Each process merges its own half of 40 images
-    (subjects 0-19 and 20-39) two requests at a time, 0.2 s each. Once both processes have sent requests, the
-    next request to arrive (t0) gets a 429 with Retry-After: 2 at t0+0.2, so its process pauses until about
-    t0+2.2. Through the shared pause the other process must send nothing from t0+0.8 (0.6 s to see the
-    pause) until the pause ends, and go on after it."""
+    """The same pause across `accelerate launch` processes. The processes take the merges of 40 images as they go,
+    one request at a time each (so each keeps one connection, which names it here), 0.2 s each. Once both have a
+    request in flight, the next to be answered (t0) gets a 429 with Retry-After: 2 at t0+0.2, so its process
+    pauses until about t0+2.2. Through the shared pause the other process must send nothing from t0+0.8 (0.6 s
+    to see the pause) until the pause ends, and go on after it."""
     images = make_dataset(tmp_path / "ds", 40)
     seed_generated(images)
-    halves_seen: set[bool] = set()
     limited: list[int] = []
 
     def reply(body):
-        subject = subject_of(body)
-        if len(halves_seen) == 2 and not limited:
-            limited.append(subject)
+        if llm_server.in_flight == 2 and not limited:  # this request and one from the other process
+            limited.append(subject_of(body))
             return status(429, {"Retry-After": "2"})
-        halves_seen.add(subject < 20)
         return default_reply_text(body)
 
     llm_server.latency, llm_server.reply = 0.2, reply
-    result = run_two_processes(*run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "2",
+    result = run_two_processes(*run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "1",
                                          "--max_retries", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr
     assert "llm: 40 done, 0 from cache, 0 failed" in result.stdout
-    requests, times = llm_server.chat_requests(), list(llm_server.request_times)
-    assert len(requests) == 41 and len(limited) == 1
-    t0 = times[[subject_of(r) for r in requests].index(limited[0])]
+    requests, times, peers = llm_server.chat_requests(), list(llm_server.request_times), list(llm_server.peers)
+    assert len(requests) == 41 and len(limited) == 1 and len(set(peers)) == 2
+    first = [subject_of(r) for r in requests].index(limited[0])
+    t0, limited_peer = times[first], peers[first]
     offsets = sorted(t - t0 for t in times if t > t0)
     assert not [o for o in offsets if 0.8 < o < 2.0], offsets  # neither process sent during the pause
-    other = [t - t0 for r, t in zip(requests, times) if t > t0 and (subject_of(r) < 20) != (limited[0] < 20)]
+    other = [t - t0 for p, t in zip(peers, times) if t > t0 and p != limited_peer]
     assert [o for o in other if o >= 2.0], other  # the other process went on after it
 
 
