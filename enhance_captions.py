@@ -108,6 +108,7 @@ DEFAULT_CHAT_PROMPT = (
 MAX_IMAGE_PIXELS = 89_478_485
 INLINE_TENSOR_BYTES = 1 << 20  # smaller tensors travel from the decoding workers inside the pickle
 ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
+SENDABLE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}  # sent to a served model as they are
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
 HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of huggingface_hub's minutes of retries
@@ -548,12 +549,59 @@ def to_rgb(img):
 
 
 def image_data_url(path: Path, max_side: int) -> str:
-    """A JPEG data URL of the image, its longest side at most max_side, for served vision models."""
+    """A JPEG data URL of the image, upright RGB, its longest side at most max_side, for served vision models."""
     img = load_image(path, min_side=max_side)
     img.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return data_url("image/jpeg", buffer.getvalue())
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def own_bytes_url(path: Path, max_side: int) -> str | None:
+    """The file's own bytes as a data URL where a served model can take them as they are; None where the image
+    must be converted (image_data_url). Reads the file and its header; decodes no pixels."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None  # load_image says why
+    mime = sendable_mime(data, max_side)
+    return data_url(mime, data) if mime else None
+
+
+def sendable_mime(data: bytes, max_side: int) -> str | None:
+    """The MIME type of an image that needs no conversion, from its header: a JPEG, PNG or WebP, RGB or 8-bit
+    greyscale (a server converts that to RGB without loss; vLLM does), opaque, one frame, both sides within
+    max_side, upright as stored (EXIF orientation absent or 1) and whole as far as its last bytes tell (a
+    truncated file is converted, which reports it). None for anything else, unreadable files included."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mime = SENDABLE_FORMATS.get(img.format)
+            if (mime is None or img.mode not in ("RGB", "L") or "transparency" in img.info
+                    or getattr(img, "n_frames", 1) > 1 or max(img.size) > max_side
+                    or img.width * img.height > MAX_IMAGE_PIXELS or not looks_whole(data, img.format)):
+                return None
+            # The base class's getexif: PNG's own decodes the pixels first, to look for EXIF after them.
+            if Image.Image.getexif(img).get(ORIENTATION_TAG, 1) != 1:
+                return None
+            return mime
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def looks_whole(data: bytes, fmt: str) -> bool:
+    """Whether the file ends as its format ends: a JPEG's end-of-image marker, a PNG's IEND chunk, a WebP as
+    long as its RIFF header says."""
+    if fmt == "JPEG":
+        return data.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return data.endswith(b"IEND\xaeB`\x82")
+    return len(data) >= int.from_bytes(data[4:8], "little") + 8
 
 
 def build_user_message(manual: str | None, generated: str) -> str:
@@ -2601,14 +2649,19 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
     prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
     async def describe(item: Item) -> None:
-        url = await asyncio.to_thread(image_data_url, item.image, cfg.vlm_max_side)
+        url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
+        if url is None:
+            url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         await asyncio.to_thread(keep, item, text)
 
-    stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop, items)
-    stage.close()
-    wait_future(stage.done)
+    # Most images go as they are; the rest are converted here, a thread per core: PIL lets go of the GIL while
+    # it decodes, resizes and encodes, so threads use every core without a process pool's start-up and pickling.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlm-convert") as converters:
+        stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop, items)
+        stage.close()
+        wait_future(stage.done)
     events.run(chat.close(), timeout=10)
 
 
