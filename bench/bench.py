@@ -25,6 +25,10 @@ Measurements (each function below explains its own):
   rss        peak RSS of the script's own process at 1,000 and 20,000 images: a fully cached rerun, and a run
              that plans work for every image (then stops where the model would load).
   rerun      wall time of a fully cached rerun over 10,000 images vs `python -c "import torch, transformers"`.
+  served     images/s of the served vision stage (--vlm_base_url) over small RGB JPEGs within --vlm_max_side,
+             vs a bare AsyncOpenAI loop at the same concurrency sending each file's own bytes, against one
+             zero-latency loopback server in a child process; and the stage again where every image must be
+             converted (--vlm_max_side below the photos' size).
 
 Results: a table on stdout, and JSON in bench/results/bench.json (and --out PATH).
 """
@@ -64,7 +68,7 @@ import enhance_captions as ec  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
-SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun")
+SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served")
 PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
 MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
 
@@ -86,11 +90,14 @@ class Sizes:
     rss_large: int = 20_000
     rerun_images: int = 10_000
     rerun_repeats: int = 3
+    served_images: int = 400    # served vision stage images per measurement
+    served_repeats: int = 5     # ... rounds of stage and bare loop back to back
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(images=32, images_large_batch=64, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
-                   rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1)
+                   rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1, served_images=100,
+                   served_repeats=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,6 +755,148 @@ def measure_rerun(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Served vision stage
+# --------------------------------------------------------------------------------------------
+
+
+# The fake server in a child process of its own, so that its request handling does not take the benchmark's GIL.
+# It forgets the requests (~150 KB each) whenever it is asked how many it has seen since the last time.
+SERVER_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.llm_server import FakeLLMServer
+with FakeLLMServer(latency=0.0) as server:
+    print(server.base_url, flush=True)
+    for _ in sys.stdin:
+        with server._lock:
+            seen = len(server.requests)
+            for records in (server.requests, server.headers, server.request_times, server.peers):
+                records.clear()
+        print(seen, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def server_child():
+    """A zero-latency FakeLLMServer in a child process: yields (base_url, a function returning the number of chat
+    requests it saw since it was last called)."""
+    child = subprocess.Popen([sys.executable, "-c", SERVER_CHILD, str(ROOT)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        url = child.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"the fake server did not start: {url!r}")
+
+        def seen() -> int:
+            child.stdin.write("\n")
+            child.stdin.flush()
+            return int(child.stdout.readline())
+        yield url, seen
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
+def served_config(folder: Path, url: str, concurrency: int, max_side: int) -> ec.Config:
+    return ec.Config(dataset_dir=folder, vlm_base_url=url, vlm_model="test-model", vlm_max_side=max_side,
+                     concurrency=concurrency, verbosity=0)
+
+
+def time_served_stage(items: list, cfg: ec.Config, state) -> float:
+    """images/s of the script's caption_served over `items` (its Items from plan_work, its own event loop thread,
+    client, limiter and retries); the captions are thrown away, as time_vision_stage does."""
+    stats, stop = ec.Stats(), ec.StopEvent()
+    progress = ec.Reporter(0, True).progress("vision", len(items))
+    events = ec.EventLoopThread(stop)
+    try:
+        start = time.perf_counter()
+        ec.caption_served(cfg, state, events, items, stats, progress, stop, lambda item, text: None)
+        seconds = time.perf_counter() - start
+    finally:
+        events.close()
+    done = stats.counts[ec.STAGE_VISION]["done"]
+    if done != len(items):
+        problems = "; ".join(f.error for f in stats.failures[:3])
+        raise RuntimeError(f"served vision stage captioned {done}/{len(items)} images: {problems}")
+    return len(items) / seconds
+
+
+def bare_served(photos: list[Path], url: str, concurrency: int, max_tokens: int) -> float:
+    """images/s of the least a client can do: one AsyncOpenAI client, `concurrency` workers, each reading a file
+    and sending its own bytes as a data URL with the script's default prompt. No limiter, retries or threads."""
+    import asyncio
+    import base64
+
+    import openai
+
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=url, api_key="not-needed", max_retries=0)
+        todo = list(photos)
+
+        async def worker() -> None:
+            while todo:
+                data = todo.pop().read_bytes()
+                image = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+                await client.chat.completions.create(
+                    model="test-model", max_tokens=max_tokens, temperature=0.0,
+                    messages=[{"role": "user", "content": [{"type": "text", "text": ec.DEFAULT_CHAT_PROMPT},
+                                                           {"type": "image_url", "image_url": {"url": image}}]}])
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await client.close()
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    return len(photos) / (time.perf_counter() - start)
+
+
+def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side: int = 1024,
+                   small_side: int = 256) -> dict:
+    """The served vision stage over small RGB JPEGs within --vlm_max_side (512 px, ~100 KB: each goes as it is)
+    vs the bare AsyncOpenAI loop, at --concurrency 64, against one zero-latency server: what the stage costs on
+    top of the client itself. After one warm-up of each, `served_repeats` rounds of stage, bare loop and the
+    stage at --vlm_max_side 256 (every image converted: the conversion pool's rate) back to back, the order
+    flipping every round; served_vs_bare is the median of the rounds' ratios. The server is asked after each
+    run how many requests it saw: exactly one per image."""
+    folder = workdir / "served"
+    if folder.exists():
+        shutil.rmtree(folder)
+    photos = make_photos(folder, sizes.served_images, seed=3, side=512)
+    state = ec.make_state()
+    with server_child() as (url, seen):
+        cfg = served_config(folder, url, concurrency, max_side)
+        converting = served_config(folder, url, concurrency, small_side)
+        items = ec.plan_work(cfg).to_generate
+        stage, bare, converted = [], [], []
+
+        def counted(rates: list, fn) -> None:
+            rates.append(fn())
+            if seen() != len(photos):
+                raise RuntimeError("the server did not see one request per image")
+
+        def stage_run():
+            counted(stage, lambda: time_served_stage(items, cfg, state))
+
+        def bare_run():
+            counted(bare, lambda: bare_served(photos, url, concurrency, cfg.max_new_tokens))
+
+        def converted_run():
+            counted(converted, lambda: time_served_stage(items, converting, state))
+
+        stage_run(), bare_run()  # warm-up: imports, the client's first connections
+        stage.clear(), bare.clear()
+        for r in range(sizes.served_repeats):
+            order = (stage_run, bare_run, converted_run)
+            for measure in order if r % 2 == 0 else reversed(order):
+                measure()
+    ratios = [a / b for a, b in zip(stage, bare)]
+    return {"images": len(photos), "photo_bytes": sum(p.stat().st_size for p in photos) // len(photos),
+            "concurrency": concurrency, "max_side": max_side, "stage": rate_summary(stage, len(photos)),
+            "bare_client": rate_summary(bare, len(photos)),
+            "converted": dict(rate_summary(converted, len(photos)), max_side=small_side),
+            "round_ratios": [round(x, 3) for x in ratios], "served_vs_bare": statistics.median(ratios)}
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -837,6 +986,18 @@ def rows_for(results: dict, args) -> list[Row]:
         rows.append(Row(f"cached rerun {rr['images']:,} img vs import torch+transformers",
                         f"{rr['rerun_s']:.2f} s vs {rr['import_torch_transformers_s']:.2f} s "
                         f"({rr['extra_s']:+.2f} s)"))
+    sv = results.get("served")
+    if sv:
+        rows += [
+            Row(f"served vision c{sv['concurrency']}: stage / bare client (medians)",
+                f"{sv['stage']['images_per_s']:.0f} / {sv['bare_client']['images_per_s']:.0f} img/s "
+                f"({sv['images']} JPEGs of ~{sv['photo_bytes'] // 1000} KB, sent as they are)"),
+            Row("served vision: stage vs bare client", f"{sv['served_vs_bare']:.0%} (median of rounds "
+                f"{min(sv['round_ratios']):.2f}-{max(sv['round_ratios']):.2f})",
+                ">= 80%", sv["served_vs_bare"] >= 0.80),
+            Row(f"  served vision, every image converted (max side {sv['converted']['max_side']})",
+                f"{sv['converted']['images_per_s']:.0f} img/s (median)"),
+        ]
     return rows
 
 
@@ -950,6 +1111,7 @@ def main(argv=None) -> int:
             print(f"[bench] built {counts[-1]:,} cached images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             section("rss", lambda: measure_rss(sizes, tree, workdir))
             section("rerun", lambda: measure_rerun(sizes, tree, workdir))
+        section("served", lambda: measure_served(sizes, workdir))
         results["total_s"] = time.perf_counter() - started
         rows = rows_for(results, args)
         results["table"] = [dataclasses.asdict(r) | {"result": r.result()} for r in rows]
