@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput and memory benchmark of enhance_captions.py, measured side by side in one run.
 
-    python bench/bench.py             # full run (~8 min on a 2-core CPU box)
+    python bench/bench.py             # full run (~12 min on a 2-core CPU box)
     python bench/bench.py --quick     # smoke run (< 2 min)
 
 Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, the tiny random-weight
@@ -802,27 +802,28 @@ def served_config(folder: Path, url: str, concurrency: int, max_side: int) -> ec
                      concurrency=concurrency, verbosity=0)
 
 
-def time_served_stage(items: list, cfg: ec.Config, state) -> float:
-    """images/s of the script's caption_served over `items` (its Items from plan_work, its own event loop thread,
-    client, limiter and retries); the captions are thrown away, as time_vision_stage does."""
+def time_served_stage(items: list, cfg: ec.Config, state) -> tuple[float, float]:
+    """(images/s, CPU ms per image in this process) of the script's caption_served over `items` (its Items from
+    plan_work, its own event loop thread, client, limiter, retries and conversion threads); the captions are thrown
+    away, as time_vision_stage does."""
     stats, stop = ec.Stats(), ec.StopEvent()
     progress = ec.Reporter(0, True).progress("vision", len(items))
     events = ec.EventLoopThread(stop)
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ec.caption_served(cfg, state, events, items, stats, progress, stop, lambda item, text: None)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         events.close()
     done = stats.counts[ec.STAGE_VISION]["done"]
     if done != len(items):
         problems = "; ".join(f.error for f in stats.failures[:3])
         raise RuntimeError(f"served vision stage captioned {done}/{len(items)} images: {problems}")
-    return len(items) / seconds
+    return len(items) / seconds, cpu * 1000 / len(items)
 
 
-def bare_served(photos: list[Path], url: str, concurrency: int, max_tokens: int) -> float:
-    """images/s of the least a client can do: one AsyncOpenAI client, `concurrency` workers, each reading a file
+def bare_served(photos: list[Path], url: str, concurrency: int, max_tokens: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the least a client can do: one AsyncOpenAI client, `concurrency` workers, each reading a file
     and sending its own bytes as a data URL with the script's default prompt. No limiter, retries or threads."""
     import asyncio
     import base64
@@ -844,9 +845,9 @@ def bare_served(photos: list[Path], url: str, concurrency: int, max_tokens: int)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         await client.close()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     asyncio.run(run())
-    return len(photos) / (time.perf_counter() - start)
+    return len(photos) / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / len(photos)
 
 
 def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side: int = 1024,
@@ -855,8 +856,9 @@ def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side:
     vs the bare AsyncOpenAI loop, at --concurrency 64, against one zero-latency server: what the stage costs on
     top of the client itself. After one warm-up of each, `served_repeats` rounds of stage, bare loop and the
     stage at --vlm_max_side 256 (every image converted: the conversion pool's rate) back to back, the order
-    flipping every round; served_vs_bare is the median of the rounds' ratios. The server is asked after each
-    run how many requests it saw: exactly one per image."""
+    flipping every round; served_vs_bare is the median of the rounds' ratios. Each run's CPU time per image in
+    this process (the server's is its own) is reported too: on a machine shared with other work it drifts less
+    than the rates do. The server is asked after each run how many requests it saw: exactly one per image."""
     folder = workdir / "served"
     if folder.exists():
         shutil.rmtree(folder)
@@ -866,10 +868,10 @@ def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side:
         cfg = served_config(folder, url, concurrency, max_side)
         converting = served_config(folder, url, concurrency, small_side)
         items = ec.plan_work(cfg).to_generate
-        stage, bare, converted = [], [], []
+        stage, bare, converted = [], [], []  # (images/s, CPU ms per image) of each run
 
-        def counted(rates: list, fn) -> None:
-            rates.append(fn())
+        def counted(runs: list, fn) -> None:
+            runs.append(fn())
             if seen() != len(photos):
                 raise RuntimeError("the server did not see one request per image")
 
@@ -888,12 +890,17 @@ def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side:
             order = (stage_run, bare_run, converted_run)
             for measure in order if r % 2 == 0 else reversed(order):
                 measure()
-    ratios = [a / b for a, b in zip(stage, bare)]
+    def summary(runs: list, **extra) -> dict:
+        cpu = [c for _, c in runs]
+        return dict(rate_summary([r for r, _ in runs], len(photos)), cpu_ms_per_image=statistics.median(cpu),
+                    runs_cpu_ms_per_image=[round(c, 2) for c in cpu], **extra)
+
+    ratios = [a[0] / b[0] for a, b in zip(stage, bare)]
     return {"images": len(photos), "photo_bytes": sum(p.stat().st_size for p in photos) // len(photos),
-            "concurrency": concurrency, "max_side": max_side, "stage": rate_summary(stage, len(photos)),
-            "bare_client": rate_summary(bare, len(photos)),
-            "converted": dict(rate_summary(converted, len(photos)), max_side=small_side),
-            "round_ratios": [round(x, 3) for x in ratios], "served_vs_bare": statistics.median(ratios)}
+            "concurrency": concurrency, "max_side": max_side, "stage": summary(stage), "bare_client": summary(bare),
+            "converted": summary(converted, max_side=small_side),
+            "round_ratios": [round(x, 3) for x in ratios], "served_vs_bare": statistics.median(ratios),
+            "cpu_bare_vs_stage": statistics.median(b[1] / a[1] for a, b in zip(stage, bare))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -995,8 +1002,12 @@ def rows_for(results: dict, args) -> list[Row]:
             Row("served vision: stage vs bare client", f"{sv['served_vs_bare']:.0%} (median of rounds "
                 f"{min(sv['round_ratios']):.2f}-{max(sv['round_ratios']):.2f})",
                 ">= 80%", sv["served_vs_bare"] >= 0.80),
+            Row("  served vision CPU per image: stage / bare client", f"{sv['stage']['cpu_ms_per_image']:.1f} / "
+                f"{sv['bare_client']['cpu_ms_per_image']:.1f} ms (bare / stage, median of rounds: "
+                f"{sv['cpu_bare_vs_stage']:.0%})"),
             Row(f"  served vision, every image converted (max side {sv['converted']['max_side']})",
-                f"{sv['converted']['images_per_s']:.0f} img/s (median)"),
+                f"{sv['converted']['images_per_s']:.0f} img/s, {sv['converted']['cpu_ms_per_image']:.1f} ms CPU "
+                "per image (medians)"),
         ]
     return rows
 
