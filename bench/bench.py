@@ -798,8 +798,8 @@ def server_child():
 
 
 def served_config(folder: Path, url: str, concurrency: int, max_side: int) -> ec.Config:
-    return ec.Config(dataset_dir=folder, vlm_base_url=url, vlm_model="test-model", vlm_max_side=max_side,
-                     concurrency=concurrency, verbosity=0)
+    return ec.Config(dataset_dir=folder, vlm_base_url=(url,), vlm_api_keys=(None,), vlm_model="test-model",
+                     vlm_max_side=max_side, concurrency=concurrency, verbosity=0)
 
 
 def time_served_stage(items: list, cfg: ec.Config, state) -> tuple[float, float]:
