@@ -1161,6 +1161,14 @@ class EndpointChat:
         # A local server needs no key, but the client insists on one.
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
                                          max_retries=max_retries, timeout=timeout, http_client=http)
+        self.retrying: dict[int, Any] = {}
+
+    def client_with_retries(self, retries: int):
+        """The client allowed `retries` transport retries; one copy per count, so a copy's cached platform
+        details are not looked up again (in a thread) for every request."""
+        if retries not in self.retrying:
+            self.retrying[retries] = self.client.with_options(max_retries=retries)
+        return self.retrying[retries]
 
     async def _before_request(self, request) -> None:
         if request.method != "POST":
@@ -1168,15 +1176,21 @@ class EndpointChat:
         attempts = ATTEMPTS.get()
         if attempts is not None and attempts.stopping.is_set():
             raise Stopped  # the openai client may be about to retry: once stopping, nothing new is sent
+        request.extensions["limiter_entry"] = await self.limiter.acquire(self._estimate(request))
+        if attempts is not None and attempts.stopping.is_set():
+            raise Stopped  # the limiter's wait ended just as the stop came
+        count_request()
+
+    def _estimate(self, request) -> int:
+        """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB body
+        is not parsed for nothing."""
+        if not self.limiter.tokens:
+            return 0
         try:
             body = json.loads(request.content or b"{}")
         except ValueError:
             body = {}
-        estimate = estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
-        request.extensions["limiter_entry"] = await self.limiter.acquire(estimate)
-        if attempts is not None and attempts.stopping.is_set():
-            raise Stopped  # the limiter's wait ended just as the stop came
-        count_request()
+        return estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
 
     async def _after_response(self, response) -> None:
         entry = response.request.extensions.get("limiter_entry")
@@ -1267,7 +1281,7 @@ class EndpointChat:
         attempts = ATTEMPTS.get()
         # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
         retries = 0 if self.pooled else None if attempts is None else max(attempts.left - 1, 0)
-        client = self.client if retries is None else self.client.with_options(max_retries=retries)
+        client = self.client if retries is None else self.client_with_retries(retries)
         try:
             response = await client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
