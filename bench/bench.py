@@ -3,6 +3,8 @@
 
     python bench/bench.py             # full run (~8 min on a 2-core CPU box)
     python bench/bench.py --quick     # smoke run (< 2 min)
+    python bench/bench.py --only records          # records vs none on a cached rerun of 20k images (~5 min)
+    python bench/bench.py --quick --only rss,rerun  # any sections, comma-separated
 
 Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, the tiny random-weight
 Florence-2 of tests/tiny_models.py (or --model_id, or --florence_large_random on a GPU), and the loopback
@@ -25,6 +27,9 @@ Measurements (each function below explains its own):
   rss        peak RSS of the script's own process at 1,000 and 20,000 images: a fully cached rerun, and a run
              that plans work for every image (then stops where the model would load).
   rerun      wall time of a fully cached rerun over 10,000 images vs `python -c "import torch, transformers"`.
+  records    a fully cached rerun over 20,000 images with complete records: --refresh inputs (records read,
+             every file hashed) vs --refresh none (no record read), alternating, medians of 5 rounds, as
+             subprocesses and as plan_work alone; peak RSS with records at 1,000 and 20,000 images.
 
 Results: a table on stdout, and JSON in bench/results/bench.json (and --out PATH).
 """
@@ -64,7 +69,7 @@ import enhance_captions as ec  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
-SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun")
+SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "records")
 PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
 MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
 
@@ -86,11 +91,15 @@ class Sizes:
     rss_large: int = 20_000
     rerun_images: int = 10_000
     rerun_repeats: int = 3
+    records_small: int = 1_000
+    records_large: int = 20_000
+    records_repeats: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(images=32, images_large_batch=64, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
-                   rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1)
+                   rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1, records_large=2_000,
+                   records_repeats=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,6 +757,130 @@ def measure_rerun(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Records: a cached rerun that reads them and hashes every file, vs one that trusts every cache
+# --------------------------------------------------------------------------------------------
+
+
+class CountingServer(FakeLLMServer):
+    """The loopback server, counting every connection made to it (the preflight's GET /models included)."""
+
+    connections = 0
+
+    def _track(self, conn, add: bool) -> None:
+        if add:
+            self.connections += 1
+        super()._track(conn, add)
+
+
+def make_recorded_folder(folder: Path, n: int, server: FakeLLMServer) -> dict:
+    """n fully cached images (manual caption, _generated.txt, _combined.txt) with complete records, made by the
+    script itself: the caches are written as an earlier version left them, then one run with --refresh inputs
+    adopts and records every one of them (no request, no model), and folds its journal into records.jsonl."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    make_captioned_items(folder, n, combined=True)
+    t = time.perf_counter()
+    rc, output = run_main(["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
+                           "--model", "test-model", "--refresh", "inputs"])
+    seconds = time.perf_counter() - t
+    if rc != 0 or f"adopted: {2 * n} ({n} combined, {n} generated)" not in output:
+        raise RuntimeError(f"adopting {n} caches failed (exit {rc}): {output[-2000:]}")
+    records = ec.Records(folder).load()
+    journals = records.journals()
+    if len(records.latest) != 2 * n or journals or not (records.folder / ec.RECORDS_FILE).exists():
+        raise RuntimeError(f"{folder}: {len(records.latest)} records for {2 * n} caches, {len(journals)} journals")
+    return {"adopt_run_s": seconds, "records": len(records.latest),
+            "records_bytes": (records.folder / ec.RECORDS_FILE).stat().st_size}
+
+
+def cached_rerun(folder: Path, n: int, server: FakeLLMServer, refresh: str, workdir: Path,
+                 rss_marker: bool = False) -> tuple[float, int, str]:
+    """One fully cached rerun as a fresh `python enhance_captions.py --refresh REFRESH`; (wall s, peak, output).
+    It must find every cache current: nothing to caption, to merge, to adopt, nothing kept as a hand edit."""
+    rc, wall, peak, output = run_child(script_command(folder, server, "--refresh", refresh, rss_marker=rss_marker),
+                                       workdir)
+    current = (f"vision: 0 done, {n} from cache", f"llm: 0 done, {n} from cache", "to caption: 0 (none)",
+               "to merge: 0 (none)", "edited by hand (kept): 0 (none)", "adopted: 0 (none)")
+    if rc != 0 or not all(line in output for line in current):
+        raise RuntimeError(f"cached rerun --refresh {refresh} over {n} images failed (exit {rc}): {output}")
+    return wall, peak, output
+
+
+def time_plan_work(folder: Path, server: FakeLLMServer, refresh: str) -> tuple[float, float]:
+    """ec.plan_work alone, in this process, on the Config the command line makes; (seconds, of them Records.load)."""
+    argv = ["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
+            "--model", "test-model", "--quiet", "--refresh", refresh]
+    cfg = ec.config_from_args(ec.build_parser().parse_args([str(a) for a in argv]))
+    start = time.perf_counter()
+    plan = ec.plan_work(cfg)
+    seconds = time.perf_counter() - start
+    if plan.to_generate or plan.to_combine or plan.adopt or plan.failures:
+        raise RuntimeError(f"plan_work --refresh {refresh}: {len(plan.to_generate)} to caption, "
+                           f"{len(plan.to_combine)} to merge, {len(plan.adopt)} to adopt, {len(plan.failures)} failed")
+    start = time.perf_counter()
+    if refresh != "none":
+        ec.Records(cfg.dataset_dir).load()
+    return seconds, time.perf_counter() - start
+
+
+def measure_records(sizes: Sizes, workdir: Path) -> dict:
+    """What records cost a fully cached rerun: --refresh inputs (records.jsonl read, every manual caption and
+    cache hashed and matched against its record) vs --refresh none (no record read: every cache trusted, as
+    before records existed), over the same folder of `records_large` images with complete records.
+      wall   a fresh `python enhance_captions.py` per run (imports included), the two modes alternating, first
+             one then the other, the order flipped every round, `records_repeats` rounds after a warm-up run of
+             each; the target (<= 1.3x) applies to the median of the rounds' ratios (a shared machine drifts
+             over seconds, so the two are compared within each round); the ratio of the medians goes with it.
+      plan   ec.plan_work alone, in this process, the same way (and Records.load alone, timed after it).
+      rss    peak RSS through main() of a cached rerun at records_small and records_large images, each mode:
+             the growth is what the Items and the records cost; "flat" means the <= +100 MB of the rss section.
+    The endpoint is the loopback server; with nothing to do the script must not even connect to it."""
+    out: dict = {"images": sizes.records_large, "rounds": sizes.records_repeats}
+    modes = ("inputs", "none")
+    with CountingServer() as server:
+        folders = {n: workdir / f"records-{n}" for n in (sizes.records_small, sizes.records_large)}
+        for n, folder in folders.items():
+            out[f"folder_{n}"] = make_recorded_folder(folder, n, server)
+        server.connections = 0
+        large, n = folders[sizes.records_large], sizes.records_large
+        for refresh in modes:  # warm-up: page cache, .pyc files
+            cached_rerun(large, n, server, refresh, workdir)
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(sizes.records_repeats):
+            for refresh in modes if r % 2 == 0 else reversed(modes):
+                wall[refresh].append(cached_rerun(large, n, server, refresh, workdir)[0])
+        ratios = [a / b for a, b in zip(wall["inputs"], wall["none"])]
+        out["wall"] = {m: {"median_s": statistics.median(wall[m]), "runs_s": [round(s, 3) for s in wall[m]]}
+                       for m in modes}
+        out["wall"] |= {"round_ratios": [round(x, 3) for x in ratios], "ratio": statistics.median(ratios),
+                        "ratio_of_medians": out["wall"]["inputs"]["median_s"] / out["wall"]["none"]["median_s"]}
+        for refresh in modes:
+            time_plan_work(large, server, refresh)
+        plan: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+        for r in range(sizes.records_repeats):
+            for refresh in modes if r % 2 == 0 else reversed(modes):
+                plan[refresh].append(time_plan_work(large, server, refresh))
+        out["plan_work"] = {m: {"median_s": statistics.median(s for s, _ in plan[m]),
+                                "runs_s": [round(s, 3) for s, _ in plan[m]]} for m in modes}
+        out["plan_work"]["inputs"]["records_load_median_s"] = statistics.median(t for _, t in plan["inputs"])
+        plan_ratios = [a[0] / b[0] for a, b in zip(plan["inputs"], plan["none"])]
+        out["plan_work"] |= {"round_ratios": [round(x, 3) for x in plan_ratios],
+                             "ratio": statistics.median(plan_ratios)}
+        for refresh in modes:
+            for size, folder in folders.items():
+                seconds, peak, output = cached_rerun(folder, size, server, refresh, workdir, rss_marker=True)
+                out[f"rss_{refresh}_{size}"] = {"peak_rss_mb": main_peak(output) / 2**20,
+                                                "process_peak_rss_mb": peak / 2**20, "seconds": seconds}
+            out[f"rss_{refresh}_growth_mb"] = (out[f"rss_{refresh}_{sizes.records_large}"]["peak_rss_mb"]
+                                               - out[f"rss_{refresh}_{sizes.records_small}"]["peak_rss_mb"])
+        out["server_connections"] = server.connections  # must stay 0: a cached rerun needs no endpoint
+        out["chat_requests_sent"] = len(server.requests)
+    if out["server_connections"] or out["chat_requests_sent"]:
+        raise RuntimeError(f"a cached rerun reached the endpoint: {out['server_connections']} connections")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -837,6 +970,25 @@ def rows_for(results: dict, args) -> list[Row]:
         rows.append(Row(f"cached rerun {rr['images']:,} img vs import torch+transformers",
                         f"{rr['rerun_s']:.2f} s vs {rr['import_torch_transformers_s']:.2f} s "
                         f"({rr['extra_s']:+.2f} s)"))
+    rec = results.get("records")
+    if rec:
+        w, pw, n = rec["wall"], rec["plan_work"], rec["images"]
+        small, large = results["sizes"]["records_small"], results["sizes"]["records_large"]
+        rows.append(Row(f"cached rerun {n:,} img: --refresh inputs / none", f"{w['inputs']['median_s']:.2f} / "
+                        f"{w['none']['median_s']:.2f} s = {w['ratio']:.2f}x (median of {rec['rounds']} rounds "
+                        f"{min(w['round_ratios']):.2f}-{max(w['round_ratios']):.2f}; of medians "
+                        f"{w['ratio_of_medians']:.2f}x)", "<= 1.3x", w["ratio"] <= 1.3))
+        rows.append(Row(f"  plan_work {n:,} img: --refresh inputs / none", f"{pw['inputs']['median_s']:.2f} / "
+                        f"{pw['none']['median_s']:.2f} s = {pw['ratio']:.2f}x (Records.load "
+                        f"{pw['inputs']['records_load_median_s']:.2f} s)"))
+        for refresh in ("inputs", "none"):
+            a, b = rec[f"rss_{refresh}_{small}"], rec[f"rss_{refresh}_{large}"]
+            growth = rec[f"rss_{refresh}_growth_mb"]
+            rows.append(Row(f"{'' if refresh == 'inputs' else '  '}peak RSS cached rerun --refresh {refresh} "
+                            f"{small:,} -> {large:,}", f"{a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB "
+                            f"({growth:+.0f}); whole process {a['process_peak_rss_mb']:.0f} -> "
+                            f"{b['process_peak_rss_mb']:.0f}", *(("<= +100 MB", growth <= 100)
+                                                                 if refresh == "inputs" else ())))
     return rows
 
 
@@ -950,6 +1102,7 @@ def main(argv=None) -> int:
             print(f"[bench] built {counts[-1]:,} cached images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             section("rss", lambda: measure_rss(sizes, tree, workdir))
             section("rerun", lambda: measure_rerun(sizes, tree, workdir))
+        section("records", lambda: measure_records(sizes, workdir))
         results["total_s"] = time.perf_counter() - started
         rows = rows_for(results, args)
         results["table"] = [dataclasses.asdict(r) | {"result": r.result()} for r in rows]
