@@ -293,7 +293,8 @@ start = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:], stdout=sys.stderr)
 _, status, usage = os.wait4(proc.pid, 0)
 wall = time.perf_counter() - start
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "maxrss": usage.ru_maxrss}))
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "maxrss": usage.ru_maxrss,
+                  "cpu": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -301,13 +302,19 @@ def run_child(command: list[str], cwd: Path) -> tuple[int, float, int, str]:
     """Run a command as a fresh child of a small launcher; returns (exit code, wall seconds, peak RSS in bytes,
     its output tail). The peak RSS is ru_maxrss from wait4(): the command's own process over its whole life,
     interpreter shutdown included (and any children it waited for)."""
+    report = child_report(command, cwd)
+    return report["rc"], report["wall"], report["maxrss"], report["output"]
+
+
+def child_report(command: list[str], cwd: Path) -> dict:
+    """run_child's measurements as a dict, with the child's CPU time (user + system, from wait4) as "cpu"."""
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=child_env(),
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"launcher failed: {result.stderr[-2000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return report["rc"], report["wall"], report["maxrss"] * scale, result.stderr[-2000:]
+    report["maxrss"] *= 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return report | {"output": result.stderr[-2000:]}
 
 
 # Runs the script's main() exactly as `python enhance_captions.py ARGS` would, then reports the peak RSS reached
@@ -794,33 +801,42 @@ def make_recorded_folder(folder: Path, n: int, server: FakeLLMServer) -> dict:
 
 
 def cached_rerun(folder: Path, n: int, server: FakeLLMServer, refresh: str, workdir: Path,
-                 rss_marker: bool = False) -> tuple[float, int, str]:
-    """One fully cached rerun as a fresh `python enhance_captions.py --refresh REFRESH`; (wall s, peak, output).
+                 rss_marker: bool = False) -> dict:
+    """One fully cached rerun as a fresh `python enhance_captions.py --refresh REFRESH`; child_report's dict.
     It must find every cache current: nothing to caption, to merge, to adopt, nothing kept as a hand edit."""
-    rc, wall, peak, output = run_child(script_command(folder, server, "--refresh", refresh, rss_marker=rss_marker),
-                                       workdir)
+    report = child_report(script_command(folder, server, "--refresh", refresh, rss_marker=rss_marker), workdir)
+    rc, output = report["rc"], report["output"]
     current = (f"vision: 0 done, {n} from cache", f"llm: 0 done, {n} from cache", "to caption: 0 (none)",
                "to merge: 0 (none)", "edited by hand (kept): 0 (none)", "adopted: 0 (none)")
     if rc != 0 or not all(line in output for line in current):
         raise RuntimeError(f"cached rerun --refresh {refresh} over {n} images failed (exit {rc}): {output}")
-    return wall, peak, output
+    return report
 
 
-def time_plan_work(folder: Path, server: FakeLLMServer, refresh: str) -> tuple[float, float]:
-    """ec.plan_work alone, in this process, on the Config the command line makes; (seconds, of them Records.load)."""
+def time_plan_work(folder: Path, server: FakeLLMServer, refresh: str) -> tuple[float, float, float]:
+    """ec.plan_work alone, in this process, on the Config the command line makes; (seconds, CPU seconds, and
+    Records.load's seconds, timed apart after it)."""
     argv = ["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
             "--model", "test-model", "--quiet", "--refresh", refresh]
     cfg = ec.config_from_args(ec.build_parser().parse_args([str(a) for a in argv]))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     plan = ec.plan_work(cfg)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if plan.to_generate or plan.to_combine or plan.adopt or plan.failures:
         raise RuntimeError(f"plan_work --refresh {refresh}: {len(plan.to_generate)} to caption, "
                            f"{len(plan.to_combine)} to merge, {len(plan.adopt)} to adopt, {len(plan.failures)} failed")
     start = time.perf_counter()
     if refresh != "none":
         ec.Records(cfg.dataset_dir).load()
-    return seconds, time.perf_counter() - start
+    return seconds, cpu, time.perf_counter() - start
+
+
+def side_by_side(runs: dict[str, list[float]]) -> dict:
+    """Medians of the two modes' runs (paired by round), and the median of the rounds' ratios inputs / none."""
+    ratios = [a / b for a, b in zip(runs["inputs"], runs["none"])]
+    return {**{m: {"median_s": statistics.median(v), "runs_s": [round(s, 3) for s in v]} for m, v in runs.items()},
+            "round_ratios": [round(x, 3) for x in ratios], "ratio": statistics.median(ratios),
+            "ratio_of_medians": statistics.median(runs["inputs"]) / statistics.median(runs["none"])}
 
 
 def measure_records(sizes: Sizes, workdir: Path) -> dict:
@@ -831,7 +847,10 @@ def measure_records(sizes: Sizes, workdir: Path) -> dict:
              one then the other, the order flipped every round, `records_repeats` rounds after a warm-up run of
              each; the target (<= 1.3x) applies to the median of the rounds' ratios (a shared machine drifts
              over seconds, so the two are compared within each round); the ratio of the medians goes with it.
-      plan   ec.plan_work alone, in this process, the same way (and Records.load alone, timed after it).
+             Each run's CPU time (user + system, from wait4) is compared the same way: on a machine whose cores
+             are shared it moves less than the wall time does.
+      plan   ec.plan_work alone, in this process, the same way, wall and CPU time (and Records.load alone,
+             timed after it).
       rss    peak RSS through main() of a cached rerun at records_small and records_large images, each mode:
              the growth is what the Items and the records cost; "flat" means the <= +100 MB of the rss section.
     The endpoint is the loopback server; with nothing to do the script must not even connect to it."""
@@ -845,32 +864,26 @@ def measure_records(sizes: Sizes, workdir: Path) -> dict:
         large, n = folders[sizes.records_large], sizes.records_large
         for refresh in modes:  # warm-up: page cache, .pyc files
             cached_rerun(large, n, server, refresh, workdir)
-        wall: dict[str, list[float]] = {m: [] for m in modes}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(sizes.records_repeats):
             for refresh in modes if r % 2 == 0 else reversed(modes):
-                wall[refresh].append(cached_rerun(large, n, server, refresh, workdir)[0])
-        ratios = [a / b for a, b in zip(wall["inputs"], wall["none"])]
-        out["wall"] = {m: {"median_s": statistics.median(wall[m]), "runs_s": [round(s, 3) for s in wall[m]]}
-                       for m in modes}
-        out["wall"] |= {"round_ratios": [round(x, 3) for x in ratios], "ratio": statistics.median(ratios),
-                        "ratio_of_medians": out["wall"]["inputs"]["median_s"] / out["wall"]["none"]["median_s"]}
+                runs[refresh].append(cached_rerun(large, n, server, refresh, workdir))
+        out["wall"] = side_by_side({m: [run["wall"] for run in runs[m]] for m in modes})
+        out["cpu"] = side_by_side({m: [run["cpu"] for run in runs[m]] for m in modes})
         for refresh in modes:
             time_plan_work(large, server, refresh)
-        plan: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+        plan: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
         for r in range(sizes.records_repeats):
             for refresh in modes if r % 2 == 0 else reversed(modes):
                 plan[refresh].append(time_plan_work(large, server, refresh))
-        out["plan_work"] = {m: {"median_s": statistics.median(s for s, _ in plan[m]),
-                                "runs_s": [round(s, 3) for s, _ in plan[m]]} for m in modes}
-        out["plan_work"]["inputs"]["records_load_median_s"] = statistics.median(t for _, t in plan["inputs"])
-        plan_ratios = [a[0] / b[0] for a, b in zip(plan["inputs"], plan["none"])]
-        out["plan_work"] |= {"round_ratios": [round(x, 3) for x in plan_ratios],
-                             "ratio": statistics.median(plan_ratios)}
+        out["plan_work"] = side_by_side({m: [p[0] for p in plan[m]] for m in modes})
+        out["plan_work_cpu"] = side_by_side({m: [p[1] for p in plan[m]] for m in modes})
+        out["records_load_median_s"] = statistics.median(p[2] for p in plan["inputs"])
         for refresh in modes:
             for size, folder in folders.items():
-                seconds, peak, output = cached_rerun(folder, size, server, refresh, workdir, rss_marker=True)
-                out[f"rss_{refresh}_{size}"] = {"peak_rss_mb": main_peak(output) / 2**20,
-                                                "process_peak_rss_mb": peak / 2**20, "seconds": seconds}
+                run = cached_rerun(folder, size, server, refresh, workdir, rss_marker=True)
+                out[f"rss_{refresh}_{size}"] = {"peak_rss_mb": main_peak(run["output"]) / 2**20,
+                                                "process_peak_rss_mb": run["maxrss"] / 2**20, "seconds": run["wall"]}
             out[f"rss_{refresh}_growth_mb"] = (out[f"rss_{refresh}_{sizes.records_large}"]["peak_rss_mb"]
                                                - out[f"rss_{refresh}_{sizes.records_small}"]["peak_rss_mb"])
         out["server_connections"] = server.connections  # must stay 0: a cached rerun needs no endpoint
@@ -972,15 +985,19 @@ def rows_for(results: dict, args) -> list[Row]:
                         f"({rr['extra_s']:+.2f} s)"))
     rec = results.get("records")
     if rec:
-        w, pw, n = rec["wall"], rec["plan_work"], rec["images"]
+        w, c, pw, pc, n = rec["wall"], rec["cpu"], rec["plan_work"], rec["plan_work_cpu"], rec["images"]
         small, large = results["sizes"]["records_small"], results["sizes"]["records_large"]
         rows.append(Row(f"cached rerun {n:,} img: --refresh inputs / none", f"{w['inputs']['median_s']:.2f} / "
                         f"{w['none']['median_s']:.2f} s = {w['ratio']:.2f}x (median of {rec['rounds']} rounds "
                         f"{min(w['round_ratios']):.2f}-{max(w['round_ratios']):.2f}; of medians "
                         f"{w['ratio_of_medians']:.2f}x)", "<= 1.3x", w["ratio"] <= 1.3))
+        rows.append(Row("  the same, CPU time of the process", f"{c['inputs']['median_s']:.2f} / "
+                        f"{c['none']['median_s']:.2f} s = {c['ratio']:.2f}x (rounds {min(c['round_ratios']):.2f}-"
+                        f"{max(c['round_ratios']):.2f})"))
         rows.append(Row(f"  plan_work {n:,} img: --refresh inputs / none", f"{pw['inputs']['median_s']:.2f} / "
-                        f"{pw['none']['median_s']:.2f} s = {pw['ratio']:.2f}x (Records.load "
-                        f"{pw['inputs']['records_load_median_s']:.2f} s)"))
+                        f"{pw['none']['median_s']:.2f} s = {pw['ratio']:.2f}x; CPU {pc['inputs']['median_s']:.2f} / "
+                        f"{pc['none']['median_s']:.2f} s = {pc['ratio']:.2f}x (Records.load "
+                        f"{rec['records_load_median_s']:.2f} s)"))
         for refresh in ("inputs", "none"):
             a, b = rec[f"rss_{refresh}_{small}"], rec[f"rss_{refresh}_{large}"]
             growth = rec[f"rss_{refresh}_growth_mb"]
