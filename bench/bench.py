@@ -3,7 +3,7 @@
 
     python bench/bench.py             # full run (~8 min on a 2-core CPU box)
     python bench/bench.py --quick     # smoke run (< 2 min)
-    python bench/bench.py --only records          # records vs none on a cached rerun of 20k images (~5 min)
+    python bench/bench.py --only records          # records vs none, cached rerun of 20k images (~5 min)
     python bench/bench.py --quick --only rss,rerun  # any sections, comma-separated
 
 Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, the tiny random-weight
