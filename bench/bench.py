@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput and memory benchmark of enhance_captions.py, measured side by side in one run.
 
-    python bench/bench.py             # full run (~8 min on a 2-core CPU box)
+    python bench/bench.py             # full run (~13 min on a 2-core CPU box)
     python bench/bench.py --quick     # smoke run (< 2 min)
     python bench/bench.py --only records          # records vs none, cached rerun of 20k images (~5 min)
     python bench/bench.py --quick --only rss,rerun  # any sections, comma-separated
