@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Throughput and memory benchmark of enhance_captions.py, measured side by side in one run.
 
-    python bench/bench.py             # full run (~12 min on a 2-core CPU box)
+    python bench/bench.py             # full run (~17 min on a 2-core CPU box)
     python bench/bench.py --quick     # smoke run (< 2 min)
+    python bench/bench.py --only records          # records vs none, cached rerun of 20k images (~5 min)
+    python bench/bench.py --quick --only rss,rerun  # any sections, comma-separated
 
 Everything is built here, offline: a synthetic dataset of ~768 px noisy JPEGs, the tiny random-weight
 Florence-2 of tests/tiny_models.py (or --model_id, or --florence_large_random on a GPU), and the loopback
@@ -29,6 +31,9 @@ Measurements (each function below explains its own):
              vs a bare AsyncOpenAI loop at the same concurrency sending each file's own bytes, against one
              zero-latency loopback server in a child process; and the stage again where every image must be
              converted (--vlm_max_side below the photos' size).
+  records    a fully cached rerun over 20,000 images with complete records: --refresh inputs (records read,
+             every file hashed) vs --refresh none (no record read), alternating, medians of 5 rounds, as
+             subprocesses and as plan_work alone; peak RSS with records at 1,000 and 20,000 images.
 
 Results: a table on stdout, and JSON in bench/results/bench.json (and --out PATH).
 """
@@ -68,7 +73,7 @@ import enhance_captions as ec  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
-SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served")
+SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served", "records")
 PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
 MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
 
@@ -92,12 +97,15 @@ class Sizes:
     rerun_repeats: int = 3
     served_images: int = 400    # served vision stage images per measurement
     served_repeats: int = 5     # ... rounds of stage and bare loop back to back
+    records_small: int = 1_000
+    records_large: int = 20_000
+    records_repeats: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(images=32, images_large_batch=64, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
                    rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1, served_images=100,
-                   served_repeats=1)
+                   served_repeats=1, records_large=2_000, records_repeats=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +299,8 @@ start = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:], stdout=sys.stderr)
 _, status, usage = os.wait4(proc.pid, 0)
 wall = time.perf_counter() - start
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "maxrss": usage.ru_maxrss}))
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "maxrss": usage.ru_maxrss,
+                  "cpu": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -299,13 +308,19 @@ def run_child(command: list[str], cwd: Path) -> tuple[int, float, int, str]:
     """Run a command as a fresh child of a small launcher; returns (exit code, wall seconds, peak RSS in bytes,
     its output tail). The peak RSS is ru_maxrss from wait4(): the command's own process over its whole life,
     interpreter shutdown included (and any children it waited for)."""
+    report = child_report(command, cwd)
+    return report["rc"], report["wall"], report["maxrss"], report["output"]
+
+
+def child_report(command: list[str], cwd: Path) -> dict:
+    """run_child's measurements as a dict, with the child's CPU time (user + system, from wait4) as "cpu"."""
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=child_env(),
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"launcher failed: {result.stderr[-2000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return report["rc"], report["wall"], report["maxrss"] * scale, result.stderr[-2000:]
+    report["maxrss"] *= 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return report | {"output": result.stderr[-2000:]}
 
 
 # Runs the script's main() exactly as `python enhance_captions.py ARGS` would, then reports the peak RSS reached
@@ -901,6 +916,133 @@ def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side:
             "converted": summary(converted, max_side=small_side),
             "round_ratios": [round(x, 3) for x in ratios], "served_vs_bare": statistics.median(ratios),
             "cpu_bare_vs_stage": statistics.median(b[1] / a[1] for a, b in zip(stage, bare))}
+# Records: a cached rerun that reads them and hashes every file, vs one that trusts every cache
+# --------------------------------------------------------------------------------------------
+
+
+class CountingServer(FakeLLMServer):
+    """The loopback server, counting every connection made to it (the preflight's GET /models included)."""
+
+    connections = 0
+
+    def _track(self, conn, add: bool) -> None:
+        if add:
+            self.connections += 1
+        super()._track(conn, add)
+
+
+def make_recorded_folder(folder: Path, n: int, server: FakeLLMServer) -> dict:
+    """n fully cached images (manual caption, _generated.txt, _combined.txt) with complete records, made by the
+    script itself: the caches are written as an earlier version left them, then one run with --refresh inputs
+    adopts and records every one of them (no request, no model), and folds its journal into records.jsonl."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    make_captioned_items(folder, n, combined=True)
+    t = time.perf_counter()
+    rc, output = run_main(["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
+                           "--model", "test-model", "--refresh", "inputs"])
+    seconds = time.perf_counter() - t
+    if rc != 0 or f"adopted: {2 * n} ({n} combined, {n} generated)" not in output:
+        raise RuntimeError(f"adopting {n} caches failed (exit {rc}): {output[-2000:]}")
+    records = ec.Records(folder).load()
+    journals = records.journals()
+    if len(records.latest) != 2 * n or journals or not (records.folder / ec.RECORDS_FILE).exists():
+        raise RuntimeError(f"{folder}: {len(records.latest)} records for {2 * n} caches, {len(journals)} journals")
+    return {"adopt_run_s": seconds, "records": len(records.latest),
+            "records_bytes": (records.folder / ec.RECORDS_FILE).stat().st_size}
+
+
+def cached_rerun(folder: Path, n: int, server: FakeLLMServer, refresh: str, workdir: Path,
+                 rss_marker: bool = False) -> dict:
+    """One fully cached rerun as a fresh `python enhance_captions.py --refresh REFRESH`; child_report's dict.
+    It must find every cache current: nothing to caption, to merge, to adopt, nothing kept as a hand edit."""
+    report = child_report(script_command(folder, server, "--refresh", refresh, rss_marker=rss_marker), workdir)
+    rc, output = report["rc"], report["output"]
+    current = (f"vision: 0 done, {n} from cache", f"llm: 0 done, {n} from cache", "to caption: 0 (none)",
+               "to merge: 0 (none)", "edited by hand (kept): 0 (none)", "adopted: 0 (none)")
+    if rc != 0 or not all(line in output for line in current):
+        raise RuntimeError(f"cached rerun --refresh {refresh} over {n} images failed (exit {rc}): {output}")
+    return report
+
+
+def time_plan_work(folder: Path, server: FakeLLMServer, refresh: str) -> tuple[float, float, float]:
+    """ec.plan_work alone, in this process, on the Config the command line makes; (seconds, CPU seconds, and
+    Records.load's seconds, timed apart after it)."""
+    argv = ["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url", server.base_url,
+            "--model", "test-model", "--quiet", "--refresh", refresh]
+    cfg = ec.config_from_args(ec.build_parser().parse_args([str(a) for a in argv]))
+    start, cpu = time.perf_counter(), time.process_time()
+    plan = ec.plan_work(cfg)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if plan.to_generate or plan.to_combine or plan.adopt or plan.failures:
+        raise RuntimeError(f"plan_work --refresh {refresh}: {len(plan.to_generate)} to caption, "
+                           f"{len(plan.to_combine)} to merge, {len(plan.adopt)} to adopt, {len(plan.failures)} failed")
+    start = time.perf_counter()
+    if refresh != "none":
+        ec.Records(cfg.dataset_dir).load()
+    return seconds, cpu, time.perf_counter() - start
+
+
+def side_by_side(runs: dict[str, list[float]]) -> dict:
+    """Medians of the two modes' runs (paired by round), and the median of the rounds' ratios inputs / none."""
+    ratios = [a / b for a, b in zip(runs["inputs"], runs["none"])]
+    return {**{m: {"median_s": statistics.median(v), "runs_s": [round(s, 3) for s in v]} for m, v in runs.items()},
+            "round_ratios": [round(x, 3) for x in ratios], "ratio": statistics.median(ratios),
+            "ratio_of_medians": statistics.median(runs["inputs"]) / statistics.median(runs["none"])}
+
+
+def measure_records(sizes: Sizes, workdir: Path) -> dict:
+    """What records cost a fully cached rerun: --refresh inputs (records.jsonl read, every manual caption and
+    cache hashed and matched against its record) vs --refresh none (no record read: every cache trusted, as
+    before records existed), over the same folder of `records_large` images with complete records.
+      wall   a fresh `python enhance_captions.py` per run (imports included), the two modes alternating, first
+             one then the other, the order flipped every round, `records_repeats` rounds after a warm-up run of
+             each; the target (<= 1.3x) applies to the median of the rounds' ratios (a shared machine drifts
+             over seconds, so the two are compared within each round); the ratio of the medians goes with it.
+             Each run's CPU time (user + system, from wait4) is compared the same way: on a machine whose cores
+             are shared it moves less than the wall time does.
+      plan   ec.plan_work alone, in this process, the same way, wall and CPU time (and Records.load alone,
+             timed after it).
+      rss    peak RSS through main() of a cached rerun at records_small and records_large images, each mode:
+             the growth is what the Items and the records cost; "flat" means the <= +100 MB of the rss section.
+    The endpoint is the loopback server; with nothing to do the script must not even connect to it."""
+    out: dict = {"images": sizes.records_large, "rounds": sizes.records_repeats}
+    modes = ("inputs", "none")
+    with CountingServer() as server:
+        folders = {n: workdir / f"records-{n}" for n in (sizes.records_small, sizes.records_large)}
+        for n, folder in folders.items():
+            out[f"folder_{n}"] = make_recorded_folder(folder, n, server)
+        server.connections = 0
+        large, n = folders[sizes.records_large], sizes.records_large
+        for refresh in modes:  # warm-up: page cache, .pyc files
+            cached_rerun(large, n, server, refresh, workdir)
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for r in range(sizes.records_repeats):
+            for refresh in modes if r % 2 == 0 else reversed(modes):
+                runs[refresh].append(cached_rerun(large, n, server, refresh, workdir))
+        out["wall"] = side_by_side({m: [run["wall"] for run in runs[m]] for m in modes})
+        out["cpu"] = side_by_side({m: [run["cpu"] for run in runs[m]] for m in modes})
+        for refresh in modes:
+            time_plan_work(large, server, refresh)
+        plan: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+        for r in range(sizes.records_repeats):
+            for refresh in modes if r % 2 == 0 else reversed(modes):
+                plan[refresh].append(time_plan_work(large, server, refresh))
+        out["plan_work"] = side_by_side({m: [p[0] for p in plan[m]] for m in modes})
+        out["plan_work_cpu"] = side_by_side({m: [p[1] for p in plan[m]] for m in modes})
+        out["records_load_median_s"] = statistics.median(p[2] for p in plan["inputs"])
+        for refresh in modes:
+            for size, folder in folders.items():
+                run = cached_rerun(folder, size, server, refresh, workdir, rss_marker=True)
+                out[f"rss_{refresh}_{size}"] = {"peak_rss_mb": main_peak(run["output"]) / 2**20,
+                                                "process_peak_rss_mb": run["maxrss"] / 2**20, "seconds": run["wall"]}
+            out[f"rss_{refresh}_growth_mb"] = (out[f"rss_{refresh}_{sizes.records_large}"]["peak_rss_mb"]
+                                               - out[f"rss_{refresh}_{sizes.records_small}"]["peak_rss_mb"])
+        out["server_connections"] = server.connections  # must stay 0: a cached rerun needs no endpoint
+        out["chat_requests_sent"] = len(server.requests)
+    if out["server_connections"] or out["chat_requests_sent"]:
+        raise RuntimeError(f"a cached rerun reached the endpoint: {out['server_connections']} connections")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1009,6 +1151,29 @@ def rows_for(results: dict, args) -> list[Row]:
                 f"{sv['converted']['images_per_s']:.0f} img/s, {sv['converted']['cpu_ms_per_image']:.1f} ms CPU "
                 "per image (medians)"),
         ]
+    rec = results.get("records")
+    if rec:
+        w, c, pw, pc, n = rec["wall"], rec["cpu"], rec["plan_work"], rec["plan_work_cpu"], rec["images"]
+        small, large = results["sizes"]["records_small"], results["sizes"]["records_large"]
+        rows.append(Row(f"cached rerun {n:,} img: --refresh inputs / none", f"{w['inputs']['median_s']:.2f} / "
+                        f"{w['none']['median_s']:.2f} s = {w['ratio']:.2f}x (median of {rec['rounds']} rounds "
+                        f"{min(w['round_ratios']):.2f}-{max(w['round_ratios']):.2f}; of medians "
+                        f"{w['ratio_of_medians']:.2f}x)", "<= 1.3x", w["ratio"] <= 1.3))
+        rows.append(Row("  the same, CPU time of the process", f"{c['inputs']['median_s']:.2f} / "
+                        f"{c['none']['median_s']:.2f} s = {c['ratio']:.2f}x (rounds {min(c['round_ratios']):.2f}-"
+                        f"{max(c['round_ratios']):.2f})"))
+        rows.append(Row(f"  plan_work {n:,} img: --refresh inputs / none", f"{pw['inputs']['median_s']:.2f} / "
+                        f"{pw['none']['median_s']:.2f} s = {pw['ratio']:.2f}x; CPU {pc['inputs']['median_s']:.2f} / "
+                        f"{pc['none']['median_s']:.2f} s = {pc['ratio']:.2f}x (Records.load "
+                        f"{rec['records_load_median_s']:.2f} s)"))
+        for refresh in ("inputs", "none"):
+            a, b = rec[f"rss_{refresh}_{small}"], rec[f"rss_{refresh}_{large}"]
+            growth = rec[f"rss_{refresh}_growth_mb"]
+            rows.append(Row(f"{'' if refresh == 'inputs' else '  '}peak RSS cached rerun --refresh {refresh} "
+                            f"{small:,} -> {large:,}", f"{a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB "
+                            f"({growth:+.0f}); whole process {a['process_peak_rss_mb']:.0f} -> "
+                            f"{b['process_peak_rss_mb']:.0f}", *(("<= +100 MB", growth <= 100)
+                                                                 if refresh == "inputs" else ())))
     return rows
 
 
@@ -1123,6 +1288,7 @@ def main(argv=None) -> int:
             section("rss", lambda: measure_rss(sizes, tree, workdir))
             section("rerun", lambda: measure_rerun(sizes, tree, workdir))
         section("served", lambda: measure_served(sizes, workdir))
+        section("records", lambda: measure_records(sizes, workdir))
         results["total_s"] = time.perf_counter() - started
         rows = rows_for(results, args)
         results["table"] = [dataclasses.asdict(r) | {"result": r.result()} for r in rows]
