@@ -835,9 +835,10 @@ class Record:
 
     @classmethod
     def from_line(cls, row: dict) -> Record:
-        return cls(**{f.name: row.get(f.name, f.default) for f in dataclasses.fields(cls)})
+        return cls(**{name: row.get(name, default) for name, default in RECORD_FIELDS})
 
 
+RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 40k lines a rerun
 OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
@@ -860,6 +861,9 @@ class Records:
         self.lock = threading.Lock()
 
     def key(self, path: Path) -> str:
+        text, root = str(path), str(self.root)
+        if text.startswith(root + os.sep):  # what relative_to would give, without its cost (40k calls a rerun)
+            return text[len(root) + 1:].replace(os.sep, "/")
         return path.relative_to(self.root).as_posix()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -898,6 +902,8 @@ class Records:
 
     def match(self, path: Path, sha: str | None) -> tuple[str, Record | None]:
         """Is the cache file with this hash ours (and by which record), edited by hand, or unrecorded?"""
+        if not self.latest:  # none recorded (or none read: --refresh none): no path to work out
+            return UNRECORDED, None
         key = self.key(path)
         latest = self.latest.get(key)
         if latest is None:

@@ -751,6 +751,17 @@ def measure_rss(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
     return out
 
 
+def record_tree(tree: dict[int, Path]) -> None:
+    """Each folder of the nested tree is a dataset root of its own: one run per folder adopts and records its
+    caches (no request, no model), so that the rss and rerun sections measure a cached rerun, not an adopting one."""
+    with FakeLLMServer() as server:
+        for n, folder in sorted(tree.items()):
+            rc, output = run_main(["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url",
+                                   server.base_url, "--model", "test-model", "--quiet"])
+            if rc != 0 or "adopted: 0 (none)" in output:
+                raise RuntimeError(f"adopting the caches under {folder} failed (exit {rc}): {output[-2000:]}")
+
+
 def measure_rerun(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
     """Wall time of a fully cached rerun over `rerun_images` images (a fresh `python enhance_captions.py`),
     vs a bare `python -c "import torch, transformers"`; best of `rerun_repeats` each. The difference is what
@@ -916,6 +927,9 @@ def measure_served(sizes: Sizes, workdir: Path, concurrency: int = 64, max_side:
             "converted": summary(converted, max_side=small_side),
             "round_ratios": [round(x, 3) for x in ratios], "served_vs_bare": statistics.median(ratios),
             "cpu_bare_vs_stage": statistics.median(b[1] / a[1] for a, b in zip(stage, bare))}
+
+
+# --------------------------------------------------------------------------------------------
 # Records: a cached rerun that reads them and hashes every file, vs one that trusts every cache
 # --------------------------------------------------------------------------------------------
 
@@ -1284,6 +1298,7 @@ def main(argv=None) -> int:
             counts = sorted({sizes.rss_small, sizes.rerun_images, sizes.rss_large})
             t = time.perf_counter()
             tree = make_nested_tree(workdir / "cached-tree", counts)
+            record_tree(tree)
             print(f"[bench] built {counts[-1]:,} cached images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             section("rss", lambda: measure_rss(sizes, tree, workdir))
             section("rerun", lambda: measure_rerun(sizes, tree, workdir))
