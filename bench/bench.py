@@ -31,6 +31,8 @@ Measurements (each function below explains its own):
              vs a bare AsyncOpenAI loop at the same concurrency sending each file's own bytes, against one
              zero-latency loopback server in a child process; and the stage again where every image must be
              converted (--vlm_max_side below the photos' size).
+  scale      (opt-in: --only scale) planning, a fully cached rerun and its peak RSS, and the first (adopting)
+             run, at 100,000 and 200,000 images, projected linearly to 1,000,000.
   records    a fully cached rerun over 20,000 images with complete records: --refresh inputs (records read,
              every file hashed) vs --refresh none (no record read), alternating, medians of 5 rounds, as
              subprocesses and as plan_work alone; peak RSS with records at 1,000 and 20,000 images.
@@ -73,7 +75,8 @@ import enhance_captions as ec  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
-SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served", "records")
+SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served", "records", "scale")
+OPT_IN = {"scale"}  # ~1M files on disk and ~15 minutes: run with --only scale
 PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
 MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
 
@@ -100,12 +103,13 @@ class Sizes:
     records_small: int = 1_000
     records_large: int = 20_000
     records_repeats: int = 5
+    scale_sizes: tuple = (100_000, 200_000)  # planning and a cached rerun, projected to 1M from the two
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(images=32, images_large_batch=64, repeats=1, llm_items=160, llm_items_serial=16, overlap_images=32,
                    rss_small=1_000, rss_large=5_000, rerun_images=5_000, rerun_repeats=1, served_images=100,
-                   served_repeats=1, records_large=2_000, records_repeats=3)
+                   served_repeats=1, records_large=2_000, records_repeats=3, scale_sizes=(2_000, 4_000))
 
 
 # --------------------------------------------------------------------------------------------
@@ -997,6 +1001,39 @@ def time_plan_work(folder: Path, server: FakeLLMServer, refresh: str) -> tuple[f
     return seconds, cpu, time.perf_counter() - start
 
 
+def measure_scale(sizes: Sizes, workdir: Path) -> dict:
+    """Planning and a fully cached rerun at two large sizes (one folder nested in the other, as the rss section
+    builds them), and a linear projection to 1,000,000 images from the two:
+      adopt    the first run over caches without records: plans every image and records 2 caches each;
+      plan     ec.plan_work alone, in this process, with the records (wall and CPU);
+      rerun    a fresh `python enhance_captions.py` over the recorded folder: wall time and peak RSS (main()).
+    Linear means the per-image cost at the large size is close to that at the small one."""
+    small, large = sizes.scale_sizes
+    tree = make_nested_tree(workdir / "scale-tree", [small, large])
+    out: dict = {}
+    with FakeLLMServer() as server:
+        for n in (small, large):
+            folder = tree[n]
+            start = time.perf_counter()
+            rc, output = run_main(["--dataset_dir", folder, "--model_id", MISSING_MODEL, "--base_url",
+                                   server.base_url, "--model", "test-model", "--quiet"])
+            adopt = time.perf_counter() - start
+            if rc != 0 or f"adopted: {2 * n}" not in output:
+                raise RuntimeError(f"adopting {n} images failed (exit {rc}): {output[-2000:]}")
+            seconds, cpu, load = time_plan_work(folder, server, "inputs")
+            run = cached_rerun(folder, n, server, "inputs", workdir, rss_marker=True)
+            out[str(n)] = {"adopt_s": adopt, "plan_work_s": seconds, "plan_work_cpu_s": cpu, "records_load_s": load,
+                           "rerun_s": run["wall"], "rerun_peak_rss_mb": main_peak(run["output"]) / 2**20}
+        if server.requests:
+            raise RuntimeError("a cached rerun sent a request")
+    a, b = out[str(small)], out[str(large)]
+    out["projected_1M"] = {key: b[key] + (b[key] - a[key]) / (large - small) * (1_000_000 - large)
+                           for key in ("plan_work_s", "rerun_s", "rerun_peak_rss_mb", "adopt_s")}
+    out["per_image_ms"] = {str(n): {k: out[str(n)][k] * 1000 / n for k in ("plan_work_s", "rerun_s")}
+                           for n in (small, large)}
+    return out
+
+
 def side_by_side(runs: dict[str, list[float]]) -> dict:
     """Medians of the two modes' runs (paired by round), and the median of the rounds' ratios inputs / none."""
     ratios = [a / b for a, b in zip(runs["inputs"], runs["none"])]
@@ -1188,6 +1225,14 @@ def rows_for(results: dict, args) -> list[Row]:
                             f"({growth:+.0f}); whole process {a['process_peak_rss_mb']:.0f} -> "
                             f"{b['process_peak_rss_mb']:.0f}", *(("<= +100 MB", growth <= 100)
                                                                  if refresh == "inputs" else ())))
+    sc = results.get("scale")
+    if sc:
+        small, large = results["sizes"]["scale_sizes"]
+        a, b, m = sc[str(small)], sc[str(large)], sc["projected_1M"]
+        for key, name, unit in (("plan_work_s", "plan_work", "s"), ("rerun_s", "cached rerun", "s"),
+                                ("rerun_peak_rss_mb", "cached rerun peak RSS", "MB"), ("adopt_s", "first run, adopting", "s")):
+            rows.append(Row(f"{name} {small:,} / {large:,} img -> 1M projected",
+                            f"{a[key]:.1f} / {b[key]:.1f} {unit} -> {m[key]:.0f} {unit}"))
     return rows
 
 
@@ -1251,7 +1296,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     large = args.batch_size or (32 if args.florence_large_random else 8)
     args.batch_sizes = (1, large)
     args.new_tokens = args.new_tokens or (64 if args.device_obj.type == "cuda" else 32)
-    args.sections = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    args.sections = [s.strip() for s in args.only.split(",")] if args.only else [s for s in SECTIONS
+                                                                                   if s not in OPT_IN]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
@@ -1304,6 +1350,7 @@ def main(argv=None) -> int:
             section("rerun", lambda: measure_rerun(sizes, tree, workdir))
         section("served", lambda: measure_served(sizes, workdir))
         section("records", lambda: measure_records(sizes, workdir))
+        section("scale", lambda: measure_scale(sizes, workdir))
         results["total_s"] = time.perf_counter() - started
         rows = rows_for(results, args)
         results["table"] = [dataclasses.asdict(r) | {"result": r.result()} for r in rows]
