@@ -14,8 +14,8 @@ import time
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (ROOT, caches, cli_env, free_port, launch_command, make_dataset, report_failures,
-                            run_args, two_process_env)
+from tests.conftest import (ROOT, caches, free_port, launch_command, make_dataset, report_failures, run_args,
+                            seed_generated, two_process_env)
 from tests.llm_server import FakeLLMServer, default_reply_text
 
 SUBJECT = re.compile(r"subject(\d+), photo number")
@@ -26,10 +26,6 @@ def subject_of(request: dict) -> int:
     return int(SUBJECT.search(user).group(1))
 
 
-def seed_generated(images) -> None:
-    """Cache a vision caption for each image, so a run goes straight to the LLM stage."""
-    for i, image in enumerate(images):
-        caches(image)[0].write_text(f"a seeded vision caption number {i}\n", encoding="utf-8")
 
 
 def tcp_store():

@@ -12,7 +12,7 @@ import pytest
 
 import enhance_captions as ec
 from tests.conftest import (ROOT, SCRIPT, caches, cli_env, free_port, make_dataset, run_args, run_cli, run_main,
-                            run_two_processes)
+                            run_two_processes, seed_generated)
 from tests.llm_server import FakeLLMServer, status
 
 LLM_SECRET = "sk-llm-0f5e1d2c3b4a-only-for-the-llm"
@@ -20,10 +20,6 @@ VLM_SECRET = "sk-vlm-9a8b7c6d5e4f-only-for-vision"
 PYTHON_310 = Path("/root/.pyenv/versions/3.10.13/bin/python")
 
 
-def seed_generated(images) -> None:
-    """Cache a vision caption for each image, so a run goes straight to the LLM stage."""
-    for i, image in enumerate(images):
-        caches(image)[0].write_text(f"a seeded vision caption number {i}\n", encoding="utf-8")
 
 
 def corrupt_model(tmp_path: Path) -> Path:

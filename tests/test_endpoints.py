@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import caches, free_port, make_dataset, run_cli, run_main
+from tests.conftest import caches, free_port, make_dataset, run_cli, run_main, user_message
 from tests.llm_server import FakeLLMServer, default_reply_text, sha12
 
 SUBJECT = re.compile(r"subject(\d+), photo number \1")
@@ -38,8 +38,6 @@ def seeded_dataset(tmp_path: Path, n: int) -> list[Path]:
     return images
 
 
-def user_message(request: dict) -> str:
-    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def subject_of(request: dict) -> int | None:

@@ -6,13 +6,11 @@ import shutil
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, make_dataset, run_args, run_cli, run_two_processes
+from tests.conftest import SCRIPT, caches, make_dataset, run_args, run_cli, run_two_processes, user_message
 from tests.llm_server import sha12
 
 
 
-def user_message(request: dict) -> str:
-    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_path, model_dir, llm_server):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import caches, make_dataset, make_image, run_args, run_main, run_two_processes
-from tests.test_reliability import Cli
+from tests.conftest import Cli, caches, make_dataset, make_image, run_args, run_main, run_two_processes, user_message
 
 SUBJECT = re.compile(r"subject(\d+), photo number \1")
 RECORDS = Path(".enhance_captions") / "records.jsonl"
@@ -58,8 +57,6 @@ def vlm(model_dir, tmp_path) -> VisionModel:
     return VisionModel(model_dir("florence2"), tmp_path / "vlm")
 
 
-def user_message(request: dict) -> str:
-    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def system_message(request: dict) -> str:

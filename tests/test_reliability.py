@@ -11,17 +11,14 @@ import os
 import re
 import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (SCRIPT, caches, cli_env, make_dataset, make_image, report_failures, run_args, run_main,
-                            run_two_processes)
+from tests.conftest import (Cli, caches, lines_with, make_dataset, make_image, report_failures,
+                            run_args, run_main, run_two_processes, seed_generated, user_message)
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
 SECRET = "sk-test-7f3a9c1e5b2d-DO-NOT-LEAK-0042"
@@ -39,14 +36,8 @@ def run_args_4(dataset, model, server, *extra):
     return run_args(dataset, model, server, *extra, batch_size=4)
 
 
-def seed_generated(images):
-    """Cache a vision caption for each image, so a run goes straight to the LLM stage."""
-    for i, image in enumerate(images):
-        caches(image)[0].write_text(f"a seeded vision caption number {i}\n", encoding="utf-8")
 
 
-def user_message(request: dict) -> str:
-    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def subject_of(request: dict) -> int | None:
@@ -59,8 +50,6 @@ def default_text(request: dict) -> str:
     return " ".join(default_reply_text(request).split())
 
 
-def lines_with(text: str, needle: str) -> list[str]:
-    return [line for line in text.splitlines() if needle in line]
 
 
 def combined_text(image: Path) -> str | None:
@@ -87,44 +76,6 @@ def assert_clean_final_state(ds: Path, images, requests) -> None:
     assert tmp_files(ds) == []
 
 
-class Cli:
-    """The real script in a subprocess, output to files (no pipe can fill up)."""
-
-    def __init__(self, tmp_path: Path, name: str, *args, env=None):
-        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *[str(a) for a in args]],
-                                         env=env or cli_env(), stdout=out, stderr=err)
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_for(self, condition, timeout: float = 120.0, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                pytest.fail(f"the run exited ({self.proc.returncode}) before {what}:\n{self.stderr[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"timed out waiting for {what}:\n{self.stderr[-3000:]}")
-            time.sleep(0.005)
-
-    def wait(self, timeout: float = 120.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the run did not exit within {timeout} s:\n{self.stderr[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 # --------------------------------------------------------------------------------------------

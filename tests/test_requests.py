@@ -16,9 +16,9 @@ import threading
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import caches, make_dataset, make_image, run_args, run_main, two_process_command
+from tests.conftest import (Cli, caches, lines_with, make_dataset, make_image, run_args, run_main, seed_generated,
+                            two_process_command, user_message)
 from tests.llm_server import reply, reset, status
-from tests.test_reliability import Cli, lines_with, seed_generated, user_message
 
 REFUSAL_TEXT = "I\u2019m sorry, but I can\u2019t help with that."  # typographic apostrophes, as models write them
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, caches, make_dataset, make_image, run_args, run_main
+from tests.conftest import ROOT, caches, make_dataset, make_image, run_args, run_main, seed_generated
 from tests.llm_server import sha12
 
 PROMPTS = {"": ROOT / "system_prompt.txt", "short": ROOT / "prompts" / "short.txt",
@@ -48,10 +48,6 @@ def manual_of(image: Path, ext: str = ".txt") -> str:
     return image.with_suffix(ext).read_text(encoding="utf-8").strip()
 
 
-def seed_generated(images) -> None:
-    """A vision caption cached for each image: the run goes straight to the LLM stage."""
-    for i, image in enumerate(images):
-        caches(image)[0].write_text(f"a seeded vision caption number {i}\n", encoding="utf-8")
 
 
 def seeded(tmp_path: Path, n: int = 2, captions: bool = True) -> tuple[Path, list[Path]]:

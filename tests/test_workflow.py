@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_cli, run_main
+from tests.conftest import (ROOT, SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_cli, run_main,
+                           user_message)
 from tests.llm_server import status
 
 PROGRESS_LINE = re.compile(r"\w+: \d+/\d+ \(.*/s, ETA")
@@ -38,8 +39,6 @@ def vision_args(model) -> list:
 
 
 
-def user_message(request: dict) -> str:
-    return [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

@@ -682,7 +682,7 @@ LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 def build_llava_next(path) -> str:
     """Like llava-hf/llava-v1.6-*: the LLaVA-1.5 chat template; the number of image tokens depends on the image's
     size (the processor counts the tiles and the unpadded rows), so every image has its own prompt length."""
-    from transformers import (CLIPImageProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration,
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
     _seed()
