@@ -294,7 +294,7 @@ def test_local_llm_flag_wins_over_the_environments_endpoint_and_says_so(tmp_path
     images = make_dataset(tmp_path / "ds", 2)
     seed_generated(images)
     exit_code, out, err = run_main(capsys, "--dataset_dir", tmp_path / "ds", "--model_id", corrupt_model(tmp_path),
-                                   "--local_llm", model_dir("causal_lm"), "--max_tokens", "8")
+                                   "--local_llm", model_dir("causal_lm"), "--max_tokens", "48")  # room to end
     assert exit_code == 0, out + err
     first = next(line for line in err.splitlines() if line.strip())
     assert "local LLM" in first and "--local_llm wins over OPENAI_BASE_URL" in first, err
