@@ -30,18 +30,20 @@ cron while the captions are being edited) redoes exactly what changed, and never
 Map of this file, top to bottom:
     constants and types        Config, Item, Variant, Merge, Failure, Note, Stats
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
-    records                    what made each cache: per-process journals folded into records.jsonl
+    records                    what made each cache: per-process journals folded into records.jsonl, kept by the
+                               dataset root (dataset_root); write_cache(): the one writer, with a last look
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
     chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
-    stages                     the vision loop, the async LLM stage, overlap or one after the other
-    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why)
-    run()                      orchestration for one process
+    stages                     AsyncStage (requests on the event loop thread), the local vision loop
+    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why), made by
+                               the main process; plan_rows(): that plan as the other processes receive it
+    run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
     around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
-    CLI                        build_parser(), main()
+    CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish()
 """
 from __future__ import annotations
 
@@ -2206,34 +2208,6 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     (`keep(item, text)` writes the cache on the writer thread and passes the item on). `batches` are the
     positions in `items` of this process's batches, claimed as the DataLoader asks for the next."""
     import torch
-
-    with torch_threads_set(model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
-        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, keep, batches)
-
-
-@contextlib.contextmanager
-def torch_threads_set(threads: int):
-    """torch's intra-op threads for a block, restored after it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def model_threads(device, num_workers: int, threads: int) -> int:
-    """torch's threads during the vision stage: on a CPU, leave the decoding workers their cores."""
-    if device.type == "cpu" and num_workers:
-        return max(1, (os.cpu_count() or 1) - num_workers)
-    return threads
-
-
-def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
-                    progress: Progress, reporter: Reporter, stop: threading.Event,
-                    keep: Callable[[Item, str], str | None], batches: Iterable[range]) -> None:
     from torch.utils.data import DataLoader
 
     def save(item: Item, text: str) -> None:  # on the writer thread, so saving overlaps the next batch
@@ -2272,7 +2246,8 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                         num_workers=cfg.num_workers, collate_fn=Collate(captioner),
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+    threads = model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())
+    with torch_threads_set(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
                 caption_batch(writer, indices, prepared, errors)
@@ -2285,6 +2260,26 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             stats.fatal = (f"an image decoding worker died ({first_line(e)}); captions written so far are kept. "
                            "Rerun with --num_workers 0, or give the container more shared memory "
                            "(docker run --shm-size 2g)")
+
+
+@contextlib.contextmanager
+def torch_threads_set(threads: int):
+    """torch's intra-op threads for a block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_threads(device, num_workers: int, threads: int) -> int:
+    """torch's threads during the vision stage: on a CPU, leave the decoding workers their cores."""
+    if device.type == "cpu" and num_workers:
+        return max(1, (os.cpu_count() or 1) - num_workers)
+    return threads
 
 
 def worker_died(error: BaseException) -> bool:
@@ -2609,8 +2604,6 @@ class SharedWork:
             self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # run(): orchestration for one process
 # --------------------------------------------------------------------------------------------
@@ -2760,8 +2753,9 @@ class Merger:
         return budget_problem(self.dress(text, kept), self.cfg.max_caption_tokens, self.count_tokens)
 
     async def __call__(self, job: Merge) -> str:
-        if not job.wanted():  # the vision caption came out as before: the merge made from it stands
-            unchanged_merge(self.records, job)
+        if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
+            if job.record is not None:
+                self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
             return "unchanged"
         cfg, item, manual = self.cfg, job.item, job.item.manual
         kept = keep_token_parts(manual, cfg.keep_tokens)
@@ -2782,12 +2776,6 @@ class Merger:
             return "edited"
         self.reporter.detail(f"merged {job.path}")
         return "done"
-
-
-def unchanged_merge(records: Records, job: Merge) -> None:
-    """Record that the merged caption now stands for the new image (its vision caption did not change)."""
-    if job.record is not None:
-        records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
 
 
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
@@ -3091,7 +3079,7 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     return summary
 
 
-def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = None) -> int:
+def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
     metadata.csv (Hugging Face imagefolder, at the dataset root) or *.json (kohya fine-tuning metadata)."""
     target, fmt = export_target(cfg), export_format(cfg.export)
@@ -3102,7 +3090,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = N
             continue
         key = export_key(item, cfg, fmt)
         if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
-            (warn or print_stderr)(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
+            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
                                    "rename it")
             continue
         rows.append((key, caption_columns(fmt, captions) | extra_columns(item, fmt)))
@@ -3308,10 +3296,6 @@ def is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def print_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def jsonl_export(rows: list[tuple[str, dict[str, str]]]) -> str:
