@@ -851,13 +851,10 @@ KIND_GENERATED, KIND_COMBINED = "generated", "combined"
 
 
 def dataset_root(folder: Path) -> Path:
-    """The dataset a folder is part of: the nearest folder at or above it that has records, so that a run on a
-    sub-folder judges and records its caches with the dataset's records, under the dataset's lock. Without one
-    above it, the folder itself."""
-    for candidate in (folder, *folder.parents):
-        if (candidate / RECORDS_DIR).is_dir():
-            return candidate
-    return folder
+    """The dataset a folder is part of: the outermost folder at or above it that has records, so that a run on a
+    sub-folder judges and records its caches with the dataset's records, under the dataset's lock (records a
+    sub-folder kept before a run on the whole dataset are stale since). Without any, the folder itself."""
+    return next((p for p in reversed((folder, *folder.parents)) if (p / RECORDS_DIR).is_dir()), folder)
 
 
 def settings_id(kind: str, values: dict) -> str:
