@@ -353,10 +353,6 @@ class Stats:
             return EXIT_FOR_SIGNAL.get(self.signal, 128 + self.signal)
         return EXIT_FAILED if self.failures or self.left else EXIT_OK
 
-    def edited(self) -> int:
-        """Caches a person changed or created while the run was making them: kept, the new text dropped."""
-        return sum(counter["edited"] for counter in self.counts.values())
-
     def account(self, plan: Plan) -> None:
         """Every planned item is done, from cache, failed, kept as edited, or else left for the next run."""
         planned = {STAGE_VISION: len(plan.to_generate), STAGE_LLM: len(plan.to_combine)}
@@ -482,14 +478,15 @@ def read_cache(path: Path) -> str | None:
         return None
 
 
-def atomic_write(path: Path, data: bytes | str, last_look: Callable[[], bool] | None = None) -> bool:
+def atomic_write(path: Path, data: bytes | str | Iterable[bytes], last_look: Callable[[], bool] | None = None) -> bool:
     """Write via a hidden temporary file in the same folder and rename: readers never see half a file. Text is
-    written as cache_bytes() gives it, in binary, so the bytes (and their hash) are the same on every system.
-    `last_look()`, called once the bytes are on disk and just before the rename, may refuse it: False."""
+    written as cache_bytes() gives it, in binary, so the bytes (and their hash) are the same on every system; an
+    iterable of bytes is written piece by piece. `last_look()`, called once the bytes are on disk and just before
+    the rename, may refuse it: False."""
     fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(cache_bytes(data) if isinstance(data, str) else data)
+            f.writelines([cache_bytes(data)] if isinstance(data, str) else [data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         if last_look is not None and not last_look():
@@ -497,22 +494,6 @@ def atomic_write(path: Path, data: bytes | str, last_look: Callable[[], bool] | 
             return False
         os.replace(tmp, path)
         return True
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, errors: str = "strict"):
-    """A UTF-8 text file to write line by line (`\n` on every system), renamed into place when the block ends."""
-    fd, tmp = create_temporary(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="\n") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1030,11 +1011,10 @@ class Records:
 
     def _write_compacted(self) -> None:
         used = {r.settings for r in self.latest.values()}
-        with atomic_file(self.folder / RECORDS_FILE, errors="surrogateescape") as f:  # written line by line
-            for sid in sorted(used & self.settings.keys()):
-                f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
-            for key in sorted(self.latest):
-                f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
+        settings = ({"settings": sid, "values": self.settings[sid]} for sid in sorted(used & self.settings.keys()))
+        rows = itertools.chain(settings, (self.latest[key].line(key) for key in sorted(self.latest)))
+        atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
+                     ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") for row in rows))
 
 
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None) -> bool:
@@ -3019,7 +2999,7 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
 
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
-    return stats.edited() + (plan.trainer_captions or collections.Counter())["edited"]
+    return sum(c["edited"] for c in [*stats.counts.values(), plan.trainer_captions or collections.Counter()])
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
