@@ -2497,23 +2497,24 @@ def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     return record
 
 
-def plan_rows(plan: Plan, folder: Path) -> list[tuple]:
-    """The plan as the main process sends it to the others: each item with work, in order, and its decisions; no
-    records, no cached text they do not need. Paths are relative to the dataset folder, which each process names."""
+def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
+    """The plan as the main process sends it to the others: where the records are, and each item with work, in
+    order, with its decisions; no records, no cached text they do not need. Paths are relative to the dataset
+    folder, which each process names."""
     rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
     for item in plan.items:
         merges = tuple((n, m.sha, m.reason, m.unless, m.record) for n, m in enumerate(item.merges) if m.reason)
         if item.vision or merges:
             rows.append((str(item.image)[prefix:], item.stamp, item.manual, item.manual_sha, item.generated,
                          item.generated_sha, item.vision, merges))
-    return rows
+    return plan.records.root, rows
 
 
-def plan_from_rows(cfg: Config, rows: list[tuple]) -> Plan:
+def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
     """The main process's plan, in another process: the same items in the same order, so that a chunk number
     names the same work everywhere. This process walks no folder and reads no records."""
     settings = run_settings(cfg)
-    plan = Plan([], [], [], [], records=Records(dataset_root(cfg.dataset_dir)), settings=settings)
+    plan = Plan([], [], [], [], records=Records(root), settings=settings)
     for name, stamp, manual, manual_sha, generated, generated_sha, vision, merges in rows:
         image = cfg.dataset_dir / name
         item = Item(image, image.with_suffix(cfg.caption_extension), generated=generated, manual=manual,
@@ -3834,7 +3835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if cfg.dry_run:
             return EXIT_OK
-        plan = plan or plan_from_rows(cfg, shared)  # one plan: the main process's
+        plan = plan or plan_from_rows(cfg, *shared)  # one plan: the main process's
         work = SharedWork.of(state, run_id)
         reporter.info(run_description(cfg))
         if plan.records.root != cfg.dataset_dir:
