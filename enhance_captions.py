@@ -30,18 +30,20 @@ cron while the captions are being edited) redoes exactly what changed, and never
 Map of this file, top to bottom:
     constants and types        Config, Item, Variant, Merge, Failure, Note, Stats
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
-    records                    what made each cache: per-process journals folded into records.jsonl
+    records                    what made each cache: per-process journals folded into records.jsonl, kept by the
+                               dataset root (dataset_root); write_cache(): the one writer, with a last look
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
     chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
-    stages                     the vision loop, the async LLM stage, overlap or one after the other
-    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why)
-    run()                      orchestration for one process
+    stages                     AsyncStage (requests on the event loop thread), the local vision loop
+    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why), made by
+                               the main process; plan_rows(): that plan as the other processes receive it
+    run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
     around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
-    CLI                        build_parser(), main()
+    CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish()
 """
 from __future__ import annotations
 
@@ -271,6 +273,7 @@ class Merge:
     sha: str | None = None
     reason: str | None = None         # why the merge is made this run (a REASON_*), or None
     unless: str | None = None         # ...only if the new vision caption's hash differs from this one
+    record: Record | None = None      # the record of the cache as it is (it stands for the new image if unchanged)
 
     @property
     def path(self) -> Path:
@@ -311,6 +314,7 @@ class Stats:
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     fatal: str | None = None
     signal: int | None = None
+    left: int = 0  # planned, and neither done, from cache, failed nor kept: the next run does it
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, stage: str, what: str = "done") -> None:
@@ -347,7 +351,13 @@ class Stats:
             return EXIT_USAGE
         if self.signal:
             return EXIT_FOR_SIGNAL.get(self.signal, 128 + self.signal)
-        return EXIT_FAILED if self.failures else EXIT_OK
+        return EXIT_FAILED if self.failures or self.left else EXIT_OK
+
+    def account(self, plan: Plan) -> None:
+        """Every planned item is done, from cache, failed, kept as edited, or else left for the next run."""
+        planned = {STAGE_VISION: len(plan.to_generate), STAGE_LLM: len(plan.to_combine)}
+        self.left = sum(max(0, n - sum(self.counts[stage][k] for k in ("done", "unchanged", "failed", "edited")))
+                        for stage, n in planned.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,26 +478,35 @@ def read_cache(path: Path) -> str | None:
         return None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a hidden temporary file in the same folder and rename: readers never see half a file."""
-    with atomic_file(path) as f:
-        f.write(text.strip() + "\n")
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, errors: str = "strict"):
-    """A UTF-8 text file to write, renamed into place when the block ends; removed if it fails."""
+def atomic_write(path: Path, data: bytes | str | Iterable[bytes], last_look: Callable[[], bool] | None = None) -> bool:
+    """Write via a hidden temporary file in the same folder and rename: readers never see half a file. Text is
+    written as cache_bytes() gives it, in binary, so the bytes (and their hash) are the same on every system; an
+    iterable of bytes is written piece by piece. `last_look()`, called once the bytes are on disk and just before
+    the rename, may refuse it: False."""
     fd, tmp = create_temporary(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as f:
-            yield f
+        with os.fdopen(fd, "wb") as f:
+            f.writelines([cache_bytes(data)] if isinstance(data, str) else [data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
+        if last_look is not None and not last_look():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
+        return True
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def on_disk(path: Path) -> str | None:
+    """The hash of a file's bytes now, as planning takes it (None: no file, or a blank one). Raises OSError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return digest(data) if data.strip() else None
 
 
 def create_temporary(path: Path) -> tuple[int, Path]:
@@ -812,6 +831,13 @@ JOURNAL_DIR = "journal"
 KIND_GENERATED, KIND_COMBINED = "generated", "combined"
 
 
+def dataset_root(folder: Path) -> Path:
+    """The dataset a folder is part of: the outermost folder at or above it that has records, so that a run on a
+    sub-folder judges and records its caches with the dataset's records, under the dataset's lock (records a
+    sub-folder kept before a run on the whole dataset are stale since). Without any, the folder itself."""
+    return next((p for p in reversed((folder, *folder.parents)) if (p / RECORDS_DIR).is_dir()), folder)
+
+
 def settings_id(kind: str, values: dict) -> str:
     return kind[:1] + "-" + digest(json.dumps(values, sort_keys=True, ensure_ascii=False).encode("utf-8"))[:12]
 
@@ -985,17 +1011,29 @@ class Records:
 
     def _write_compacted(self) -> None:
         used = {r.settings for r in self.latest.values()}
-        with atomic_file(self.folder / RECORDS_FILE, errors="surrogateescape") as f:  # written line by line
-            for sid in sorted(used & self.settings.keys()):
-                f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
-            for key in sorted(self.latest):
-                f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
+        settings = ({"settings": sid, "values": self.settings[sid]} for sid in sorted(used & self.settings.keys()))
+        rows = itertools.chain(settings, (self.latest[key].line(key) for key in sorted(self.latest)))
+        atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
+                     ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") for row in rows))
 
 
-def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None) -> None:
-    """The one writer of a cache: its record goes to the journal, then the file is renamed into place."""
-    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values)
-    atomic_write(path, text)
+def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None) -> bool:
+    """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it
+    (`seen`, the hash of its bytes then; None: absent). A file a person changed or created since is theirs: it
+    stays, the text is dropped with no record written, and False says so. The record goes to the journal between
+    the last look and the rename (see Records). Raises ItemError when the file cannot be written."""
+    data = cache_bytes(text)
+
+    def last_look() -> bool:
+        if on_disk(path) != seen:
+            return False
+        records.write(path, dataclasses.replace(record, sha=digest(data)), values)
+        return True
+
+    try:
+        return atomic_write(path, data, last_look)
+    except OSError as e:
+        raise ItemError(f"cannot write {path.name}: {e.strerror or e}") from e
 
 
 def server_reason(error: Exception, secret: str | None) -> str:
@@ -1938,6 +1976,7 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.lock = threading.Lock()
+        self.said_stop = False
 
     def info(self, message: str) -> None:
         if self.is_main and self.verbosity >= 1:
@@ -1949,6 +1988,14 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         self._write(message)
+
+    def stopping(self, stop: threading.Event) -> None:
+        """Once, on the main thread, after a signal handler recorded the stop (a handler that printed could wait
+        for the lock a print of this thread holds, for ever)."""
+        signum = getattr(stop, "signal", None)
+        if signum and not self.said_stop:
+            self.said_stop = True
+            self.warn(f"{signal.Signals(signum).name}: stopping after the work in flight (again to abort)")
 
     def _write(self, message: str) -> None:
         from tqdm import tqdm
@@ -2010,19 +2057,24 @@ class Progress:
 class AsyncStage:
     """Bounded concurrent workers on an event loop thread; any thread can submit items.
 
-    `handle(item)` does one item and raises ItemError to fail it; FatalEndpointError stops the stage.
-    The workers take the items of `source` first (this process's claimed chunks, see SharedWork), then what
-    submit() passes on, until close().
+    `handle(item)` does one item and returns what to count ("done" when it says nothing), raises ItemError to
+    fail it; FatalEndpointError stops the stage. Once start()ed, the workers take the items of `source` first
+    (this process's claimed chunks, see SharedWork), then what submit() passed on (before the start, too), until
+    close().
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
-                 handle: Callable[[Item], Any], stats: Stats, progress: Progress, stop: threading.Event,
+                 handle: Callable[[Any], Any], stats: Stats, progress: Progress, stop: threading.Event,
                  source: Iterable = ()):
-        self.loop, self.name, self.handle = loop, name, handle
+        self.loop, self.name, self.handle, self.concurrency = loop, name, handle, concurrency
         self.stats, self.progress, self.stop = stats, progress, stop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.source: Iterator | None = iter(source)
-        self.done = asyncio.run_coroutine_threadsafe(self._run(concurrency), loop)
+        self.done: concurrent.futures.Future | None = None
+
+    def start(self) -> AsyncStage:
+        self.done = asyncio.run_coroutine_threadsafe(self._run(self.concurrency), self.loop)
+        return self
 
     def submit(self, item: Item | None) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -2053,8 +2105,7 @@ class AsyncStage:
             if self.stop.is_set():
                 continue  # stopping: leave the rest for the next run
             try:
-                await self.handle(item)
-                self.stats.count(self.name, "done")
+                self.stats.count(self.name, await self.handle(item) or "done")
             except Stopped:
                 continue  # neither done nor failed: the next run does it
             except ItemError as e:
@@ -2075,6 +2126,7 @@ class StopEvent(threading.Event):
     def __init__(self):
         super().__init__()
         self.wakers: list[Callable[[], None]] = []
+        self.signal: int | None = None  # the signal that stops the run
 
     def set(self) -> None:
         super().set()
@@ -2115,9 +2167,10 @@ class EventLoopThread:
         self.loop.close()
 
 
-def wait_future(future) -> None:
-    """Wait for a stage in slices, so signal handlers keep running in the main thread."""
+def wait_future(future, every_slice: Callable[[], None] = lambda: None) -> None:
+    """Wait for a stage in slices, so signal handlers keep running in the main thread, which calls `every_slice`."""
     while True:
+        every_slice()
         try:
             future.result(timeout=0.2)
             return
@@ -2127,48 +2180,20 @@ def wait_future(future) -> None:
 
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
-                    keep: Callable[[Item, str], None], batches: Iterable[range]) -> None:
+                    keep: Callable[[Item, str], str | None], batches: Iterable[range]) -> None:
     """The vision loop: decode in DataLoader workers, generate per batch, keep each batch's captions at once
     (`keep(item, text)` writes the cache on the writer thread and passes the item on). `batches` are the
     positions in `items` of this process's batches, claimed as the DataLoader asks for the next."""
     import torch
-
-    with torch_threads_set(model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())):
-        caption_batches(items, captioner, cfg, stats, progress, reporter, stop, keep, batches)
-
-
-@contextlib.contextmanager
-def torch_threads_set(threads: int):
-    """torch's intra-op threads for a block, restored after it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def model_threads(device, num_workers: int, threads: int) -> int:
-    """torch's threads during the vision stage: on a CPU, leave the decoding workers their cores."""
-    if device.type == "cpu" and num_workers:
-        return max(1, (os.cpu_count() or 1) - num_workers)
-    return threads
-
-
-def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
-                    progress: Progress, reporter: Reporter, stop: threading.Event,
-                    keep: Callable[[Item, str], None], batches: Iterable[range]) -> None:
     from torch.utils.data import DataLoader
 
     def save(item: Item, text: str) -> None:  # on the writer thread, so saving overlaps the next batch
         try:
-            keep(item, text)
-        except OSError as e:
-            stats.fail(item.image, STAGE_VISION, f"cannot write {item.generated_path.name}: {e.strerror or e}")
-            return
-        stats.count(STAGE_VISION, "done")
+            stats.count(STAGE_VISION, keep(item, text) or "done")
+        except ItemError as e:
+            stats.fail(item.image, STAGE_VISION, str(e))
+        except Exception as e:  # nothing on this thread may be lost: the item fails, saying why
+            stats.fail(item.image, STAGE_VISION, f"cannot keep the caption: {type(e).__name__}: {first_line(e)}")
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
         for index, error in errors:
@@ -2198,11 +2223,13 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                         num_workers=cfg.num_workers, collate_fn=Collate(captioner),
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+    threads = model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())
+    with torch_threads_set(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
                 caption_batch(writer, indices, prepared, errors)
                 if stop.is_set():
+                    reporter.stopping(stop)
                     break
         except RuntimeError as e:
             if not worker_died(e):
@@ -2210,6 +2237,26 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             stats.fatal = (f"an image decoding worker died ({first_line(e)}); captions written so far are kept. "
                            "Rerun with --num_workers 0, or give the container more shared memory "
                            "(docker run --shm-size 2g)")
+
+
+@contextlib.contextmanager
+def torch_threads_set(threads: int):
+    """torch's intra-op threads for a block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_threads(device, num_workers: int, threads: int) -> int:
+    """torch's threads during the vision stage: on a CPU, leave the decoding workers their cores."""
+    if device.type == "cpu" and num_workers:
+        return max(1, (os.cpu_count() or 1) - num_workers)
+    return threads
 
 
 def worker_died(error: BaseException) -> bool:
@@ -2265,12 +2312,14 @@ def run_settings(cfg: Config) -> Settings:
         vision = {"served_model": cfg.vlm_model, "max_side": cfg.vlm_max_side}
     else:
         vision = {"model_id": cfg.model_id, "revision": cfg.revision, "quantization": cfg.quantization,
-                  "repetition_penalty": cfg.repetition_penalty}
+                  "repetition_penalty": cfg.repetition_penalty, "dtype": cfg.dtype}
     vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
     merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
              "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
              "prefix": cfg.prefix, "suffix": cfg.suffix, "max_caption_tokens": cfg.max_caption_tokens,
              "caption_tokenizer": cfg.caption_tokenizer}
+    if cfg.local_llm:
+        merge |= {"revision": cfg.revision, "dtype": cfg.dtype}
     return Settings(vision, merge, variants_of(cfg))
 
 
@@ -2322,7 +2371,7 @@ def plan_work(cfg: Config) -> Plan:
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
-    records = Records(cfg.dataset_dir)
+    records = Records(dataset_root(cfg.dataset_dir))
     # --refresh none trusts every cache as it is: no record is needed to judge one; but the --write_captions files
     # are copies kept in step, and only their records tell this script's copy from a hand edit
     if cfg.refresh != "none" or cfg.write_captions:
@@ -2408,9 +2457,10 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
     elif found.status == UNRECORDED:
         record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
-        adopt(plan, item, merge.variant.kind, record)
+        merge.record = adopt(plan, item, merge.variant.kind, record)
         stale_merge(record, merge, cfg, settings)  # adopted as it is now; a vision caption made again may change it
     else:
+        merge.record = found.record
         stale_merge(found.record, merge, cfg, settings)
 
 
@@ -2439,16 +2489,48 @@ def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -
         merge.reason, merge.unless = REASON_IMAGE, record.generated
 
 
-def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
+def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     """A cache without a record (an earlier version, another tool) is taken as it is, and recorded as it is now."""
-    plan.adopt.append((item.cache_path(kind), dataclasses.replace(record, adopted=True)))
+    record = dataclasses.replace(record, adopted=True)
+    plan.adopt.append((item.cache_path(kind), record))
     item.adopted += (kind,)
+    return record
+
+
+def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
+    """The plan as the main process sends it to the others: where the records are, and each item with work, in
+    order, with its decisions; no records, no cached text they do not need. Paths are relative to the dataset
+    folder, which each process names."""
+    rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
+    for item in plan.items:
+        merges = tuple((n, m.sha, m.reason, m.unless, m.record) for n, m in enumerate(item.merges) if m.reason)
+        if item.vision or merges:
+            rows.append((str(item.image)[prefix:], item.stamp, item.manual, item.manual_sha, item.generated,
+                         item.generated_sha, item.vision, merges))
+    return plan.records.root, rows
+
+
+def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
+    """The main process's plan, in another process: the same items in the same order, so that a chunk number
+    names the same work everywhere. This process walks no folder and reads no records."""
+    settings = run_settings(cfg)
+    plan = Plan([], [], [], [], records=Records(root), settings=settings)
+    for name, stamp, manual, manual_sha, generated, generated_sha, vision, merges in rows:
+        image = cfg.dataset_dir / name
+        item = Item(image, image.with_suffix(cfg.caption_extension), generated=generated, manual=manual,
+                    manual_sha=manual_sha, generated_sha=generated_sha, stamp=stamp, vision=vision)
+        item.merges = [Merge(item, settings.variants[n], sha=sha, reason=reason, unless=unless, record=record)
+                       for n, sha, reason, unless, record in merges]
+        plan.items.append(item)
+        plan.to_generate += [item] if vision else []
+        plan.to_combine += item.merges
+    return plan
 
 
 class SharedWork:
     """How the processes of one run share its work, through the key-value store that torch.distributed already
-    runs for the process group. Every process plans the same sorted lists, so a chunk number names the same items
-    everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
+    runs for the process group. Every process has the main process's plan (plan_rows), so a chunk number names the
+    same items everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
     takes the next chunk when it is done with its last, so one that drew slow images or slow merges takes fewer,
     and all finish close together. A process that dies leaves only its claimed chunks undone, for the rerun.
     At the end each process leaves its Stats in the store and the main process waits for them without a deadline:
@@ -2500,8 +2582,6 @@ class SharedWork:
             self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # run(): orchestration for one process
 # --------------------------------------------------------------------------------------------
@@ -2513,7 +2593,7 @@ def make_chat(cfg: Config, state):
     if cfg.local_llm:
         quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
-                         cfg.max_tokens, cfg.temperature, trust_remote_code=cfg.trust_remote_code)
+                         cfg.max_tokens, cfg.temperature, cfg.revision, cfg.trust_remote_code)
     urls = cfg.base_url or (None,)
     return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in urls], cfg.model, cfg.rpm, cfg.tpm,
                          cfg.max_tokens, cfg.temperature)
@@ -2549,140 +2629,154 @@ def make_vision_chat(cfg: Config, state) -> EndpointChat | EndpointPool:
 
 
 def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
-        make_captioner=load_captioner, make_llm=make_chat, count_tokens: Callable[[str], int] | None = None,
-        work: SharedWork | None = None) -> Stats:
-    """Caption and merge the chunks of the plan this process claims; returns its Stats for main() to gather.
-    The merges of the images it captions follow them; the other merges are claimed by their own counter."""
-    stats = Stats()
-    work = work or SharedWork()
-    generating = {id(i) for i in plan.to_generate}
-    vision_items = plan.to_generate
-    llm_only = [m for m in plan.to_combine if id(m.item) not in generating]
-    n_llm = len(plan.to_combine)
-    if not vision_items and not n_llm:
+        count_tokens: Callable[[str], int] | None = None, work: SharedWork | None = None) -> Stats:
+    """This process's part of the plan, in stages that hand on one way: caption, then merge (finish() comes after).
+    The merges of the images it captions follow them; the other merges are claimed by their own counter. Returns
+    its Stats for finish() to gather."""
+    stats, work = Stats(), work or SharedWork()
+    if not plan.to_generate and not plan.to_combine:
         return stats
-    alone = work.store is None  # several processes: this one's part is known only once it is done
-    chunk = min(REQUEST_CHUNK, cfg.concurrency)
-
+    captioning = {id(i) for i in plan.to_generate}
+    llm_only = [m for m in plan.to_combine if id(m.item) not in captioning]
     events = EventLoopThread(stop)
-    chat = None
-    llm_stage: AsyncStage | None = None
-    llm_progress = reporter.progress("llm", n_llm if alone else None)
-    records, settings = plan.records, plan.settings
-    commit: str | None = None  # the vision model's resolved revision, once it is loaded
-
-    def keep_caption(item: Item, text: str) -> None:
-        """A new vision caption: cached with its record (when caching), then on to the merge."""
-        item.generated, item.generated_sha = text, digest(cache_bytes(text))
-        if cfg.cache_generated:
-            write_cache(records, item.generated_path, text, Record("", settings.vision_id, image=item.stamp,
-                                                                   commit=commit), settings.vision)
-        forward(item)
-
-    def dress(text: str, kept: Sequence[str]) -> str:  # the --prefix and --suffix, once each
-        return apply_affixes(text, cfg.prefix, cfg.suffix, kept)
-
-    def over_budget(text: str, kept: Sequence[str]) -> str | None:
-        return budget_problem(dress(text, kept), cfg.max_caption_tokens, count_tokens) if count_tokens else None
-
-    async def merge(job: Merge) -> None:
-        item, variant, manual = job.item, job.variant, job.item.manual
-        kept = keep_token_parts(manual, cfg.keep_tokens)
-        try:
-            text = dress(await complete_item(chat, llm_messages(item, variant.system_prompt, manual), cfg.max_retries,
-                                             manual, kept, stopping=events.stopping,
-                                             too_long=lambda t: over_budget(t, kept)), kept)
-        except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = training_caption(e.text, kept, cfg, count_tokens)
-            stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
-        record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
-        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name])
-        job.text = text  # (the thread above: an fsync must not stall the loop)
-        reporter.detail(f"merged {job.path}")
-
-    def start_llm() -> AsyncStage:
-        nonlocal chat
-        chat = make_llm(cfg, state)
-        return AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop,
-                          work.items(STAGE_LLM, llm_only, chunk))
-
-    def forward(item: Item) -> None:  # a new generated caption goes on to the LLM, if that runs already
-        if llm_stage is None:
-            return
-        for job in item.merges:
-            if job.wanted():
-                llm_stage.submit(job)
-            elif job.reason:  # the vision caption came out as before: the merge made from it stands
-                unchanged_merge(records, job)
-                stats.count(STAGE_LLM, "unchanged")
-                llm_progress.update()
-
-    # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
-    overlap = cfg.overlap and not cfg.local_llm
+    merger = Merger(cfg, plan, stats, reporter, events.stopping, count_tokens)
+    merges = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merger, stats,
+                        reporter.progress("llm", len(plan.to_combine) if work.store is None else None), stop,
+                        work.items(STAGE_LLM, llm_only, min(REQUEST_CHUNK, cfg.concurrency)))
+    early = cfg.overlap and not cfg.local_llm  # a local LLM waits for the vision model to leave the GPU
     try:
-        if n_llm and overlap:
-            llm_stage = start_llm()
-        if vision_items:
-            vision_progress = reporter.progress("vision", len(vision_items) if alone else None)
-            if cfg.vlm_base_url:
-                caption_served(cfg, state, events, work.items(STAGE_VISION, vision_items, chunk), stats,
-                               vision_progress, stop, keep_caption)
-            else:
-                captioner = make_captioner(cfg, state.device)
-                commit = getattr(captioner.model.config, "_commit_hash", None)
-                caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, keep_caption,
-                                work.chunks(STAGE_VISION, len(vision_items), cfg.batch_size))
-                captioner = None
-                release_memory()
-            vision_progress.close()
-        if n_llm and llm_stage is None and not stop.is_set():
-            llm_stage = start_llm()
-            for item in vision_items:
-                if item.generated is not None:  # captioned here, by this process
-                    forward(item)
-        if llm_stage is not None:
-            llm_stage.close()
-            wait_future(llm_stage.done)
-        llm_progress.close()
+        if plan.to_combine and early:
+            merger.chat = make_chat(cfg, state)
+            merges.start()
+        if plan.to_generate:
+            caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges))
+        if plan.to_combine and merges.done is None and not stop.is_set():
+            merger.chat = make_chat(cfg, state)
+            merges.start()
+        if merges.done is not None:
+            merges.close()
+            wait_future(merges.done, lambda: reporter.stopping(stop))
+        merges.progress.close()
     except BaseException:
         stop.set()  # a stage failed as a whole: let the other one wind down before the loop closes
         raise
     finally:
-        if chat is not None:
+        if merger.chat is not None:
             with contextlib.suppress(Exception):
-                events.run(chat.close(), timeout=10)
+                events.run(merger.chat.close(), timeout=10)
         events.close()
     return stats
 
 
-def unchanged_merge(records: Records, job: Merge) -> None:
-    """Record that the merged caption now stands for the new image (its vision caption did not change)."""
-    _, record = records.match(job.path, job.sha)
-    if record is not None:
-        records.write(job.path, dataclasses.replace(record, image=job.item.stamp))
+def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stats, reporter: Reporter,
+            stop: StopEvent, work: SharedWork, keep: NewCaptions) -> None:
+    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one."""
+    items = plan.to_generate
+    progress = reporter.progress("vision", len(items) if work.store is None else None)
+    if cfg.vlm_base_url:
+        caption_served(cfg, state, events, work.items(STAGE_VISION, items, min(REQUEST_CHUNK, cfg.concurrency)),
+                       stats, progress, stop, keep, lambda: reporter.stopping(stop))
+    else:
+        captioner = load_captioner(cfg, state.device)
+        keep.commit = getattr(captioner.model.config, "_commit_hash", None)
+        caption_locally(items, captioner, cfg, stats, progress, reporter, stop, keep,
+                        work.chunks(STAGE_VISION, len(items), cfg.batch_size))
+        del captioner
+        release_memory()
+    progress.close()
+
+
+class NewCaptions:
+    """Where a new vision caption goes (on the thread that saves it): its cache, after a last look, then its merges
+    to the merge stage, which decides on its own thread whether each is still wanted (Merge.wanted)."""
+
+    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage):
+        self.cfg, self.records, self.settings, self.merges = cfg, plan.records, plan.settings, merges
+        self.commit: str | None = None  # the vision model's resolved revision, once it is loaded
+
+    def __call__(self, item: Item, text: str) -> str:
+        seen, item.generated, item.generated_sha = item.generated_sha, text, digest(cache_bytes(text))
+        what = "done"
+        if self.cfg.cache_generated:
+            record = Record("", self.settings.vision_id, image=item.stamp, commit=self.commit)
+            if not write_cache(self.records, item.generated_path, text, record, self.settings.vision, seen):
+                what = "edited"  # a person's vision caption, written during the run: the merges are made from it
+                with contextlib.suppress(ItemError):
+                    mine, sha = read_caption(item.generated_path)
+                    if mine:
+                        item.generated, item.generated_sha = mine, sha
+        for job in item.merges:
+            if job.reason:
+                self.merges.submit(job)
+        return what
+
+
+class Merger:
+    """The merge stage's work on one merged caption: ask the LLM, add the fixed text, write the cache after a last
+    look. Returns what to count: done, unchanged, or edited (a person's file, written during the run, is kept)."""
+
+    def __init__(self, cfg: Config, plan: Plan, stats: Stats, reporter: Reporter, stopping: asyncio.Event,
+                 count_tokens: Callable[[str], int] | None):
+        self.cfg, self.records, self.settings, self.stats = cfg, plan.records, plan.settings, stats
+        self.reporter = reporter
+        self.stopping, self.count_tokens = stopping, count_tokens
+        self.chat = None  # made when the stage starts
+
+    def dress(self, text: str, kept: Sequence[str]) -> str:  # the --prefix and --suffix, once each
+        return apply_affixes(text, self.cfg.prefix, self.cfg.suffix, kept)
+
+    def over_budget(self, text: str, kept: Sequence[str]) -> str | None:
+        if self.count_tokens is None:
+            return None
+        return budget_problem(self.dress(text, kept), self.cfg.max_caption_tokens, self.count_tokens)
+
+    async def __call__(self, job: Merge) -> str:
+        if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
+            if job.record is not None:
+                self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
+            return "unchanged"
+        cfg, item, manual = self.cfg, job.item, job.item.manual
+        kept = keep_token_parts(manual, cfg.keep_tokens)
+        try:
+            text = self.dress(await complete_item(
+                self.chat, llm_messages(item, job.variant.system_prompt, manual), cfg.max_retries, manual, kept,
+                stopping=self.stopping, too_long=lambda t: self.over_budget(t, kept)), kept)
+        except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
+            text = training_caption(e.text, kept, cfg, self.count_tokens)
+            self.stats.note(item.image, STAGE_LLM,
+                            f"{job.path.name}: {e.problem}; cut to {self.count_tokens(text)} tokens")
+        name = job.variant.name
+        record = Record("", self.settings.merge_ids[name], image=item.stamp, manual=item.manual_sha,
+                        generated=item.generated_sha)
+        # on a thread: an fsync must not stall the loop
+        if not await asyncio.to_thread(write_cache, self.records, job.path, text, record, self.settings.merges[name],
+                                       job.sha):
+            return "edited"
+        self.reporter.detail(f"merged {job.path}")
+        return "done"
 
 
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
-                   progress: Progress, stop: threading.Event, keep: Callable[[Item, str], None]) -> None:
+                   progress: Progress, stop: threading.Event, keep: Callable[[Item, str], str | None],
+                   every_slice: Callable[[], None] = lambda: None) -> None:
     """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
     chat = make_vision_chat(cfg, state)
     prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
-    async def describe(item: Item) -> None:
+    async def describe(item: Item) -> str | None:
         url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
         if url is None:
             url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
-        await asyncio.to_thread(keep, item, text)
+        return await asyncio.to_thread(keep, item, text)
 
     # Most images go as they are; the rest are converted here, a thread per core: PIL lets go of the GIL while
     # it decodes, resizes and encodes, so threads use every core without a process pool's start-up and pickling.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlm-convert") as converters:
-        stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop, items)
+        stage = AsyncStage(events.loop, STAGE_VISION, cfg.concurrency, describe, stats, progress, stop, items).start()
         stage.close()
-        wait_future(stage.done)
+        wait_future(stage.done, every_slice)
     events.run(chat.close(), timeout=10)
 
 
@@ -2738,15 +2832,15 @@ def check_writable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, stats: Stats, reporter: Reporter):
-    """Ctrl-C or SIGTERM: finish the work in flight, save it, report. A second signal aborts at once."""
+def stop_on_signals(stop: StopEvent):
+    """Ctrl-C or SIGTERM: finish the work in flight, save it, report. A second signal aborts at once. The handler
+    only records the stop; the main thread says so (Reporter.stopping)."""
     def handle(signum, frame):
-        if stop.is_set() and stats.signal:
+        if stop.signal:
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
-        stats.signal = signum
+        stop.signal = signum
         stop.set()
-        reporter.warn(f"{signal.Signals(signum).name}: stopping after the work in flight (again to abort)")
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -2791,10 +2885,10 @@ def check_local_model(cfg: Config) -> None:
     """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
     from transformers import AutoConfig
 
-    check_model_source(cfg.local_llm, "--local_llm")
+    check_model_source(cfg.local_llm, "--local_llm", cfg.revision)
     quiet_transformers(cfg.verbosity)
     try:
-        AutoConfig.from_pretrained(cfg.local_llm, trust_remote_code=cfg.trust_remote_code)
+        AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
@@ -2885,6 +2979,10 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     lines = [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
              for stage, c in stats.counts.items()]
+    if edited_during_run(plan, stats):
+        lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
+    if stats.left:
+        lines.append(f"  left for the next run: {stats.left}")
     lines += plan_lines(plan)
     if plan.trainer_captions is not None:
         c = plan.trainer_captions
@@ -2898,6 +2996,11 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
     return lines
+
+
+def edited_during_run(plan: Plan, stats: Stats) -> int:
+    """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
+    return sum(c["edited"] for c in [*stats.counts.values(), plan.trainer_captions or collections.Counter()])
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
@@ -2923,11 +3026,9 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
         else:
             record = Record("", settings, combined=sha, adopted=found.sha is not None and found.status != OURS)
             try:
-                write_cache(records, target, text, record, None)
-            except OSError as e:
-                stats.fail(item.image, STAGE_LLM, f"cannot write {target.name}: {e.strerror or e}")
-                continue
-            counts["written"] += 1
+                counts["written" if write_cache(records, target, text, record, None, found.sha) else "edited"] += 1
+            except ItemError as e:
+                stats.fail(item.image, STAGE_LLM, str(e))
     plan.trainer_captions = counts
     return kept
 
@@ -2946,6 +3047,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     for stage, counts in stats.counts.items():
         summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
                           "failed": counts["failed"]}
+    summary["edited_during_run"] = edited_during_run(plan, stats)
+    summary["left"] = stats.left
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)
@@ -2954,7 +3057,7 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     return summary
 
 
-def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = None) -> int:
+def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
     metadata.csv (Hugging Face imagefolder, at the dataset root) or *.json (kohya fine-tuning metadata)."""
     target, fmt = export_target(cfg), export_format(cfg.export)
@@ -2965,7 +3068,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = N
             continue
         key = export_key(item, cfg, fmt)
         if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
-            (warn or print_stderr)(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
+            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
                                    "rename it")
             continue
         rows.append((key, caption_columns(fmt, captions) | extra_columns(item, fmt)))
@@ -3171,10 +3274,6 @@ def is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def print_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def jsonl_export(rows: list[tuple[str, dict[str, str]]]) -> str:
@@ -3435,7 +3534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("vision model")
     g.add_argument("--model_id", default=DEFAULT_MODEL_ID, help="vision model: Hub id or local path")
-    g.add_argument("--revision", default="main", help="model revision (processor and model)")
+    g.add_argument("--revision", default="main", help="model revision (the vision model's processor and "
+                                                                 "weights, and --local_llm's)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code (processor and model)")
     g.add_argument("--prompt", help=f"task token or instruction; default {DEFAULT_TASK_PROMPT} for task-token "
                                     "models, a detailed-description request for chat models, none for BLIP")
@@ -3691,13 +3791,13 @@ def check_against_state(cfg: Config, state) -> None:
         raise UsageError("--device_map auto spreads one model over all GPUs: run it as one process")
 
 
-def agree(state, error: str | None) -> str | None:
-    """The main process's verdict, seen by every process."""
+def agree(state, value):
+    """The main process's value, seen by every process."""
     if state.num_processes == 1:
-        return error
+        return value
     from accelerate.utils import broadcast_object_list
 
-    box = [error]
+    box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
 
@@ -3713,87 +3813,103 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(cfg)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
-    lock = DatasetLock(cfg.dataset_dir)
+    lock = DatasetLock(dataset_root(cfg.dataset_dir))
     try:
-        error, count_tokens = None, None
+        plan, error, count_tokens = None, None, None
         try:
             check_against_state(cfg, state)
-            count_tokens = caption_counter(cfg)  # the trainer's tokenizer, for --max_caption_tokens
-            if state.is_main_process and not cfg.dry_run:
-                error = lock.acquire()
+            if not cfg.dry_run:  # a dry run loads nothing
+                count_tokens = caption_counter(cfg)  # the trainer's tokenizer, for --max_caption_tokens
         except UsageError as e:
             error = str(e)
-        plan = plan_work(cfg)
-        if error is None and state.is_main_process and not cfg.dry_run:
-            for path in plan.stale:  # the lock is ours: no other run is writing these
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        if error is None and not plan.items and state.is_main_process:
-            error = f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
-        if cfg.dry_run:
-            if error is None and state.is_main_process:
-                print("\n".join(dry_run_report(cfg, plan)))
-        elif error is None and state.is_main_process:
-            try:
-                cfg = preflight(cfg, plan, state)
-            except (FatalEndpointError, UsageError) as e:
-                error = str(e)
-        error = agree(state, error)
+        if state.is_main_process and error is None:
+            cfg, plan, error = prepare(cfg, state, lock)
+        shared = plan_rows(plan, cfg.dataset_dir) if plan and state.num_processes > 1 and not cfg.dry_run else None
+        error, cfg, run_id, shared = agree(state, (error, cfg, uuid.uuid4().hex, shared))
         if error:
             if state.is_main_process:
                 print(printable(f"error: {error}"), file=sys.stderr)
                 if cfg.report and not cfg.dry_run:  # cron under accelerate launch reads the exit code there
                     with contextlib.suppress(OSError):
-                        write_report(cfg.report, [], report_summary(plan, Stats(fatal=error)))
+                        write_report(cfg.report, [], report_summary(plan or Plan([], [], [], []), Stats(fatal=error)))
             return EXIT_USAGE
         if cfg.dry_run:
             return EXIT_OK
-        planned, cfg = cfg, agree(state, cfg)  # with the model the main process's preflight found, for every process
-        if cfg.model != planned.model:  # the merge settings name the model: judge the caches against the real one
-            plan = plan_work(cfg)
-        if state.is_main_process and (error := adopt_unrecorded(plan)):
-            reporter.warn(f"warning: {error}; they are adopted on a later run")
-        work = SharedWork.of(state, agree(state, uuid.uuid4().hex))  # the main process names the run's keys
+        plan = plan or plan_from_rows(cfg, *shared)  # one plan: the main process's
+        work = SharedWork.of(state, run_id)
         reporter.info(run_description(cfg))
+        if plan.records.root != cfg.dataset_dir:
+            reporter.info(f"records: {plan.records.folder} (this folder is part of the dataset at {plan.records.root})")
+        if state.is_main_process and cfg.overlap and cfg.local_llm:
+            reporter.warn("warning: --overlap has no effect with --local_llm: the local LLM loads once the vision "
+                          "model has left the GPU")
         reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
         for line in plan_items(plan):
             reporter.detail(line)
-        stop = StopEvent()
-        stats = Stats()
-        with stop_on_signals(stop, stats, reporter):
+        stop, stats = StopEvent(), Stats()
+        with stop_on_signals(stop):
             try:
                 stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
             except UsageError as e:  # the model cannot be loaded: nothing else can go on
                 stats.fatal = str(e)
+            stats.signal = stop.signal
+            reporter.stopping(stop)
         return finish(cfg, plan, state, stats, reporter, work)
     finally:
         lock.release()
 
 
+def prepare(cfg: Config, state, lock: DatasetLock) -> tuple[Config, Plan | None, str | None]:
+    """The main process, before any work: the lock, the one plan (or the dry run's report), preflight.
+    Returns the Config with the model preflight found, the plan, and the error that stops the run, if any."""
+    if not cfg.dry_run and (error := lock.acquire()):
+        return cfg, None, error
+    plan = plan_work(cfg)
+    if not plan.items:
+        return cfg, plan, f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
+    if cfg.dry_run:
+        print("\n".join(dry_run_report(cfg, plan)))
+        return cfg, plan, None
+    for path in plan.stale:  # the lock is ours: no other run is writing these
+        with contextlib.suppress(OSError):
+            path.unlink()
+    try:
+        checked = preflight(cfg, plan, state)
+    except (FatalEndpointError, UsageError) as e:
+        return cfg, plan, str(e)
+    if checked.model != cfg.model:  # the merge settings name the model: judge the caches against the real one
+        plan = plan_work(checked)
+    if error := adopt_unrecorded(plan):
+        warn_stderr(f"warning: {error}; they are adopted on a later run")
+    return checked, plan, None
+
+
 def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork | None = None) -> int:
     """Gather every process's Stats, print the summary, write the report and export. The main process's exit code
     is the run's; the others exit with their own (accelerate launch exits 1 if any process does not exit 0)."""
+    plan.records.close()  # the journal is whole on disk before the main process folds it in
     stats = (work or SharedWork()).gather(stats, reporter.info)
+    if not state.is_main_process:
+        return stats.exit_code()
     stats.failures[:0] = plan.failures
-    if state.is_main_process and cfg.write_captions and not stats.fatal:
+    stats.account(plan)
+    if cfg.write_captions and not stats.fatal:
         for line in write_trainer_captions(cfg, plan, stats):
             reporter.detail(line)
-    plan.records.close()
-    if state.is_main_process:
-        with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
-            plan.records.compact()
-        for line in summary_lines(plan, stats):
-            print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
-        if cfg.report:
-            try:
-                write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
-            except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
-                print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
-                return max(stats.exit_code(), EXIT_USAGE)
-        if cfg.export and not stats.fatal:
-            count = write_export(cfg, plan, reporter.warn)
-            reporter.info(f"exported {count} captions to {cfg.export}")
+    with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
+        plan.records.compact()
+    for line in summary_lines(plan, stats):
+        print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+    if cfg.report:
+        try:
+            write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
+        except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
+            print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
+            return max(stats.exit_code(), EXIT_USAGE)
+    if cfg.export and not stats.fatal:
+        count = write_export(cfg, plan, reporter.warn)
+        reporter.info(f"exported {count} captions to {cfg.export}")
     return stats.exit_code()
 
 

@@ -386,7 +386,8 @@ def time_vision_stage(captioner, photos: list[Path], folder: Path, cfg: ec.Confi
     progress = reporter.progress("vision", len(items))
     sync(torch)
     start = time.perf_counter()
-    ec.caption_locally(items, captioner, cfg, stats, progress, reporter, stop, lambda item: None)
+    ec.caption_locally(items, captioner, cfg, stats, progress, reporter, stop, lambda item, text: None,
+                       ec.claimed_chunks(len(items), cfg.batch_size))
     sync(torch)
     seconds = time.perf_counter() - start
     done = stats.counts[ec.STAGE_VISION]["done"]

@@ -112,7 +112,7 @@ def test_finish_calls_no_collective(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(utils, name, collective, raising=False)
     for name in ("all_gather_object", "gather_object", "broadcast_object_list", "barrier", "all_gather"):
         monkeypatch.setattr(torch.distributed, name, collective)
-    make_dataset(tmp_path / "ds", 2)
+    seed_generated(make_dataset(tmp_path / "ds", 2))  # planned: 2 merges, which the two processes' Stats hold
     cfg = ec.Config(dataset_dir=tmp_path / "ds", report=tmp_path / "report.jsonl")
     plan = ec.plan_work(cfg)
     store = tcp_store()
