@@ -118,6 +118,7 @@ REQUEST_CHUNK = 4
 STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's Stats: as long as any run takes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell shows for any tool whose reader went away (`| head`)
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 STAGE_INPUT, STAGE_VISION, STAGE_LLM = "input", "vision", "llm"
@@ -1756,10 +1757,10 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(cfg.model_id, **common)
-    except ImportError as e:
+    except ImportError as e:  # an optional package the processor needs (num2words for SmolVLM): its own hint
         if "torchvision" in str(e).lower():
             raise UsageError(f"{cfg.model_id}'s processor needs torchvision: pip install torchvision") from e
-        raise UsageError(f"cannot load the processor of {cfg.model_id}: {e}") from e
+        raise UsageError(f"cannot load the processor of {cfg.model_id}: {' '.join(str(e).split())}") from e
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the processor of {cfg.model_id}: {first_line(e)}") from e
     LocalCaptioner.kind_of(processor)  # fail before the weights load
@@ -1954,7 +1955,10 @@ class Reporter:
         from tqdm import tqdm
 
         with self.lock:
-            tqdm.write(printable(message), file=self.stream)
+            try:
+                tqdm.write(printable(message), file=self.stream)
+            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
+                stream_closed(self.stream)
 
     def progress(self, name: str, total: int | None) -> Progress:
         """Counts this process's items; only the main process prints, so with several the label says it is a share.
@@ -1965,20 +1969,34 @@ class Reporter:
 
 
 class Progress:
+    """One stage's count. It starts with its stage (begin(), or the first update): the rate and the ETA count from
+    there, and the bar appears then, not above another stage's from the start of the run."""
+
     def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool, every: float = 5.0):
         self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
-        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+        self.done, self.start, self.last = 0, None, time.monotonic()
         self.lock = threading.Lock()
         self.bar = None
-        if enabled and reporter.tty:
+
+    def begin(self) -> None:
+        with self.lock:
+            self._begin()
+
+    def _begin(self) -> None:
+        if self.start is not None:
+            return
+        self.start = self.last = time.monotonic()
+        if self.enabled and self.reporter.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=name, unit="img", file=reporter.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
+                            dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled:
             return
         with self.lock:
+            self._begin()
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
@@ -1987,7 +2005,7 @@ class Progress:
                 self.reporter._write(self.line())
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(time.monotonic() - (self.start or time.monotonic()), 1e-9)
         rate = self.done / elapsed
         if self.total is None:
             return f"{self.name}: {self.done} done ({rate:.2f}/s)"
@@ -2603,7 +2621,10 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
 
     def start_llm() -> AsyncStage:
         nonlocal chat
+        if cfg.local_llm:
+            reporter.info(f"loading {cfg.local_llm} …")
         chat = make_llm(cfg, state)
+        llm_progress.begin()
         return AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merge, stats, llm_progress, stop,
                           work.items(STAGE_LLM, llm_only, chunk))
 
@@ -2626,10 +2647,13 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         if vision_items:
             vision_progress = reporter.progress("vision", len(vision_items) if alone else None)
             if cfg.vlm_base_url:
+                vision_progress.begin()
                 caption_served(cfg, state, events, work.items(STAGE_VISION, vision_items, chunk), stats,
                                vision_progress, stop, keep_caption)
             else:
+                reporter.info(f"loading {cfg.model_id} …")
                 captioner = make_captioner(cfg, state.device)
+                vision_progress.begin()
                 commit = getattr(captioner.model.config, "_commit_hash", None)
                 caption_locally(vision_items, captioner, cfg, stats, vision_progress, reporter, stop, keep_caption,
                                 work.chunks(STAGE_VISION, len(vision_items), cfg.batch_size))
@@ -2763,6 +2787,7 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     """Find every model and reach every endpoint that the plan needs before any model loads; raise
     FatalEndpointError or UsageError if one fails. Returns cfg with the LLM's model where the endpoint chose it."""
     if plan.to_generate and not cfg.vlm_base_url:
+        check_torchvision()
         check_model_source(cfg.model_id, "--model_id", cfg.revision)
     llm = vision = None
     if plan.to_combine and cfg.local_llm:
@@ -2785,6 +2810,21 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
 
     model = asyncio.run(check_all()) if llm or vision else cfg.model
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
+
+
+def check_torchvision() -> None:
+    """A torchvision built for another torch fails deep inside an image processor, after planning, in a long
+    traceback; importing it now (a second, and only where a local vision model will load) names the fix instead.
+    One that is not installed is left to the processor that needs it."""
+    try:
+        import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        return
+    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
+        import torch
+
+        raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
+                         "pair built together: pip install --upgrade torch torchvision") from e
 
 
 def check_local_model(cfg: Config) -> None:
@@ -3518,7 +3558,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def prompt_path(path: Path) -> Path:
+    """A prompt file named by a relative path: in the working folder, else beside the script (the bundled prompts/),
+    so `--variant short=prompts/short.txt` works from wherever the script is run."""
+    path = path.expanduser()
+    if path.is_absolute() or path.exists() or not (SCRIPT_DIR / path).exists():
+        return path
+    return SCRIPT_DIR / path
+
+
 def read_prompt_file(path: Path, what: str) -> str:
+    path = prompt_path(path)
     try:
         text = read_text(path)
     except ItemError as e:
@@ -3784,7 +3834,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
             plan.records.compact()
         for line in summary_lines(plan, stats):
-            print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+            say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
             try:
                 write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
@@ -3795,6 +3845,36 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
             count = write_export(cfg, plan, reporter.warn)
             reporter.info(f"exported {count} captions to {cfg.export}")
     return stats.exit_code()
+
+
+def say(line: str, stream=None) -> None:
+    """One line of the summary; where the reader went away (`| head`), the rest of it goes nowhere and the run still
+    writes its report and export."""
+    stream = stream or sys.stdout
+    try:
+        print(printable(line), file=stream, flush=True)
+    except BrokenPipeError:
+        stream_closed(stream)
+
+
+def stream_closed(stream) -> None:
+    """The reader of this stream went away: what is left of the output goes to /dev/null, so neither a later print
+    nor the interpreter's last flush prints a traceback about it."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def closed_pipe_exit() -> int:
+    """A BrokenPipeError that reached the top (--dry_run or --audit piped into `head`): end quietly, as a tool
+    that SIGPIPE ended would."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            stream_closed(stream)
+    return EXIT_CLOSED_PIPE
 
 
 def exit_process(code: int) -> None:
@@ -3811,4 +3891,9 @@ def exit_process(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    try:
+        exit_code = main()
+        sys.stdout.flush()  # here, not in the interpreter's teardown, where a closed pipe is a traceback
+    except BrokenPipeError:
+        exit_code = closed_pipe_exit()
+    exit_process(exit_code)
