@@ -315,8 +315,9 @@ class Stats:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, stage: str, what: str = "done") -> None:
+        """A count of a stage (vision, llm) or of a kind of output (combined, combined_NAME)."""
         with self.lock:
-            self.counts[stage][what] += 1
+            self.counts.setdefault(stage, collections.Counter())[what] += 1
 
     def fail(self, path: Path | str, stage: str, error: str) -> None:
         with self.lock:
@@ -331,7 +332,7 @@ class Stats:
     def merge(self, other: Stats) -> None:
         with self.lock:
             for stage, counter in other.counts.items():
-                self.counts[stage].update(counter)
+                self.counts.setdefault(stage, collections.Counter()).update(counter)
             self.failures.extend(other.failures)
             self.notes.extend(other.notes)
             self.fatal = self.fatal or other.fatal
@@ -793,6 +794,14 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def first_words(text: str | None, n: int = 6) -> str:
+    """The start of a caption, for a line that says what changed in it (-v)."""
+    if not text:
+        return "(none)"
+    words = text.split()
+    return '"' + " ".join(words[:n]) + (" …" if len(words) > n else "") + '"'
+
+
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -828,6 +837,9 @@ class Record:
     generated: str | None = None  # hash of the vision caption's bytes the merge was made from
     combined: str | None = None   # hash of the combined caption's bytes a --write_captions file copies
     commit: str | None = None     # the vision model's resolved revision, when known
+    finish: str | None = None     # id of the settings that made the LLM's reply this file (--keep_tokens, --prefix,
+    #                               --suffix, the budget); set: the reply is recorded, so they can be re-applied
+    reply: str | None = None      # the LLM's cleaned reply, where it differs from the file's text
     adopted: bool = False         # found without a record and taken as it is
     made: str | None = None       # when the record was written
 
@@ -918,13 +930,14 @@ class Records:
         return EDITED, latest
 
     # -- writing ----------------------------------------------------------------------------------
-    def write(self, path: Path, record: Record, values: dict | None = None) -> None:
-        """Append one record to this process's journal (the settings line first, the first time they are used)."""
+    def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None) -> None:
+        """Append one record to this process's journal (its settings lines first, the first time they are used)."""
         record = dataclasses.replace(record, made=time.strftime("%Y-%m-%dT%H:%M:%S"))
         lines = []
-        if values is not None and self.settings.get(record.settings) != values:
-            self.settings[record.settings] = values
-            lines.append({"settings": record.settings, "values": values})
+        for sid, table in ((record.settings, values), (record.finish, finish)):
+            if sid and table is not None and self.settings.get(sid) != table:
+                self.settings[sid] = table
+                lines.append({"settings": sid, "values": table})
         key = self.key(path)
         lines.append(record.line(key))
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
@@ -985,7 +998,7 @@ class Records:
             self.latest[key] = previous
 
     def _write_compacted(self) -> None:
-        used = {r.settings for r in self.latest.values()}
+        used = {r.settings for r in self.latest.values()} | {r.finish for r in self.latest.values() if r.finish}
         with atomic_file(self.folder / RECORDS_FILE, errors="surrogateescape") as f:  # written line by line
             for sid in sorted(used & self.settings.keys()):
                 f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
@@ -993,9 +1006,10 @@ class Records:
                 f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
 
 
-def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None) -> None:
+def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None,
+                finish: dict | None = None) -> None:
     """The one writer of a cache: its record goes to the journal, then the file is renamed into place."""
-    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values)
+    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values, finish)
     atomic_write(path, text)
 
 
@@ -2265,13 +2279,17 @@ REFRESH_MODES = ("inputs", "settings", "none")
 
 
 class Settings:
-    """The settings that change each kind of cache's text; a record keeps the id of those that made it."""
+    """The settings that change each kind of cache's text; a record keeps the id of those that made it. A merge's
+    are in two parts: those of the request (`merges`), which only the LLM can apply, and those that turn its reply
+    into the file (`finish`), which a run re-applies to the recorded reply without asking again."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant]):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
+        self.finish = finish or {}
+        self.finish_id = settings_id("finish", self.finish)
 
 
 def variants_of(cfg: Config) -> list[Variant]:
@@ -2286,10 +2304,38 @@ def run_settings(cfg: Config) -> Settings:
                   "repetition_penalty": cfg.repetition_penalty}
     vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
     merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
-             "prefix": cfg.prefix, "suffix": cfg.suffix, "max_caption_tokens": cfg.max_caption_tokens,
-             "caption_tokenizer": cfg.caption_tokenizer}
-    return Settings(vision, merge, variants_of(cfg))
+             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    finish = {"keep_tokens": cfg.keep_tokens, "prefix": cfg.prefix, "suffix": cfg.suffix,
+              "max_caption_tokens": cfg.max_caption_tokens, "caption_tokenizer": cfg.caption_tokenizer}
+    return Settings(vision, merge, variants_of(cfg), finish)
+
+
+SETTING_WORDS = {"model_id": "vision model", "served_model": "vision model", "model": "LLM", "backend": "LLM backend",
+                 "prompt": "vision prompt", "vlm_system_prompt": "vision system prompt",
+                 "system_prompt": "system prompt"}
+UNSHOWN_SETTINGS = {"system_prompt", "vlm_system_prompt"}  # long texts (or their hashes): named, not shown
+
+
+def settings_change(records: Records, sid: str, current_id: str, current: dict) -> str | None:
+    """How the settings that made a cache differ from this run's, in words (e.g. "another LLM (llama3.1 → qwen2.5)");
+    None where they do not. A cache whose settings were not recorded differs in "other settings"."""
+    if sid == current_id:
+        return None
+    old = records.settings.get(sid)
+    if old is None:
+        return "other settings"
+    keys = [k for k in sorted(current.keys() | old.keys()) if old.get(k) != current.get(k)]
+    if not keys:  # recorded in an older layout, with the same values
+        return None
+
+    def words(key: str) -> str:
+        name = SETTING_WORDS.get(key, f"--{key}")
+        if key in UNSHOWN_SETTINGS:
+            return f"another {name}"
+        shown = [str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key))]
+        return f"another {name} ({shown[0]} → {shown[1]})"
+
+    return " and ".join(words(k) for k in keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2332,11 +2378,27 @@ class Plan:
     records: Records | None = None
     settings: Settings | None = None
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
+    refinish: list[Refinish] = dataclasses.field(default_factory=list)  # written once the lock is ours
+    differ: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, how): caches
+    count: Callable[[str], int] | None = None  # the trainer's token count, for --max_caption_tokens
+    limited: int = 0  # images with work that --limit left for the next run
     trainer_captions: collections.Counter | None = None  # --write_captions: written, current, kept
 
 
-def plan_work(cfg: Config) -> Plan:
-    """Find the images, read each one's caches, manual caption and records once, and decide what it needs."""
+@dataclasses.dataclass(frozen=True)
+class Refinish:
+    """A merged caption whose recorded reply gets this run's --keep_tokens, --prefix, --suffix or budget: no request."""
+
+    merge: Merge
+    record: Record
+    reply: str
+    text: str
+    change: str  # in words, e.g. "another --keep_tokens (0 → 1)"
+
+
+def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
+    """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
+    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
@@ -2345,7 +2407,7 @@ def plan_work(cfg: Config) -> Plan:
     # are copies kept in step, and only their records tell this script's copy from a hand edit
     if cfg.refresh != "none" or cfg.write_captions:
         records.load()
-    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
+    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg), count=count)
     budget = cfg.limit
     for item in items:
         try:
@@ -2357,6 +2419,7 @@ def plan_work(cfg: Config) -> Plan:
         merges = [m for m in item.merges if m.reason]
         if (item.vision or merges) and budget is not None:
             if budget <= 0:
+                plan.limited += 1
                 item.vision, merges = None, []
                 for merge in item.merges:
                     merge.reason = None
@@ -2399,6 +2462,9 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
             adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
             item.vision = stale_vision(gen.record, item, cfg, settings)
+            change = settings_change(records, gen.record.settings, settings.vision_id, settings.vision)
+            if item.vision is None and change:
+                plan.differ[(KIND_GENERATED, f"were made with {change}")] += 1
     if item.vision:
         item.generated = None  # it is being made again: nothing downstream may use the old text
 
@@ -2427,9 +2493,9 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
         record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
         adopt(plan, item, merge.variant.kind, record)
-        stale_merge(record, merge, cfg, settings)  # adopted as it is now; a vision caption made again may change it
+        stale_merge(record, merge, cfg, plan)  # adopted as it is now; a vision caption made again may change it
     else:
-        stale_merge(found.record, merge, cfg, settings)
+        stale_merge(found.record, merge, cfg, plan)
 
 
 def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
@@ -2440,21 +2506,55 @@ def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) ->
     return None
 
 
-def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -> None:
+def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
     """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
-    the merge waits for it: it is redone only if the new caption differs from the one it was made from."""
-    item = merge.item
+    the merge waits for it: it is redone only if the new caption differs from the one it was made from. One that
+    stands may still get this run's --keep_tokens, --prefix, --suffix or budget (refinish), or be counted as made
+    with other settings."""
+    item, settings, name = merge.item, plan.settings, merge.variant.name
+    # a record without `finish` is older than the split: its settings held the finishing ones too
+    current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
+    change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
     if record.manual != item.manual_sha:
         merge.reason = REASON_MANUAL
     elif item.vision is None and item.generated_sha is not None and record.generated != item.generated_sha:
         merge.reason = REASON_GENERATED
-    elif cfg.refresh == "settings" and record.settings != settings.merge_ids[merge.variant.name]:
+    elif cfg.refresh == "settings" and change:
         merge.reason = REASON_SETTINGS
     elif item.vision is not None:
         merge.reason, merge.unless = item.vision, record.generated
     elif item.generated_sha is None and record.image != item.stamp:  # vision caption deleted, image replaced
         item.vision = REASON_IMAGE
         merge.reason, merge.unless = REASON_IMAGE, record.generated
+    if merge.reason is not None:
+        return
+    if change:
+        plan.differ[(merge.variant.kind, f"were made with {change}")] += 1
+    if record.finish and record.finish != settings.finish_id and merge.text is not None:
+        refinish_merge(merge, record, cfg, plan)
+
+
+def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
+    """What the LLM's cleaned reply becomes in the file: the kept parts first, the fixed text, and (with `count`)
+    the cut to the budget."""
+    return training_caption(keep_tokens_first(reply, kept), kept, cfg, count)
+
+
+def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> None:
+    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. A reply that would be over a
+    new --max_caption_tokens needs the LLM (asked again for a shorter one): counted, or with --refresh settings
+    redone."""
+    settings = plan.settings
+    reply = record.reply if record.reply is not None else merge.text
+    text = finish_reply(reply, keep_token_parts(merge.item.manual, cfg.keep_tokens), cfg)
+    if plan.count is not None and cfg.max_caption_tokens and budget_problem(text, cfg.max_caption_tokens, plan.count):
+        if cfg.refresh == "settings":
+            merge.reason = REASON_SETTINGS
+        else:
+            plan.differ[(merge.variant.kind, f"are over the new --max_caption_tokens {cfg.max_caption_tokens}")] += 1
+        return
+    change = settings_change(plan.records, record.finish, settings.finish_id, settings.finish) or "other settings"
+    plan.refinish.append(Refinish(merge, record, reply, text, change))
 
 
 def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
@@ -2601,23 +2701,38 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         return apply_affixes(text, cfg.prefix, cfg.suffix, kept)
 
     def over_budget(text: str, kept: Sequence[str]) -> str | None:
-        return budget_problem(dress(text, kept), cfg.max_caption_tokens, count_tokens) if count_tokens else None
+        return budget_problem(finish_reply(text, kept, cfg), cfg.max_caption_tokens, count_tokens) \
+            if count_tokens else None
 
     async def merge(job: Merge) -> None:
+        try:
+            await merge_one(job)
+        except (Stopped, FatalEndpointError):
+            stats.count(job.variant.kind, "left")
+            raise
+        except Exception:
+            stats.count(job.variant.kind, "failed")
+            raise
+        stats.count(job.variant.kind, "done")
+
+    async def merge_one(job: Merge) -> None:
         item, variant, manual = job.item, job.variant, job.item.manual
         kept = keep_token_parts(manual, cfg.keep_tokens)
-        try:
-            text = dress(await complete_item(chat, llm_messages(item, variant.system_prompt, manual), cfg.max_retries,
-                                             manual, kept, stopping=events.stopping,
-                                             too_long=lambda t: over_budget(t, kept)), kept)
+        try:  # the reply as cleaned, before the kept parts and fixed text: recorded, so they can change later
+            reply = await complete_item(chat, llm_messages(item, variant.system_prompt, manual), cfg.max_retries,
+                                        manual, stopping=events.stopping, too_long=lambda t: over_budget(t, kept))
+            text = finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = training_caption(e.text, kept, cfg, count_tokens)
+            reply, text = e.text, finish_reply(e.text, kept, cfg, count_tokens)
             stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
         record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
-        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name])
+                        generated=item.generated_sha, finish=settings.finish_id,
+                        reply=reply if reply.strip() != text.strip() else None)
+        old = job.text
+        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name],
+                                settings.finish)
         job.text = text  # (the thread above: an fsync must not stall the loop)
-        reporter.detail(f"merged {job.path}")
+        reporter.detail(f"merged {job.path} ({job.reason}): {first_words(old)} → {first_words(text)}")
 
     def start_llm() -> AsyncStage:
         nonlocal chat
@@ -2637,6 +2752,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
             elif job.reason:  # the vision caption came out as before: the merge made from it stands
                 unchanged_merge(records, job)
                 stats.count(STAGE_LLM, "unchanged")
+                stats.count(job.variant.kind, "unchanged")
                 llm_progress.update()
 
     # A local LLM waits for the vision model to leave the GPU; an endpoint can start at once.
@@ -2839,6 +2955,24 @@ def check_local_model(cfg: Config) -> None:
         raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
 
+def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
+    """Write the merged captions that get this run's --keep_tokens, --prefix, --suffix (or budget) from their recorded
+    reply (main process, once the lock is ours): no request, the record keeps the reply and the request's settings."""
+    settings = plan.settings
+    for job in plan.refinish:
+        merge = job.merge
+        record = dataclasses.replace(job.record, finish=settings.finish_id,
+                                     reply=job.reply if job.reply.strip() != job.text.strip() else None)
+        try:
+            write_cache(plan.records, merge.path, job.text, record, None, settings.finish)
+        except OSError as e:
+            stats.fail(merge.image, STAGE_LLM, f"cannot write {merge.path.name}: {e.strerror or e}")
+            continue
+        stats.count(merge.variant.kind, "refinished")
+        reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
+        merge.text = job.text
+
+
 def adopt_unrecorded(plan: Plan) -> str | None:
     """Record the caches found without a record, as they are now (main process, once the lock is ours)."""
     settings = plan.settings
@@ -2851,29 +2985,52 @@ def adopt_unrecorded(plan: Plan) -> str | None:
     return None
 
 
+def breakdown(counter) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
+
+
+def output_label(kind: str) -> str:
+    """A kind of cache in words: vision captions, combined captions, NAME variant captions."""
+    if kind == KIND_GENERATED:
+        return "vision captions"
+    if kind == KIND_COMBINED:
+        return "combined captions"
+    return f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
+
+
 def plan_lines(plan: Plan) -> list[str]:
-    """What planning decided, counted by reason."""
+    """What planning decided, counted by reason (the dry run)."""
     vision = collections.Counter(i.vision for i in plan.to_generate)
     merge = collections.Counter(m.reason for m in plan.to_combine)
-    kept = collections.Counter(k for i in plan.items for k in i.kept)
-    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
     stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
                                 if why)  # images, once per reason: not each of their caches
     conditional = sum(m.unless is not None for m in plan.to_combine)
-
-    def breakdown(counter) -> str:
-        return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
-
+    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
+    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
     lines = [
         f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
         f"  to merge: {len(plan.to_combine)} ({breakdown(merge)})"
         + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
-        "  stale: " + ", ".join(f"{stale[why]} {why}" for why in
-                                (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED, REASON_SETTINGS)),
-        f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
-        f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})",
+        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
+        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
+          if plan.refinish else []),
+        *kept_lines(plan),
+        *settings_lines(plan),
     ]
     return lines
+
+
+def kept_lines(plan: Plan) -> list[str]:
+    kept = collections.Counter(k for i in plan.items for k in i.kept)
+    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
+    return [f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
+            f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})"]
+
+
+def settings_lines(plan: Plan) -> list[str]:
+    """The caches this run leaves as they are, though made with other settings: how many, how, and what redoes them."""
+    return [f"  {n} {output_label(kind)} {how}; --refresh settings redoes them"
+            for (kind, how), n in sorted(plan.differ.items())]
 
 
 def plan_items(plan: Plan) -> Iterable[str]:
@@ -2922,18 +3079,68 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
 
 
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
+    """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
+    then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
+    return summary_block(stage_lines(plan, stats), done_lines(plan, stats), left_lines(plan, stats),
+                         problem_lines(stats))
+
+
+def summary_block(stages: list[str], done: list[str], left: list[str], problems: list[str]) -> list[str]:
+    """Where each part of the summary goes: another count joins the part it belongs to."""
+    return [*stages, *done, *left, *problems]
+
+
+def stage_lines(plan: Plan, stats: Stats) -> list[str]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    lines = [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
-             for stage, c in stats.counts.items()]
-    lines += plan_lines(plan)
+    return [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
+            for stage, c in stats.counts.items() if stage in cached]
+
+
+SUMMARY_COUNTS = (("unchanged", "unchanged (the new vision caption came out the same)"),
+                  ("refinished", "re-finished from the recorded reply, no request"),
+                  ("failed", "failed"), ("left", "left for the next run"))
+
+
+def done_lines(plan: Plan, stats: Stats) -> list[str]:
+    """Per kind of output: how many were made and why, kept as they were, re-finished, failed, left."""
+    planned = {KIND_GENERATED: collections.Counter(i.vision for i in plan.to_generate)}
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
+    for item in plan.items:
+        for m in item.merges:
+            current[m.variant.kind] += m.text is not None and m.reason is None
+    for m in plan.to_combine:
+        planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
+    lines = []
+    for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
+        counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
+        reasons = planned.get(kind, collections.Counter())
+        parts = [f"{counts['done']} made" + (f" ({breakdown(reasons)})" if reasons else "")]
+        parts += [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
+        if current[kind] - counts["refinished"]:
+            parts.append(f"{current[kind] - counts['refinished']} already current")
+        if counts["done"] or any(counts[w] for w, _ in SUMMARY_COUNTS) or reasons:
+            lines.append(f"  {output_label(kind)}: " + ", ".join(parts))
     if plan.trainer_captions is not None:
         c = plan.trainer_captions
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
                      f"{c['kept']} edited by hand (kept)")
+    return lines
+
+
+def left_lines(plan: Plan, stats: Stats) -> list[str]:
+    """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
+    lines = kept_lines(plan)
+    if plan.limited:
+        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
+    lines += settings_lines(plan)
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
-        lines.append(f"input: {inputs} skipped")
-    lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
+        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
+    return lines
+
+
+def problem_lines(stats: Stats) -> list[str]:
+    lines = [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
@@ -2983,7 +3190,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     summary: dict[str, Any] = {"exit_code": stats.exit_code()}
-    for stage, counts in stats.counts.items():
+    for stage in cached:
+        counts = stats.counts[stage]
         summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
                           "failed": counts["failed"]}
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
@@ -3773,7 +3981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 error = lock.acquire()
         except UsageError as e:
             error = str(e)
-        plan = plan_work(cfg)
+        plan = plan_work(cfg, count_tokens)
         if error is None and state.is_main_process and not cfg.dry_run:
             for path in plan.stale:  # the lock is ours: no other run is writing these
                 with contextlib.suppress(OSError):
@@ -3800,7 +4008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         planned, cfg = cfg, agree(state, cfg)  # with the model the main process's preflight found, for every process
         if cfg.model != planned.model:  # the merge settings name the model: judge the caches against the real one
-            plan = plan_work(cfg)
+            plan = plan_work(cfg, count_tokens)
         if state.is_main_process and (error := adopt_unrecorded(plan)):
             reporter.warn(f"warning: {error}; they are adopted on a later run")
         work = SharedWork.of(state, agree(state, uuid.uuid4().hex))  # the main process names the run's keys
@@ -3811,6 +4019,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reporter.detail(line)
         stop = StopEvent()
         stats = Stats()
+        if state.is_main_process:
+            refinish(plan, stats, reporter)
         with stop_on_signals(stop, stats, reporter):
             try:
                 stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
