@@ -136,6 +136,11 @@ class ItemError(Exception):
     """One item failed; the run goes on."""
 
 
+class BadInput(ItemError):
+    """The input file itself is bad (an image that cannot be decoded, a caption that is not UTF-8): remembered until
+    the file changes, so that no later run tries it again (or loads a model for it)."""
+
+
 class RetryableReply(ItemError):
     """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
 
@@ -310,6 +315,7 @@ class Stats:
     )
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
+    bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
     fatal: str | None = None
     signal: int | None = None
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
@@ -319,11 +325,18 @@ class Stats:
         with self.lock:
             self.counts.setdefault(stage, collections.Counter())[what] += 1
 
-    def fail(self, path: Path | str, stage: str, error: str) -> None:
+    def fail(self, path: Path | str, stage: str, error: str, bad_input: bool = False) -> None:
         with self.lock:
             self.failures.append(Failure(str(path), stage, error))
             if stage in self.counts:
                 self.counts[stage]["failed"] += 1
+            if bad_input:
+                self.bad.append(str(path))
+
+    def bad_input(self, path: Path | str) -> None:
+        """The failure of this image (counted by fail()) is its own file's: remember it until the file changes."""
+        with self.lock:
+            self.bad.append(str(path))
 
     def note(self, path: Path | str, stage: str, note: str) -> None:
         with self.lock:
@@ -335,6 +348,7 @@ class Stats:
                 self.counts.setdefault(stage, collections.Counter()).update(counter)
             self.failures.extend(other.failures)
             self.notes.extend(other.notes)
+            self.bad.extend(other.bad)
             self.fatal = self.fatal or other.fatal
             self.signal = self.signal or other.signal
 
@@ -454,7 +468,7 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise ItemError(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise BadInput(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
 
 
@@ -516,7 +530,7 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
         with Image.open(path) as img:
             width, height = img.size  # header only: a bomb is refused before its pixels exist
             if width * height > max_pixels:
-                raise ItemError(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
+                raise BadInput(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
             if min_side:
                 img.draft(None, (min_side, min_side))  # a no-op for formats other than JPEG
             img.load()
@@ -525,13 +539,13 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
     except ItemError:
         raise
     except Image.DecompressionBombError as e:
-        raise ItemError(f"refused as a decompression bomb: {e}") from e
+        raise BadInput(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
         size = path.stat().st_size if path.exists() else 0
-        raise ItemError("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
+        raise BadInput("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
     except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise ItemError(f"cannot decode image: {reason}") from e
+        raise BadInput(f"cannot decode image: {reason}") from e
     upright.info["full_size"] = (height, width) if quarter_turn else (width, height)
     return upright
 
@@ -2203,8 +2217,8 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         stats.count(STAGE_VISION, "done")
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
-        for index, error in errors:
-            stats.fail(items[index].image, STAGE_VISION, error)
+        for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
+            stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
             reporter.detail(f"failed {items[index].image}: {error}")
         captions = []
         if indices:
@@ -2382,6 +2396,9 @@ class Plan:
     differ: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, how): caches
     count: Callable[[str], int] | None = None  # the trainer's token count, for --max_caption_tokens
     limited: int = 0  # images with work that --limit left for the next run
+    failing: dict[str, dict] = dataclasses.field(default_factory=dict)  # bad inputs remembered (failures.jsonl)
+    still: dict[str, dict] = dataclasses.field(default_factory=dict)    # ...of them, unchanged: not tried this run
+    bad: list[str] = dataclasses.field(default_factory=list)            # images whose input failed at planning
     trainer_captions: collections.Counter | None = None  # --write_captions: written, current, kept
 
 
@@ -2407,12 +2424,15 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
     # are copies kept in step, and only their records tell this script's copy from a hand edit
     if cfg.refresh != "none" or cfg.write_captions:
         records.load()
-    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg), count=count)
+    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg), count=count,
+                failing=read_failing(records))
     budget = cfg.limit
     for item in items:
         try:
             decide(item, cfg, plan)
         except ItemError as e:
+            if isinstance(e, BadInput):
+                plan.bad.append(str(item.image))
             plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
             for merge in item.merges:  # the vision caption may still be made: the merges wait for the fix
                 merge.reason = None
@@ -2442,6 +2462,10 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.generated_path)
     item.merges = [Merge(item, variant) for variant in settings.variants]
+    remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
+    if remembered is not None and remembered.get("stamp") == input_stamp(item, settings):
+        plan.still[records.key(item.image)] = remembered
+        raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
         item.manual, item.manual_sha = read_caption(item.caption_path)
     except ItemError:
@@ -2555,6 +2579,53 @@ def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> Non
         return
     change = settings_change(plan.records, record.finish, settings.finish_id, settings.finish) or "other settings"
     plan.refinish.append(Refinish(merge, record, reply, text, change))
+
+
+FAILURES_FILE = "failures.jsonl"  # in RECORDS_DIR: the bad inputs, each until its file changes
+
+
+def input_stamp(item: Item, settings: Settings) -> str:
+    """What a remembered bad input is waiting for to change: the image, its caption, or the vision settings (another
+    model's processor may take an image this one refused)."""
+    try:
+        caption = image_stamp(item.caption_path)
+    except OSError:
+        caption = "-"
+    return f"{item.stamp}|{caption}|{settings.vision_id}"
+
+
+def read_failing(records: Records) -> dict[str, dict]:
+    """The bad inputs of earlier runs, by image key."""
+    failing = {}
+    try:
+        with open(records.folder / FAILURES_FILE, encoding="utf-8", errors="surrogateescape") as handle:
+            for line in handle:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    row = json.loads(line)
+                    failing[row["failing"]] = row
+    except OSError:
+        pass
+    return failing
+
+
+def remember_failing(plan: Plan, stats: Stats) -> None:
+    """Keep the bad inputs for the next run: those still failing as they were, and this run's new ones with the time
+    they first failed (main process, at the end). One that changed was tried again, and is here only if it failed."""
+    records, now = plan.records, time.strftime("%Y-%m-%d %H:%M")
+    rows = dict(plan.still)
+    bad, errors = set(stats.bad) | set(plan.bad), {f.path: f.error for f in stats.failures}
+    for item in plan.items:
+        key = records.key(item.image)
+        if str(item.image) in bad and key not in rows and item.stamp is not None:
+            rows[key] = {"failing": key, "stamp": input_stamp(item, plan.settings), "since": now,
+                         "error": errors.get(str(item.image), "failed")}
+    path = records.folder / FAILURES_FILE
+    if rows:
+        records.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, "\n".join(json_line(rows[k]) for k in sorted(rows)))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
@@ -2810,9 +2881,13 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
     prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
     async def describe(item: Item) -> None:
-        url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
-        if url is None:
-            url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
+        try:
+            url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
+            if url is None:
+                url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
+        except BadInput:
+            stats.bad_input(item.image)
+            raise
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         await asyncio.to_thread(keep, item, text)
@@ -3208,7 +3283,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None] | None = N
     target, fmt = export_target(cfg), export_format(cfg.export)
     rows = []
     for item in plan.items:
-        captions = export_captions(item)
+        captions = export_captions(item, cfg)
         if captions is None:
             continue
         key = export_key(item, cfg, fmt)
@@ -3382,10 +3457,13 @@ def export_target(cfg: Config) -> Path:
     return target if target.is_absolute() else cfg.dataset_dir / target
 
 
-def export_captions(item: Item) -> dict[str, str] | None:
-    """The finished captions of one image by variant name ("" for the combined caption); None when it has none.
-    Read from the files: other processes made some of them."""
+def export_captions(item: Item, cfg: Config | None = None) -> dict[str, str] | None:
+    """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
+    file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
+    processes made some of them."""
     captions = {m.variant.name: read_cache(m.path) for m in item.merges}
+    if cfg is not None and cfg.write_captions and captions.get("") is not None:
+        captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
     if captions.get("") is None:
         return None
     return {name: text or "" for name, text in captions.items()}
@@ -3478,17 +3556,19 @@ def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
     return grams
 
 
-def common_phrases(texts: Sequence[str], fixed: Iterable[str]) -> list[tuple[str, int]]:
+def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
     """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
-    suffix) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
+    suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
+    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
     overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a watercolor")."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
     counts = collections.Counter(gram for text in texts for gram in word_ngrams(text))
+    own = collections.Counter(gram for text in manual for gram in word_ngrams(text))
     found: list[str] = []
     for gram, n in sorted(counts.items(), key=lambda kv: (-len(kv[0].split()), kv[0])):
-        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS:
+        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS or 2 * own[gram] >= n:
             continue
         if any(f" {gram} " in f for f in fixed_words) or any(f" {gram} " in f" {longer} " for longer in found):
             continue
@@ -3548,16 +3628,25 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None) -> list[Finding]:
-    """One combined caption against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(item.combined_path)
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None,
+               path: Path | None = None) -> list[Finding]:
+    """One finished caption against the trainer's settings: kept parts first, and within the token budget."""
+    findings, path = [], str(path or item.combined_path)
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
     missing = [part for part in kept if part not in text]
+    parts = caption_parts(text)
     if missing:
-        findings.append(Finding(path, "keep_tokens", f"missing kept parts {missing}"))
-    elif lead and [p.casefold() for p in caption_parts(text)[:len(lead)]] != [p.casefold() for p in lead]:
-        findings.append(Finding(path, "keep_tokens", f"does not start with the kept parts {', '.join(lead)!r}"))
+        findings.append(Finding(path, "keep_tokens", f"kept part {missing[0]!r} (part {kept.index(missing[0]) + 1} "
+                                                     f"of {item.caption_path.name}) is not in the caption"))
+    else:
+        for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
+            found = parts[i] if i < len(parts) else None
+            if found is None or found.casefold() != part.casefold():
+                findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
+                                                             f"not {found!r}; the caption starts {', '.join(lead)!r} "
+                                                             "for the trainer to keep"))
+                break
     if count is not None:
         problem = budget_problem(text, cfg.max_caption_tokens, count, what="caption")
         if problem:
@@ -3565,25 +3654,47 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
     return findings
 
 
+def finished_path(item: Item, cfg: Config) -> Path:
+    """The caption the trainer reads: the --write_captions file where there is one (an edit there is the person's
+    last word), else the combined caption."""
+    if cfg.write_captions:
+        trainer = item.image.with_suffix(cfg.write_captions)
+        if trainer.exists():
+            return trainer
+    return item.combined_path
+
+
+def bad_input_finding(item: Item, problem: Finding, error: str) -> Finding:
+    """No caption because the input is bad: name the file to fix, not a run that cannot make it."""
+    culprit = item.caption_path if item.caption_path.name in error else item.image
+    return Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
+
+
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
     """Everything in the finished captions that would hurt training; reads files only, calls nothing."""
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
+    bad = {f.path: f.error for f in plan.failures}
     texts: list[tuple[Item, str]] = []
     fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+    manual = []
     for item in plan.items:
-        text, problem = read_finished(item.combined_path)
+        path = finished_path(item, cfg)
+        text, problem = read_finished(path)
+        if problem and problem.kind == "missing" and str(item.image) in bad:
+            problem = bad_input_finding(item, problem, bad[str(item.image)])
         if problem:
             findings.append(problem)
         else:
             texts.append((item, text))
-            findings += audit_item(item, cfg, text, count)
+            findings += audit_item(item, cfg, text, count, path)
         fixed += keep_token_parts(item.manual, cfg.keep_tokens)
+        manual.append(item.manual or "")
         problem = generated_finding(item)
         if problem:
             findings.append(problem)
     findings += duplicate_findings(cfg, texts)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
-                 for gram, n in common_phrases([text for _, text in texts], fixed)]
+                 for gram, n in common_phrases([text for _, text in texts], fixed, manual)]
     return findings
 
 
@@ -4043,6 +4154,9 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
     if state.is_main_process:
         with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
             plan.records.compact()
+        if not stats.fatal:
+            with contextlib.suppress(OSError):  # without it, the next run only tries the bad inputs again
+                remember_failing(plan, stats)
         for line in summary_lines(plan, stats):
             say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
