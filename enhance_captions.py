@@ -2463,7 +2463,8 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
     gen = inspect_cache(records, item.generated_path)
     item.merges = [Merge(item, variant) for variant in settings.variants]
     remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
-    if remembered is not None and remembered.get("stamp") == input_stamp(item, settings):
+    if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
+            (cfg.audit or remembered.get("settings") == settings.vision_id):
         plan.still[records.key(item.image)] = remembered
         raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
@@ -2584,14 +2585,14 @@ def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> Non
 FAILURES_FILE = "failures.jsonl"  # in RECORDS_DIR: the bad inputs, each until its file changes
 
 
-def input_stamp(item: Item, settings: Settings) -> str:
-    """What a remembered bad input is waiting for to change: the image, its caption, or the vision settings (another
-    model's processor may take an image this one refused)."""
+def input_stamp(item: Item) -> str:
+    """What a remembered bad input is waiting for to change: the image or its caption. (Or the vision settings,
+    recorded beside it: another model's processor may take an image this one refused.)"""
     try:
         caption = image_stamp(item.caption_path)
     except OSError:
         caption = "-"
-    return f"{item.stamp}|{caption}|{settings.vision_id}"
+    return f"{item.stamp}|{caption}"
 
 
 def read_failing(records: Records) -> dict[str, dict]:
@@ -2617,8 +2618,8 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
     for item in plan.items:
         key = records.key(item.image)
         if str(item.image) in bad and key not in rows and item.stamp is not None:
-            rows[key] = {"failing": key, "stamp": input_stamp(item, plan.settings), "since": now,
-                         "error": errors.get(str(item.image), "failed")}
+            rows[key] = {"failing": key, "stamp": input_stamp(item), "settings": plan.settings.vision_id,
+                         "since": now, "error": errors.get(str(item.image), "failed")}
     path = records.folder / FAILURES_FILE
     if rows:
         records.folder.mkdir(parents=True, exist_ok=True)
@@ -3565,16 +3566,26 @@ def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
     counts = collections.Counter(gram for text in texts for gram in word_ngrams(text))
-    own = collections.Counter(gram for text in manual for gram in word_ngrams(text))
+    own = collections.Counter(gram for text in manual for gram in word_ngrams(text, range(1, 5)))
     found: list[str] = []
     for gram, n in sorted(counts.items(), key=lambda kv: (-len(kv[0].split()), kv[0])):
-        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS or 2 * own[gram] >= n:
+        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS or 2 * own[phrase_core(gram)] >= n:
             continue
         if any(f" {gram} " in f for f in fixed_words) or any(f" {gram} " in f" {longer} " for longer in found):
             continue
         found.append(gram)
     clauses = [[f" {' '.join(words)} " for words in phrase_words(text)] for text in texts]
     return [(phrase, sum(any(f" {phrase} " in c for c in cs) for cs in clauses)) for phrase in chain_phrases(found)]
+
+
+def phrase_core(gram: str) -> str:
+    """A phrase without the stop words at its ends: "in ohwx style" is the person's "ohwx style"."""
+    words = gram.split()
+    while words and words[0] in PHRASE_STOP_WORDS:
+        words.pop(0)
+    while words and words[-1] in PHRASE_STOP_WORDS:
+        words.pop()
+    return " ".join(words)
 
 
 def chain_phrases(grams: list[str]) -> list[str]:
