@@ -23,7 +23,7 @@ For every image `photo.jpg` (with an optional manual caption `photo.txt` beside 
 Both are caches, and `.enhance_captions/` records what made each one: a rerun (after a crash, a Ctrl-C, or from
 cron while the captions are being edited) redoes exactly what changed, and never overwrites a hand edit.
 
-    accelerate launch enhance_captions.py --dataset_dir images/ \\
+    python enhance_captions.py --dataset_dir images/ \\
         --model_id florence-community/Florence-2-base --prompt "<MORE_DETAILED_CAPTION>" \\
         --base_url http://127.0.0.1:11434/v1/ --model llama3.1
 
@@ -2853,6 +2853,10 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
             for item in vision_items:
                 if item.generated is not None:  # captioned here, by this process
                     forward(item)
+        failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
+        for job in (m for item in vision_items if str(item.image) in failed for m in item.merges if m.reason):
+            stats.count(job.variant.kind, "waiting")  # counted, so that the progress and the summary add up
+            llm_progress.update()
         if llm_stage is not None:
             llm_stage.close()
             wait_future(llm_stage.done)
@@ -3173,6 +3177,7 @@ def stage_lines(plan: Plan, stats: Stats) -> list[str]:
 
 
 SUMMARY_COUNTS = (("unchanged", "unchanged (the new vision caption came out the same)"),
+                  ("waiting", "waiting for a vision caption that failed"),
                   ("refinished", "re-finished from the recorded reply, no request"),
                   ("failed", "failed"), ("left", "left for the next run"))
 
@@ -3190,7 +3195,9 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
         reasons = planned.get(kind, collections.Counter())
-        parts = [f"{counts['done']} made" + (f" ({breakdown(reasons)})" if reasons else "")]
+        planned_n = sum(reasons.values())
+        parts = [f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "")
+                 + (f" ({breakdown(reasons)})" if reasons else "")]
         parts += [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
         if current[kind] - counts["refinished"]:
             parts.append(f"{current[kind] - counts['refinished']} already current")
@@ -3766,12 +3773,15 @@ def run_audit(cfg: Config) -> int:
 # --------------------------------------------------------------------------------------------
 
 EPILOG = """examples:
-  accelerate launch enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+  python enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+  accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+      enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
   python enhance_captions.py --dataset_dir images/ --model_id Qwen/Qwen2.5-VL-3B-Instruct --batch_size 16 --overlap
   python enhance_captions.py --dataset_dir images/ --dry_run
 
 exit codes: 0 all done, 1 some items failed (listed at the end), 2 usage or configuration error,
-130/143 stopped by Ctrl-C/SIGTERM (the finished work is saved; rerun to go on).
+130/143 stopped by Ctrl-C/SIGTERM (the finished work is saved; rerun to go on), 141 --dry_run or --audit
+into a pipe that closed (| head). accelerate launch turns any non-zero exit into 1: read --report's last line.
 """
 
 
