@@ -37,11 +37,12 @@ Map of this file, top to bottom:
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
     stages                     the vision loop, the async LLM stage, overlap or one after the other
-    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why)
+    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why, what is
+                               re-finished from its recorded reply, what differs in settings); bad inputs remembered
     run()                      orchestration for one process
-    around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
+    around the run             lock, signals, preflight, dry run, the summary block, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
-    CLI                        build_parser(), main()
+    CLI                        build_parser(), main(); output into a closed pipe ends quietly
 """
 from __future__ import annotations
 
@@ -2235,7 +2236,6 @@ def caption_batches(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                 stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
                 continue
             writer.submit(save, item, text)
-            reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
 
     # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
@@ -2763,6 +2763,9 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
 
     def keep_caption(item: Item, text: str) -> None:
         """A new vision caption: cached with its record (when caching), then on to the merge."""
+        if cfg.verbosity >= 2:  # the old caption is still on disk: what changed, in its first words
+            reporter.detail(f"captioned {item.image} ({item.vision}): {first_words(read_cache(item.generated_path))}"
+                            f" → {first_words(text)}")
         item.generated, item.generated_sha = text, digest(cache_bytes(text))
         if cfg.cache_generated:
             write_cache(records, item.generated_path, text, Record("", settings.vision_id, image=item.stamp,
