@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import (ROOT, SCRIPT, caches, cli_env, make_dataset, make_image, run_args, run_main,
                             seed_generated, user_message)
+from tests.test_training_output import tokenizer_dir  # noqa: F401 (a fixture)
 
 
 def junk_weights(model: Path) -> None:
@@ -104,6 +105,26 @@ def test_another_llm_is_counted_with_its_hint_and_refresh_settings_redoes_it(tmp
     assert "  combined captions: 3 made (3 settings changed)" in out
     out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server, "--model", "qwen2.5")
     assert requests == [] and "--refresh settings" not in out
+
+
+def test_a_new_budget_the_replies_fit_costs_no_request_and_one_they_do_not_is_counted(tmp_path, capsys, llm_server,
+                                                                                       tokenizer_dir):
+    llm_server.reply = lambda request: "a red dress in the park"  # 8 tokens with <bos> and <eos>
+    ds, images = seeded(tmp_path)
+    run(capsys, ds, no_model(tmp_path), llm_server)
+    before = [caches(image)[1].read_bytes() for image in images]
+
+    budget = ("--caption_tokenizer", tokenizer_dir, "--max_caption_tokens")
+    out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server, *budget, "20")
+    assert requests == [] and "3 re-finished from the recorded reply, no request" in out
+    assert [caches(image)[1].read_bytes() for image in images] == before
+
+    out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server, *budget, "5", "--dry_run")
+    assert requests == []
+    assert "  3 combined captions are over the new --max_caption_tokens 5; --refresh settings redoes them" in out
+    out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server, *budget, "5", "--max_retries", "0",
+                           "--refresh", "settings")
+    assert len(requests) == 3 and "  combined captions: 3 made (3 settings changed)" in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,3 +337,24 @@ def test_a_phrase_from_the_manual_captions_is_not_boilerplate(tmp_path, capsys):
     code, out, _ = run_main(capsys, "--dataset_dir", ds, "--audit")
     phrases = [line for line in out.splitlines() if line.startswith("phrase ")]
     assert len(phrases) == 1 and "soft golden light" in phrases[0] and "ohwx" not in phrases[0], out
+
+
+def test_a_stage_bar_appears_when_its_stage_starts(monkeypatch):
+    import io
+
+    import enhance_captions as ec
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    reporter = ec.Reporter(1, True, stream=terminal)
+    llm = reporter.progress("llm", 3)
+    vision = reporter.progress("vision", 2)
+    vision.begin()
+    assert vision.bar is not None and llm.bar is None and "llm" not in terminal.getvalue()
+    vision.close()
+    llm.update()  # the first merge starts the stage (and its clock) if nothing began it before
+    assert llm.bar is not None and llm.start is not None and "llm" in terminal.getvalue()
+    llm.close()
