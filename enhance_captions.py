@@ -3763,11 +3763,11 @@ def run_audit(cfg: Config) -> int:
         print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
-    print("\n".join(audit_lines(cfg, plan, findings)))
     code = EXIT_FAILED if findings else EXIT_OK
-    if cfg.report:
+    if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
         kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
+    print("\n".join(audit_lines(cfg, plan, findings)))
     return code
 
 
