@@ -2394,7 +2394,7 @@ class Plan:
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
     refinish: list[Refinish] = dataclasses.field(default_factory=list)  # written once the lock is ours
     differ: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, how): caches
-    count: Callable[[str], int] | None = None  # the trainer's token count, for --max_caption_tokens
+    count: Callable[[str], int] | None = None  # the trainer's token count, for --max_caption_tokens (planning only)
     limited: int = 0  # images with work that --limit left for the next run
     failing: dict[str, dict] = dataclasses.field(default_factory=dict)  # bad inputs remembered (failures.jsonl)
     still: dict[str, dict] = dataclasses.field(default_factory=dict)    # ...of them, unchanged: not tried this run
@@ -2450,6 +2450,7 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
+    plan.count = None  # needed while planning only; a closure would not travel with the plan to other processes
     return plan
 
 
@@ -2771,9 +2772,6 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
             write_cache(records, item.generated_path, text, Record("", settings.vision_id, image=item.stamp,
                                                                    commit=commit), settings.vision)
         forward(item)
-
-    def dress(text: str, kept: Sequence[str]) -> str:  # the --prefix and --suffix, once each
-        return apply_affixes(text, cfg.prefix, cfg.suffix, kept)
 
     def over_budget(text: str, kept: Sequence[str]) -> str | None:
         return budget_problem(finish_reply(text, kept, cfg), cfg.max_caption_tokens, count_tokens) \

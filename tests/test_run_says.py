@@ -339,7 +339,7 @@ def test_a_phrase_from_the_manual_captions_is_not_boilerplate(tmp_path, capsys):
     assert len(phrases) == 1 and "soft golden light" in phrases[0] and "ohwx" not in phrases[0], out
 
 
-def test_a_stage_bar_appears_when_its_stage_starts(monkeypatch):
+def test_a_stage_bar_appears_when_its_stage_starts():
     import io
 
     import enhance_captions as ec
