@@ -23,7 +23,7 @@ For every image `photo.jpg` (with an optional manual caption `photo.txt` beside 
 Both are caches, and `.enhance_captions/` records what made each one: a rerun (after a crash, a Ctrl-C, or from
 cron while the captions are being edited) redoes exactly what changed, and never overwrites a hand edit.
 
-    accelerate launch enhance_captions.py --dataset_dir images/ \\
+    python enhance_captions.py --dataset_dir images/ \\
         --model_id florence-community/Florence-2-base --prompt "<MORE_DETAILED_CAPTION>" \\
         --base_url http://127.0.0.1:11434/v1/ --model llama3.1
 
@@ -38,12 +38,14 @@ Map of this file, top to bottom:
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
     stages                     AsyncStage (requests on the event loop thread), the local vision loop
-    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why), made by
-                               the main process; plan_rows(): that plan as the other processes receive it
+    planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why, what is
+                               re-finished from its recorded reply, what differs in settings), made by the main
+                               process; bad inputs remembered; plan_rows(): the plan as the other processes get it
     run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
-    around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
+    around the run             lock, signals, preflight, dry run, the summary block, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
-    CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish()
+    CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish(); output into a
+                               closed pipe ends quietly
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ REQUEST_CHUNK = 4
 STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's Stats: as long as any run takes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell shows for any tool whose reader went away (`| head`)
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 STAGE_INPUT, STAGE_VISION, STAGE_LLM = "input", "vision", "llm"
@@ -135,6 +138,11 @@ class FatalEndpointError(Exception):
 
 class ItemError(Exception):
     """One item failed; the run goes on."""
+
+
+class BadInput(ItemError):
+    """The input file itself is bad (an image that cannot be decoded, a caption that is not UTF-8): remembered until
+    the file changes, so that no later run tries it again (or loads a model for it)."""
 
 
 class RetryableReply(ItemError):
@@ -312,20 +320,29 @@ class Stats:
     )
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
+    bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
     fatal: str | None = None
     signal: int | None = None
     left: int = 0  # planned, and neither done, from cache, failed nor kept: the next run does it
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, stage: str, what: str = "done") -> None:
+        """A count of a stage (vision, llm) or of a kind of output (combined, combined_NAME)."""
         with self.lock:
-            self.counts[stage][what] += 1
+            self.counts.setdefault(stage, collections.Counter())[what] += 1
 
-    def fail(self, path: Path | str, stage: str, error: str) -> None:
+    def fail(self, path: Path | str, stage: str, error: str, bad_input: bool = False) -> None:
         with self.lock:
             self.failures.append(Failure(str(path), stage, error))
             if stage in self.counts:
                 self.counts[stage]["failed"] += 1
+            if bad_input:
+                self.bad.append(str(path))
+
+    def bad_input(self, path: Path | str) -> None:
+        """The failure of this image (counted by fail()) is its own file's: remember it until the file changes."""
+        with self.lock:
+            self.bad.append(str(path))
 
     def note(self, path: Path | str, stage: str, note: str) -> None:
         with self.lock:
@@ -334,9 +351,10 @@ class Stats:
     def merge(self, other: Stats) -> None:
         with self.lock:
             for stage, counter in other.counts.items():
-                self.counts[stage].update(counter)
+                self.counts.setdefault(stage, collections.Counter()).update(counter)
             self.failures.extend(other.failures)
             self.notes.extend(other.notes)
+            self.bad.extend(other.bad)
             self.fatal = self.fatal or other.fatal
             self.signal = self.signal or other.signal
 
@@ -462,7 +480,7 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise ItemError(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise BadInput(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
 
 
@@ -533,7 +551,7 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
         with Image.open(path) as img:
             width, height = img.size  # header only: a bomb is refused before its pixels exist
             if width * height > max_pixels:
-                raise ItemError(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
+                raise BadInput(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
             if min_side:
                 img.draft(None, (min_side, min_side))  # a no-op for formats other than JPEG
             img.load()
@@ -542,13 +560,13 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
     except ItemError:
         raise
     except Image.DecompressionBombError as e:
-        raise ItemError(f"refused as a decompression bomb: {e}") from e
+        raise BadInput(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
         size = path.stat().st_size if path.exists() else 0
-        raise ItemError("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
+        raise BadInput("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
     except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise ItemError(f"cannot decode image: {reason}") from e
+        raise BadInput(f"cannot decode image: {reason}") from e
     upright.info["full_size"] = (height, width) if quarter_turn else (width, height)
     return upright
 
@@ -811,6 +829,14 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def first_words(text: str | None, n: int = 6) -> str:
+    """The start of a caption, for a line that says what changed in it (-v)."""
+    if not text:
+        return "(none)"
+    words = text.split()
+    return '"' + " ".join(words[:n]) + (" …" if len(words) > n else "") + '"'
+
+
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -853,6 +879,9 @@ class Record:
     generated: str | None = None  # hash of the vision caption's bytes the merge was made from
     combined: str | None = None   # hash of the combined caption's bytes a --write_captions file copies
     commit: str | None = None     # the vision model's resolved revision, when known
+    finish: str | None = None     # id of the settings that made the LLM's reply this file (--keep_tokens, --prefix,
+    #                               --suffix, the budget); set: the reply is recorded, so they can be re-applied
+    reply: str | None = None      # the LLM's cleaned reply, where it differs from the file's text
     adopted: bool = False         # found without a record and taken as it is
     made: str | None = None       # when the record was written
 
@@ -943,13 +972,14 @@ class Records:
         return EDITED, latest
 
     # -- writing ----------------------------------------------------------------------------------
-    def write(self, path: Path, record: Record, values: dict | None = None) -> None:
-        """Append one record to this process's journal (the settings line first, the first time they are used)."""
+    def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None) -> None:
+        """Append one record to this process's journal (its settings lines first, the first time they are used)."""
         record = dataclasses.replace(record, made=time.strftime("%Y-%m-%dT%H:%M:%S"))
         lines = []
-        if values is not None and self.settings.get(record.settings) != values:
-            self.settings[record.settings] = values
-            lines.append({"settings": record.settings, "values": values})
+        for sid, table in ((record.settings, values), (record.finish, finish)):
+            if sid and table is not None and self.settings.get(sid) != table:
+                self.settings[sid] = table
+                lines.append({"settings": sid, "values": table})
         key = self.key(path)
         lines.append(record.line(key))
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
@@ -1010,14 +1040,15 @@ class Records:
             self.latest[key] = previous
 
     def _write_compacted(self) -> None:
-        used = {r.settings for r in self.latest.values()}
+        used = {r.settings for r in self.latest.values()} | {r.finish for r in self.latest.values() if r.finish}
         settings = ({"settings": sid, "values": self.settings[sid]} for sid in sorted(used & self.settings.keys()))
         rows = itertools.chain(settings, (self.latest[key].line(key) for key in sorted(self.latest)))
         atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
                      ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") for row in rows))
 
 
-def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None) -> bool:
+def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None,
+                finish: dict | None = None) -> bool:
     """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it
     (`seen`, the hash of its bytes then; None: absent). A file a person changed or created since is theirs: it
     stays, the text is dropped with no record written, and False says so. The record goes to the journal between
@@ -1027,7 +1058,7 @@ def write_cache(records: Records, path: Path, text: str, record: Record, values:
     def last_look() -> bool:
         if on_disk(path) != seen:
             return False
-        records.write(path, dataclasses.replace(record, sha=digest(data)), values)
+        records.write(path, dataclasses.replace(record, sha=digest(data)), values, finish)
         return True
 
     try:
@@ -1794,10 +1825,10 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(cfg.model_id, **common)
-    except ImportError as e:
+    except ImportError as e:  # an optional package the processor needs (num2words for SmolVLM): its own hint
         if "torchvision" in str(e).lower():
             raise UsageError(f"{cfg.model_id}'s processor needs torchvision: pip install torchvision") from e
-        raise UsageError(f"cannot load the processor of {cfg.model_id}: {e}") from e
+        raise UsageError(f"cannot load the processor of {cfg.model_id}: {' '.join(str(e).split())}") from e
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the processor of {cfg.model_id}: {first_line(e)}") from e
     LocalCaptioner.kind_of(processor)  # fail before the weights load
@@ -2001,7 +2032,10 @@ class Reporter:
         from tqdm import tqdm
 
         with self.lock:
-            tqdm.write(printable(message), file=self.stream)
+            try:
+                tqdm.write(printable(message), file=self.stream)
+            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
+                stream_closed(self.stream)
 
     def progress(self, name: str, total: int | None) -> Progress:
         """Counts this process's items; only the main process prints, so with several the label says it is a share.
@@ -2012,20 +2046,34 @@ class Reporter:
 
 
 class Progress:
+    """One stage's count. It starts with its stage (begin(), or the first update): the rate and the ETA count from
+    there, and the bar appears then, not above another stage's from the start of the run."""
+
     def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool, every: float = 5.0):
         self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
-        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+        self.done, self.start, self.last = 0, None, time.monotonic()
         self.lock = threading.Lock()
         self.bar = None
-        if enabled and reporter.tty:
+
+    def begin(self) -> None:
+        with self.lock:
+            self._begin()
+
+    def _begin(self) -> None:
+        if self.start is not None:
+            return
+        self.start = self.last = time.monotonic()
+        if self.enabled and self.reporter.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=name, unit="img", file=reporter.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
+                            dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled:
             return
         with self.lock:
+            self._begin()
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
@@ -2034,7 +2082,7 @@ class Progress:
                 self.reporter._write(self.line())
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(time.monotonic() - (self.start or time.monotonic()), 1e-9)
         rate = self.done / elapsed
         if self.total is None:
             return f"{self.name}: {self.done} done ({rate:.2f}/s)"
@@ -2196,8 +2244,8 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
             stats.fail(item.image, STAGE_VISION, f"cannot keep the caption: {type(e).__name__}: {first_line(e)}")
 
     def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
-        for index, error in errors:
-            stats.fail(items[index].image, STAGE_VISION, error)
+        for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
+            stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
             reporter.detail(f"failed {items[index].image}: {error}")
         captions = []
         if indices:
@@ -2214,7 +2262,6 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
                 stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
                 continue
             writer.submit(save, item, text)
-            reporter.detail(f"captioned {item.image}")
         progress.update(len(indices) + len(errors))
 
     # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
@@ -2294,13 +2341,17 @@ REFRESH_MODES = ("inputs", "settings", "none")
 
 
 class Settings:
-    """The settings that change each kind of cache's text; a record keeps the id of those that made it."""
+    """The settings that change each kind of cache's text; a record keeps the id of those that made it. A merge's
+    are in two parts: those of the request (`merges`), which only the LLM can apply, and those that turn its reply
+    into the file (`finish`), which a run re-applies to the recorded reply without asking again."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant]):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
+        self.finish = finish or {}
+        self.finish_id = settings_id("finish", self.finish)
 
 
 def variants_of(cfg: Config) -> list[Variant]:
@@ -2315,12 +2366,40 @@ def run_settings(cfg: Config) -> Settings:
                   "repetition_penalty": cfg.repetition_penalty, "dtype": cfg.dtype}
     vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
     merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
-             "prefix": cfg.prefix, "suffix": cfg.suffix, "max_caption_tokens": cfg.max_caption_tokens,
-             "caption_tokenizer": cfg.caption_tokenizer}
+             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
     if cfg.local_llm:
         merge |= {"revision": cfg.revision, "dtype": cfg.dtype}
-    return Settings(vision, merge, variants_of(cfg))
+    finish = {"keep_tokens": cfg.keep_tokens, "prefix": cfg.prefix, "suffix": cfg.suffix,
+              "max_caption_tokens": cfg.max_caption_tokens, "caption_tokenizer": cfg.caption_tokenizer}
+    return Settings(vision, merge, variants_of(cfg), finish)
+
+
+SETTING_WORDS = {"model_id": "vision model", "served_model": "vision model", "model": "LLM", "backend": "LLM backend",
+                 "prompt": "vision prompt", "vlm_system_prompt": "vision system prompt",
+                 "system_prompt": "system prompt"}
+UNSHOWN_SETTINGS = {"system_prompt", "vlm_system_prompt"}  # long texts (or their hashes): named, not shown
+
+
+def settings_change(records: Records, sid: str, current_id: str, current: dict) -> str | None:
+    """How the settings that made a cache differ from this run's, in words (e.g. "another LLM (llama3.1 → qwen2.5)");
+    None where they do not. A cache whose settings were not recorded differs in "other settings"."""
+    if sid == current_id:
+        return None
+    old = records.settings.get(sid)
+    if old is None:
+        return "other settings"
+    keys = [k for k in sorted(current.keys() | old.keys()) if old.get(k) != current.get(k)]
+    if not keys:  # recorded in an older layout, with the same values
+        return None
+
+    def words(key: str) -> str:
+        name = SETTING_WORDS.get(key, f"--{key}")
+        if key in UNSHOWN_SETTINGS:
+            return f"another {name}"
+        shown = [str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key))]
+        return f"another {name} ({shown[0]} → {shown[1]})"
+
+    return " and ".join(words(k) for k in keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2363,11 +2442,30 @@ class Plan:
     records: Records | None = None
     settings: Settings | None = None
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
+    refinish: list[Refinish] = dataclasses.field(default_factory=list)  # written once the lock is ours
+    differ: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, how): caches
+    count: Callable[[str], int] | None = None  # the trainer's token count, for --max_caption_tokens (planning only)
+    limited: int = 0  # images with work that --limit left for the next run
+    failing: dict[str, dict] = dataclasses.field(default_factory=dict)  # bad inputs remembered (failures.jsonl)
+    still: dict[str, dict] = dataclasses.field(default_factory=dict)    # ...of them, unchanged: not tried this run
+    bad: list[str] = dataclasses.field(default_factory=list)            # images whose input failed at planning
     trainer_captions: collections.Counter | None = None  # --write_captions: written, current, kept
 
 
-def plan_work(cfg: Config) -> Plan:
-    """Find the images, read each one's caches, manual caption and records once, and decide what it needs."""
+@dataclasses.dataclass(frozen=True)
+class Refinish:
+    """A merged caption whose recorded reply gets this run's --keep_tokens, --prefix, --suffix or budget: no request."""
+
+    merge: Merge
+    record: Record
+    reply: str
+    text: str
+    change: str  # in words, e.g. "another --keep_tokens (0 → 1)"
+
+
+def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
+    """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
+    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
@@ -2376,18 +2474,22 @@ def plan_work(cfg: Config) -> Plan:
     # are copies kept in step, and only their records tell this script's copy from a hand edit
     if cfg.refresh != "none" or cfg.write_captions:
         records.load()
-    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg))
+    plan = Plan(items, [], [], failures + conflicts, stale, records=records, settings=run_settings(cfg), count=count,
+                failing=read_failing(records))
     budget = cfg.limit
     for item in items:
         try:
             decide(item, cfg, plan)
         except ItemError as e:
+            if isinstance(e, BadInput):
+                plan.bad.append(str(item.image))
             plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
             for merge in item.merges:  # the vision caption may still be made: the merges wait for the fix
                 merge.reason = None
         merges = [m for m in item.merges if m.reason]
         if (item.vision or merges) and budget is not None:
             if budget <= 0:
+                plan.limited += 1
                 item.vision, merges = None, []
                 for merge in item.merges:
                     merge.reason = None
@@ -2398,6 +2500,7 @@ def plan_work(cfg: Config) -> Plan:
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
+    plan.count = None  # needed while planning only; a closure would not travel with the plan to other processes
     return plan
 
 
@@ -2410,6 +2513,11 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.generated_path)
     item.merges = [Merge(item, variant) for variant in settings.variants]
+    remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
+    if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
+            (cfg.audit or remembered.get("settings") == settings.vision_id):
+        plan.still[records.key(item.image)] = remembered
+        raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
         item.manual, item.manual_sha = read_caption(item.caption_path)
     except ItemError:
@@ -2430,6 +2538,9 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
             adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
             item.vision = stale_vision(gen.record, item, cfg, settings)
+            change = settings_change(records, gen.record.settings, settings.vision_id, settings.vision)
+            if item.vision is None and change:
+                plan.differ[(KIND_GENERATED, f"were made with {change}")] += 1
     if item.vision:
         item.generated = None  # it is being made again: nothing downstream may use the old text
 
@@ -2458,10 +2569,10 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
         record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
         merge.record = adopt(plan, item, merge.variant.kind, record)
-        stale_merge(record, merge, cfg, settings)  # adopted as it is now; a vision caption made again may change it
+        stale_merge(record, merge, cfg, plan)  # adopted as it is now; a vision caption made again may change it
     else:
         merge.record = found.record
-        stale_merge(found.record, merge, cfg, settings)
+        stale_merge(found.record, merge, cfg, plan)
 
 
 def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
@@ -2472,21 +2583,102 @@ def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) ->
     return None
 
 
-def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -> None:
+def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
     """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
-    the merge waits for it: it is redone only if the new caption differs from the one it was made from."""
-    item = merge.item
+    the merge waits for it: it is redone only if the new caption differs from the one it was made from. One that
+    stands may still get this run's --keep_tokens, --prefix, --suffix or budget (refinish), or be counted as made
+    with other settings."""
+    item, settings, name = merge.item, plan.settings, merge.variant.name
+    # a record without `finish` is older than the split: its settings held the finishing ones too
+    current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
+    change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
     if record.manual != item.manual_sha:
         merge.reason = REASON_MANUAL
     elif item.vision is None and item.generated_sha is not None and record.generated != item.generated_sha:
         merge.reason = REASON_GENERATED
-    elif cfg.refresh == "settings" and record.settings != settings.merge_ids[merge.variant.name]:
+    elif cfg.refresh == "settings" and change:
         merge.reason = REASON_SETTINGS
     elif item.vision is not None:
         merge.reason, merge.unless = item.vision, record.generated
     elif item.generated_sha is None and record.image != item.stamp:  # vision caption deleted, image replaced
         item.vision = REASON_IMAGE
         merge.reason, merge.unless = REASON_IMAGE, record.generated
+    if merge.reason is not None:
+        return
+    if change:
+        plan.differ[(merge.variant.kind, f"were made with {change}")] += 1
+    if record.finish and record.finish != settings.finish_id and merge.text is not None:
+        refinish_merge(merge, record, cfg, plan)
+
+
+def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
+    """What the LLM's cleaned reply becomes in the file: the kept parts first, the fixed text, and (with `count`)
+    the cut to the budget."""
+    return training_caption(keep_tokens_first(reply, kept), kept, cfg, count)
+
+
+def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> None:
+    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. A reply that would be over a
+    new --max_caption_tokens needs the LLM (asked again for a shorter one): counted, or with --refresh settings
+    redone."""
+    settings = plan.settings
+    reply = record.reply if record.reply is not None else merge.text
+    text = finish_reply(reply, keep_token_parts(merge.item.manual, cfg.keep_tokens), cfg)
+    if plan.count is not None and cfg.max_caption_tokens and budget_problem(text, cfg.max_caption_tokens, plan.count):
+        if cfg.refresh == "settings":
+            merge.reason = REASON_SETTINGS
+        else:
+            plan.differ[(merge.variant.kind, f"are over the new --max_caption_tokens {cfg.max_caption_tokens}")] += 1
+        return
+    change = settings_change(plan.records, record.finish, settings.finish_id, settings.finish) or "other settings"
+    plan.refinish.append(Refinish(merge, record, reply, text, change))
+
+
+FAILURES_FILE = "failures.jsonl"  # in RECORDS_DIR: the bad inputs, each until its file changes
+
+
+def input_stamp(item: Item) -> str:
+    """What a remembered bad input is waiting for to change: the image or its caption. (Or the vision settings,
+    recorded beside it: another model's processor may take an image this one refused.)"""
+    try:
+        caption = image_stamp(item.caption_path)
+    except OSError:
+        caption = "-"
+    return f"{item.stamp}|{caption}"
+
+
+def read_failing(records: Records) -> dict[str, dict]:
+    """The bad inputs of earlier runs, by image key."""
+    failing = {}
+    try:
+        with open(records.folder / FAILURES_FILE, encoding="utf-8", errors="surrogateescape") as handle:
+            for line in handle:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    row = json.loads(line)
+                    failing[row["failing"]] = row
+    except OSError:
+        pass
+    return failing
+
+
+def remember_failing(plan: Plan, stats: Stats) -> None:
+    """Keep the bad inputs for the next run: those still failing as they were, and this run's new ones with the time
+    they first failed (main process, at the end). One that changed was tried again, and is here only if it failed."""
+    records, now = plan.records, time.strftime("%Y-%m-%d %H:%M")
+    rows = dict(plan.still)
+    bad, errors = set(stats.bad) | set(plan.bad), {f.path: f.error for f in stats.failures}
+    for item in plan.items:
+        key = records.key(item.image)
+        if str(item.image) in bad and key not in rows and item.stamp is not None:
+            rows[key] = {"failing": key, "stamp": input_stamp(item), "settings": plan.settings.vision_id,
+                         "since": now, "error": errors.get(str(item.image), "failed")}
+    path = records.folder / FAILURES_FILE
+    if rows:
+        records.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, "\n".join(json_line(rows[k]) for k in sorted(rows)))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
@@ -2646,13 +2838,12 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     early = cfg.overlap and not cfg.local_llm  # a local LLM waits for the vision model to leave the GPU
     try:
         if plan.to_combine and early:
-            merger.chat = make_chat(cfg, state)
-            merges.start()
+            merger.start(state, merges)
         if plan.to_generate:
-            caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges))
+            caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges, reporter))
+            waiting_merges(plan, stats, merges.progress)
         if plan.to_combine and merges.done is None and not stop.is_set():
-            merger.chat = make_chat(cfg, state)
-            merges.start()
+            merger.start(state, merges)
         if merges.done is not None:
             merges.close()
             wait_future(merges.done, lambda: reporter.stopping(stop))
@@ -2674,10 +2865,13 @@ def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stat
     items = plan.to_generate
     progress = reporter.progress("vision", len(items) if work.store is None else None)
     if cfg.vlm_base_url:
+        progress.begin()
         caption_served(cfg, state, events, work.items(STAGE_VISION, items, min(REQUEST_CHUNK, cfg.concurrency)),
                        stats, progress, stop, keep, lambda: reporter.stopping(stop))
     else:
+        reporter.info(f"loading {cfg.model_id} …")
         captioner = load_captioner(cfg, state.device)
+        progress.begin()
         keep.commit = getattr(captioner.model.config, "_commit_hash", None)
         caption_locally(items, captioner, cfg, stats, progress, reporter, stop, keep,
                         work.chunks(STAGE_VISION, len(items), cfg.batch_size))
@@ -2690,11 +2884,15 @@ class NewCaptions:
     """Where a new vision caption goes (on the thread that saves it): its cache, after a last look, then its merges
     to the merge stage, which decides on its own thread whether each is still wanted (Merge.wanted)."""
 
-    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage):
+    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage, reporter: Reporter):
         self.cfg, self.records, self.settings, self.merges = cfg, plan.records, plan.settings, merges
+        self.reporter = reporter
         self.commit: str | None = None  # the vision model's resolved revision, once it is loaded
 
     def __call__(self, item: Item, text: str) -> str:
+        if self.cfg.verbosity >= 2:  # the old caption is still on disk: what changed, in its first words
+            self.reporter.detail(f"captioned {item.image} ({item.vision}): "
+                                 f"{first_words(read_cache(item.generated_path))} → {first_words(text)}")
         seen, item.generated, item.generated_sha = item.generated_sha, text, digest(cache_bytes(text))
         what = "done"
         if self.cfg.cache_generated:
@@ -2722,38 +2920,67 @@ class Merger:
         self.stopping, self.count_tokens = stopping, count_tokens
         self.chat = None  # made when the stage starts
 
-    def dress(self, text: str, kept: Sequence[str]) -> str:  # the --prefix and --suffix, once each
-        return apply_affixes(text, self.cfg.prefix, self.cfg.suffix, kept)
+    def start(self, state, stage: AsyncStage) -> None:
+        if self.cfg.local_llm:
+            self.reporter.info(f"loading {self.cfg.local_llm} …")
+        self.chat = make_chat(self.cfg, state)
+        stage.progress.begin()
+        stage.start()
 
     def over_budget(self, text: str, kept: Sequence[str]) -> str | None:
         if self.count_tokens is None:
             return None
-        return budget_problem(self.dress(text, kept), self.cfg.max_caption_tokens, self.count_tokens)
+        return budget_problem(finish_reply(text, kept, self.cfg), self.cfg.max_caption_tokens, self.count_tokens)
 
     async def __call__(self, job: Merge) -> str:
+        """Counted per kind of output as well as for the stage, so the summary can say what each kind got."""
+        try:
+            what = await self.merge(job)
+        except (Stopped, FatalEndpointError):
+            self.stats.count(job.variant.kind, "left")
+            raise
+        except Exception:
+            self.stats.count(job.variant.kind, "failed")
+            raise
+        self.stats.count(job.variant.kind, what)
+        return what
+
+    async def merge(self, job: Merge) -> str:
         if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
             if job.record is not None:
                 self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
             return "unchanged"
         cfg, item, manual = self.cfg, job.item, job.item.manual
         kept = keep_token_parts(manual, cfg.keep_tokens)
-        try:
-            text = self.dress(await complete_item(
-                self.chat, llm_messages(item, job.variant.system_prompt, manual), cfg.max_retries, manual, kept,
-                stopping=self.stopping, too_long=lambda t: self.over_budget(t, kept)), kept)
+        try:  # the reply as cleaned, before the kept parts and fixed text: recorded, so they can change later
+            reply = await complete_item(self.chat, llm_messages(item, job.variant.system_prompt, manual),
+                                        cfg.max_retries, manual, stopping=self.stopping,
+                                        too_long=lambda t: self.over_budget(t, kept))
+            text = finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = training_caption(e.text, kept, cfg, self.count_tokens)
+            reply, text = e.text, finish_reply(e.text, kept, cfg, self.count_tokens)
             self.stats.note(item.image, STAGE_LLM,
                             f"{job.path.name}: {e.problem}; cut to {self.count_tokens(text)} tokens")
-        name = job.variant.name
-        record = Record("", self.settings.merge_ids[name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
+        name, settings = job.variant.name, self.settings
+        record = Record("", settings.merge_ids[name], image=item.stamp, manual=item.manual_sha,
+                        generated=item.generated_sha, finish=settings.finish_id,
+                        reply=reply if reply.strip() != text.strip() else None)
         # on a thread: an fsync must not stall the loop
-        if not await asyncio.to_thread(write_cache, self.records, job.path, text, record, self.settings.merges[name],
-                                       job.sha):
+        if not await asyncio.to_thread(write_cache, self.records, job.path, text, record, settings.merges[name],
+                                       job.sha, settings.finish):
             return "edited"
-        self.reporter.detail(f"merged {job.path}")
+        self.reporter.detail(f"merged {job.path} ({job.reason}): {first_words(job.text)} → {first_words(text)}")
+        job.text = text
         return "done"
+
+
+def waiting_merges(plan: Plan, stats: Stats, progress: Progress) -> None:
+    """The merges of images whose vision caption failed here wait for the next run: counted, so that the progress
+    and the summary add up."""
+    failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
+    for job in (m for item in plan.to_generate if str(item.image) in failed for m in item.merges if m.reason):
+        stats.count(job.variant.kind, "waiting")
+        progress.update()
 
 
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
@@ -2764,9 +2991,13 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
     prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
     async def describe(item: Item) -> str | None:
-        url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
-        if url is None:
-            url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
+        try:
+            url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
+            if url is None:
+                url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
+        except BadInput:
+            stats.bad_input(item.image)
+            raise
         messages = vision_messages(url, cfg, prompt)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
         return await asyncio.to_thread(keep, item, text)
@@ -2857,6 +3088,7 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     """Find every model and reach every endpoint that the plan needs before any model loads; raise
     FatalEndpointError or UsageError if one fails. Returns cfg with the LLM's model where the endpoint chose it."""
     if plan.to_generate and not cfg.vlm_base_url:
+        check_torchvision()
         check_model_source(cfg.model_id, "--model_id", cfg.revision)
     llm = vision = None
     if plan.to_combine and cfg.local_llm:
@@ -2881,6 +3113,21 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
 
 
+def check_torchvision() -> None:
+    """A torchvision built for another torch fails deep inside an image processor, after planning, in a long
+    traceback; importing it now (a second, and only where a local vision model will load) names the fix instead.
+    One that is not installed is left to the processor that needs it."""
+    try:
+        import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        return
+    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
+        import torch
+
+        raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
+                         "pair built together: pip install --upgrade torch torchvision") from e
+
+
 def check_local_model(cfg: Config) -> None:
     """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
     from transformers import AutoConfig
@@ -2891,6 +3138,26 @@ def check_local_model(cfg: Config) -> None:
         AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
+
+
+def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
+    """Write the merged captions that get this run's --keep_tokens, --prefix, --suffix (or budget) from their recorded
+    reply (main process, once the lock is ours): no request, the record keeps the reply and the request's settings."""
+    settings = plan.settings
+    for job in plan.refinish:
+        merge = job.merge
+        record = dataclasses.replace(job.record, finish=settings.finish_id,
+                                     reply=job.reply if job.reply.strip() != job.text.strip() else None)
+        try:
+            if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, settings.finish):
+                stats.count(STAGE_LLM, "edited")  # a person's file, written since planning: theirs stays
+                continue
+        except ItemError as e:
+            stats.fail(merge.image, STAGE_LLM, str(e))
+            continue
+        stats.count(merge.variant.kind, "refinished")
+        reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
+        merge.text = job.text
 
 
 def adopt_unrecorded(plan: Plan) -> str | None:
@@ -2905,29 +3172,52 @@ def adopt_unrecorded(plan: Plan) -> str | None:
     return None
 
 
+def breakdown(counter) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
+
+
+def output_label(kind: str) -> str:
+    """A kind of cache in words: vision captions, combined captions, NAME variant captions."""
+    if kind == KIND_GENERATED:
+        return "vision captions"
+    if kind == KIND_COMBINED:
+        return "combined captions"
+    return f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
+
+
 def plan_lines(plan: Plan) -> list[str]:
-    """What planning decided, counted by reason."""
+    """What planning decided, counted by reason (the dry run)."""
     vision = collections.Counter(i.vision for i in plan.to_generate)
     merge = collections.Counter(m.reason for m in plan.to_combine)
-    kept = collections.Counter(k for i in plan.items for k in i.kept)
-    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
     stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
                                 if why)  # images, once per reason: not each of their caches
     conditional = sum(m.unless is not None for m in plan.to_combine)
-
-    def breakdown(counter) -> str:
-        return ", ".join(f"{n} {why}" for why, n in sorted(counter.items())) or "none"
-
+    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
+    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
     lines = [
         f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
         f"  to merge: {len(plan.to_combine)} ({breakdown(merge)})"
         + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
-        "  stale: " + ", ".join(f"{stale[why]} {why}" for why in
-                                (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED, REASON_SETTINGS)),
-        f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
-        f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})",
+        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
+        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
+          if plan.refinish else []),
+        *kept_lines(plan),
+        *settings_lines(plan),
     ]
     return lines
+
+
+def kept_lines(plan: Plan) -> list[str]:
+    kept = collections.Counter(k for i in plan.items for k in i.kept)
+    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
+    return [f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
+            f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})"]
+
+
+def settings_lines(plan: Plan) -> list[str]:
+    """The caches this run leaves as they are, though made with other settings: how many, how, and what redoes them."""
+    return [f"  {n} {output_label(kind)} {how}; --refresh settings redoes them"
+            for (kind, how), n in sorted(plan.differ.items())]
 
 
 def plan_items(plan: Plan) -> Iterable[str]:
@@ -2967,6 +3257,7 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
         f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
         *plan_lines(plan),
+        *refinish_lines(cfg, plan),
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(plan.to_combine) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
@@ -2975,23 +3266,85 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
     return lines
 
 
+def refinish_lines(cfg: Config, plan: Plan) -> list[str]:
+    """The dry run's count of captions a run re-finishes from the recorded reply. A dry run loads no tokenizer, so
+    whether each reply fits a new --max_caption_tokens is known only to the run."""
+    kinds = collections.Counter(job.merge.variant.kind for job in plan.refinish)
+    unsure = " (if the reply fits the new --max_caption_tokens)" if cfg.max_caption_tokens else ""
+    return [f"  {n} {output_label(kind)} to re-finish from the recorded reply, no request{unsure}"
+            for kind, n in kinds.items()]
+
+
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
+    """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
+    then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
+    return summary_block(stage_lines(plan, stats), done_lines(plan, stats), left_lines(plan, stats),
+                         problem_lines(stats))
+
+
+def summary_block(stages: list[str], done: list[str], left: list[str], problems: list[str]) -> list[str]:
+    """Where each part of the summary goes: another count joins the part it belongs to."""
+    return [*stages, *done, *left, *problems]
+
+
+def stage_lines(plan: Plan, stats: Stats) -> list[str]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    lines = [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
-             for stage, c in stats.counts.items()]
-    if edited_during_run(plan, stats):
-        lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
-    if stats.left:
-        lines.append(f"  left for the next run: {stats.left}")
-    lines += plan_lines(plan)
+    return [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
+            for stage, c in stats.counts.items() if stage in cached]
+
+
+SUMMARY_COUNTS = (("unchanged", "unchanged (the new vision caption came out the same)"),
+                  ("waiting", "waiting for a vision caption that failed"),
+                  ("refinished", "re-finished from the recorded reply, no request"),
+                  ("failed", "failed"), ("left", "left for the next run"))
+
+
+def done_lines(plan: Plan, stats: Stats) -> list[str]:
+    """Per kind of output: how many were made and why, kept as they were, re-finished, failed, left."""
+    planned = {KIND_GENERATED: collections.Counter(i.vision for i in plan.to_generate)}
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
+    for item in plan.items:
+        for m in item.merges:
+            current[m.variant.kind] += m.text is not None and m.reason is None
+    for m in plan.to_combine:
+        planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
+    lines = []
+    for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
+        counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
+        reasons = planned.get(kind, collections.Counter())
+        planned_n = sum(reasons.values())
+        parts = [f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "")
+                 + (f" ({breakdown(reasons)})" if reasons else "")]
+        parts += [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
+        if current[kind] - counts["refinished"]:
+            parts.append(f"{current[kind] - counts['refinished']} already current")
+        if counts["done"] or any(counts[w] for w, _ in SUMMARY_COUNTS) or reasons:
+            lines.append(f"  {output_label(kind)}: " + ", ".join(parts))
     if plan.trainer_captions is not None:
         c = plan.trainer_captions
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
                      f"{c['kept']} edited by hand (kept)")
+    return lines
+
+
+def left_lines(plan: Plan, stats: Stats) -> list[str]:
+    """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
+    lines = kept_lines(plan)
+    if edited_during_run(plan, stats):
+        lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
+    if stats.left:
+        lines.append(f"  left for the next run: {stats.left}")
+    if plan.limited:
+        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
+    lines += settings_lines(plan)
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
-        lines.append(f"input: {inputs} skipped")
-    lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
+        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
+    return lines
+
+
+def problem_lines(stats: Stats) -> list[str]:
+    lines = [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
@@ -3000,7 +3353,8 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
 
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
-    return sum(c["edited"] for c in [*stats.counts.values(), plan.trainer_captions or collections.Counter()])
+    stages = [stats.counts[STAGE_VISION], stats.counts[STAGE_LLM]]
+    return sum(c["edited"] for c in [*stages, plan.trainer_captions or collections.Counter()])
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
@@ -3044,7 +3398,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     summary: dict[str, Any] = {"exit_code": stats.exit_code()}
-    for stage, counts in stats.counts.items():
+    for stage in cached:
+        counts = stats.counts[stage]
         summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
                           "failed": counts["failed"]}
     summary["edited_during_run"] = edited_during_run(plan, stats)
@@ -3063,7 +3418,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     target, fmt = export_target(cfg), export_format(cfg.export)
     rows = []
     for item in plan.items:
-        captions = export_captions(item)
+        captions = export_captions(item, cfg)
         if captions is None:
             continue
         key = export_key(item, cfg, fmt)
@@ -3237,10 +3592,13 @@ def export_target(cfg: Config) -> Path:
     return target if target.is_absolute() else cfg.dataset_dir / target
 
 
-def export_captions(item: Item) -> dict[str, str] | None:
-    """The finished captions of one image by variant name ("" for the combined caption); None when it has none.
-    Read from the files: other processes made some of them."""
+def export_captions(item: Item, cfg: Config | None = None) -> dict[str, str] | None:
+    """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
+    file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
+    processes made some of them."""
     captions = {m.variant.name: read_cache(m.path) for m in item.merges}
+    if cfg is not None and cfg.write_captions and captions.get("") is not None:
+        captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
     if captions.get("") is None:
         return None
     return {name: text or "" for name, text in captions.items()}
@@ -3329,23 +3687,35 @@ def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
     return grams
 
 
-def common_phrases(texts: Sequence[str], fixed: Iterable[str]) -> list[tuple[str, int]]:
+def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
     """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
-    suffix) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
+    suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
+    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
     overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a watercolor")."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
     counts = collections.Counter(gram for text in texts for gram in word_ngrams(text))
+    own = collections.Counter(gram for text in manual for gram in word_ngrams(text, range(1, 5)))
     found: list[str] = []
     for gram, n in sorted(counts.items(), key=lambda kv: (-len(kv[0].split()), kv[0])):
-        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS:
+        if n < PHRASE_SHARE * len(texts) or set(gram.split()) <= PHRASE_STOP_WORDS or 2 * own[phrase_core(gram)] >= n:
             continue
         if any(f" {gram} " in f for f in fixed_words) or any(f" {gram} " in f" {longer} " for longer in found):
             continue
         found.append(gram)
     clauses = [[f" {' '.join(words)} " for words in phrase_words(text)] for text in texts]
     return [(phrase, sum(any(f" {phrase} " in c for c in cs) for cs in clauses)) for phrase in chain_phrases(found)]
+
+
+def phrase_core(gram: str) -> str:
+    """A phrase without the stop words at its ends: "in ohwx style" is the person's "ohwx style"."""
+    words = gram.split()
+    while words and words[0] in PHRASE_STOP_WORDS:
+        words.pop(0)
+    while words and words[-1] in PHRASE_STOP_WORDS:
+        words.pop()
+    return " ".join(words)
 
 
 def chain_phrases(grams: list[str]) -> list[str]:
@@ -3399,16 +3769,25 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None) -> list[Finding]:
-    """One combined caption against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(item.combined_path)
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None,
+               path: Path | None = None) -> list[Finding]:
+    """One finished caption against the trainer's settings: kept parts first, and within the token budget."""
+    findings, path = [], str(path or item.combined_path)
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
     missing = [part for part in kept if part not in text]
+    parts = caption_parts(text)
     if missing:
-        findings.append(Finding(path, "keep_tokens", f"missing kept parts {missing}"))
-    elif lead and [p.casefold() for p in caption_parts(text)[:len(lead)]] != [p.casefold() for p in lead]:
-        findings.append(Finding(path, "keep_tokens", f"does not start with the kept parts {', '.join(lead)!r}"))
+        findings.append(Finding(path, "keep_tokens", f"kept part {missing[0]!r} (part {kept.index(missing[0]) + 1} "
+                                                     f"of {item.caption_path.name}) is not in the caption"))
+    else:
+        for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
+            found = parts[i] if i < len(parts) else None
+            if found is None or found.casefold() != part.casefold():
+                findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
+                                                             f"not {found!r}; the caption starts {', '.join(lead)!r} "
+                                                             "for the trainer to keep"))
+                break
     if count is not None:
         problem = budget_problem(text, cfg.max_caption_tokens, count, what="caption")
         if problem:
@@ -3416,25 +3795,47 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
     return findings
 
 
+def finished_path(item: Item, cfg: Config) -> Path:
+    """The caption the trainer reads: the --write_captions file where there is one (an edit there is the person's
+    last word), else the combined caption."""
+    if cfg.write_captions:
+        trainer = item.image.with_suffix(cfg.write_captions)
+        if trainer.exists():
+            return trainer
+    return item.combined_path
+
+
+def bad_input_finding(item: Item, problem: Finding, error: str) -> Finding:
+    """No caption because the input is bad: name the file to fix, not a run that cannot make it."""
+    culprit = item.caption_path if item.caption_path.name in error else item.image
+    return Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
+
+
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
     """Everything in the finished captions that would hurt training; reads files only, calls nothing."""
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
+    bad = {f.path: f.error for f in plan.failures}
     texts: list[tuple[Item, str]] = []
     fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+    manual = []
     for item in plan.items:
-        text, problem = read_finished(item.combined_path)
+        path = finished_path(item, cfg)
+        text, problem = read_finished(path)
+        if problem and problem.kind == "missing" and str(item.image) in bad:
+            problem = bad_input_finding(item, problem, bad[str(item.image)])
         if problem:
             findings.append(problem)
         else:
             texts.append((item, text))
-            findings += audit_item(item, cfg, text, count)
+            findings += audit_item(item, cfg, text, count, path)
         fixed += keep_token_parts(item.manual, cfg.keep_tokens)
+        manual.append(item.manual or "")
         problem = generated_finding(item)
         if problem:
             findings.append(problem)
     findings += duplicate_findings(cfg, texts)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
-                 for gram, n in common_phrases([text for _, text in texts], fixed)]
+                 for gram, n in common_phrases([text for _, text in texts], fixed, manual)]
     return findings
 
 
@@ -3482,11 +3883,11 @@ def run_audit(cfg: Config) -> int:
         print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
-    print("\n".join(audit_lines(cfg, plan, findings)))
     code = EXIT_FAILED if findings else EXIT_OK
-    if cfg.report:
+    if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
         kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
+    print("\n".join(audit_lines(cfg, plan, findings)))
     return code
 
 
@@ -3495,12 +3896,15 @@ def run_audit(cfg: Config) -> int:
 # --------------------------------------------------------------------------------------------
 
 EPILOG = """examples:
-  accelerate launch enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+  python enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
+  accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+      enhance_captions.py --dataset_dir images/ --base_url http://127.0.0.1:11434/v1/ --model llama3.1
   python enhance_captions.py --dataset_dir images/ --model_id Qwen/Qwen2.5-VL-3B-Instruct --batch_size 16 --overlap
   python enhance_captions.py --dataset_dir images/ --dry_run
 
 exit codes: 0 all done, 1 some items failed (listed at the end), 2 usage or configuration error,
-130/143 stopped by Ctrl-C/SIGTERM (the finished work is saved; rerun to go on).
+130/143 stopped by Ctrl-C/SIGTERM (the finished work is saved; rerun to go on), 141 --dry_run or --audit
+into a pipe that closed (| head). accelerate launch turns any non-zero exit into 1: read --report's last line.
 """
 
 
@@ -3618,7 +4022,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def prompt_path(path: Path) -> Path:
+    """A prompt file named by a relative path: in the working folder, else beside the script (the bundled prompts/),
+    so `--variant short=prompts/short.txt` works from wherever the script is run."""
+    path = path.expanduser()
+    if path.is_absolute() or path.exists() or not (SCRIPT_DIR / path).exists():
+        return path
+    return SCRIPT_DIR / path
+
+
 def read_prompt_file(path: Path, what: str) -> str:
+    path = prompt_path(path)
     try:
         text = read_text(path)
     except ItemError as e:
@@ -3823,7 +4237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as e:
             error = str(e)
         if state.is_main_process and error is None:
-            cfg, plan, error = prepare(cfg, state, lock)
+            cfg, plan, error = prepare(cfg, state, lock, count_tokens)
         shared = plan_rows(plan, cfg.dataset_dir) if plan and state.num_processes > 1 and not cfg.dry_run else None
         error, cfg, run_id, shared = agree(state, (error, cfg, uuid.uuid4().hex, shared))
         if error:
@@ -3848,6 +4262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in plan_items(plan):
             reporter.detail(line)
         stop, stats = StopEvent(), Stats()
+        if state.is_main_process:
+            refinish(plan, stats, reporter)
         with stop_on_signals(stop):
             try:
                 stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
@@ -3860,12 +4276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
-def prepare(cfg: Config, state, lock: DatasetLock) -> tuple[Config, Plan | None, str | None]:
+def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str], int] | None
+            ) -> tuple[Config, Plan | None, str | None]:
     """The main process, before any work: the lock, the one plan (or the dry run's report), preflight.
     Returns the Config with the model preflight found, the plan, and the error that stops the run, if any."""
     if not cfg.dry_run and (error := lock.acquire()):
         return cfg, None, error
-    plan = plan_work(cfg)
+    plan = plan_work(cfg, count_tokens)
     if not plan.items:
         return cfg, plan, f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
     if cfg.dry_run:
@@ -3879,7 +4296,7 @@ def prepare(cfg: Config, state, lock: DatasetLock) -> tuple[Config, Plan | None,
     except (FatalEndpointError, UsageError) as e:
         return cfg, plan, str(e)
     if checked.model != cfg.model:  # the merge settings name the model: judge the caches against the real one
-        plan = plan_work(checked)
+        plan = plan_work(checked, count_tokens)
     if error := adopt_unrecorded(plan):
         warn_stderr(f"warning: {error}; they are adopted on a later run")
     return checked, plan, None
@@ -3899,8 +4316,11 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
             reporter.detail(line)
     with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
         plan.records.compact()
+    if not stats.fatal:
+        with contextlib.suppress(OSError):  # without it, the next run only tries the bad inputs again
+            remember_failing(plan, stats)
     for line in summary_lines(plan, stats):
-        print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+        say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
     if cfg.report:
         try:
             write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
@@ -3911,6 +4331,36 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         count = write_export(cfg, plan, reporter.warn)
         reporter.info(f"exported {count} captions to {cfg.export}")
     return stats.exit_code()
+
+
+def say(line: str, stream=None) -> None:
+    """One line of the summary; where the reader went away (`| head`), the rest of it goes nowhere and the run still
+    writes its report and export."""
+    stream = stream or sys.stdout
+    try:
+        print(printable(line), file=stream, flush=True)
+    except BrokenPipeError:
+        stream_closed(stream)
+
+
+def stream_closed(stream) -> None:
+    """The reader of this stream went away: what is left of the output goes to /dev/null, so neither a later print
+    nor the interpreter's last flush prints a traceback about it."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def closed_pipe_exit() -> int:
+    """A BrokenPipeError that reached the top (--dry_run or --audit piped into `head`): end quietly, as a tool
+    that SIGPIPE ended would."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            stream_closed(stream)
+    return EXIT_CLOSED_PIPE
 
 
 def exit_process(code: int) -> None:
@@ -3927,4 +4377,9 @@ def exit_process(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    try:
+        exit_code = main()
+        sys.stdout.flush()  # here, not in the interpreter's teardown, where a closed pipe is a traceback
+    except BrokenPipeError:
+        exit_code = closed_pipe_exit()
+    exit_process(exit_code)

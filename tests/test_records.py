@@ -167,7 +167,7 @@ def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_s
     assert subjects(requests) == [0] and "in the rain" in user_message(requests[0])
     assert gen[0].read_text(encoding="utf-8").strip() in user_message(requests[0])
     assert changed(before, snapshot(ds)) == {"img000_combined.txt", RECORDS.as_posix()}
-    assert "1 manual changed" in summary(out, "stale")
+    assert summary(out, "combined captions") == "  combined captions: 1 made (1 manual changed), 3 already current"
     assert_recorded(ds, hand_edits)
     assert_quiet(capsys, ds, vlm, llm_server)
 
@@ -198,7 +198,7 @@ def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_s
     assert "a hand edited vision caption, with a lantern" in user_message(requests[0])
     assert gen[1].read_bytes() == edited
     assert changed(before, snapshot(ds)) == {"img001_combined.txt", RECORDS.as_posix()}
-    assert "1 generated edited" in summary(out, "stale")
+    assert summary(out, "combined captions").startswith("  combined captions: 1 made (1 generated edited)")
     assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 1 (1 generated)"
     assert_recorded(ds, hand_edits)
     assert_quiet(capsys, ds, vlm, llm_server)
@@ -233,11 +233,14 @@ def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_s
     prompt = tmp_path / "other_prompt.txt"
     prompt.write_text("Merge the captions, tersely.", encoding="utf-8")
     assert_quiet(capsys, ds, vlm, llm_server, "--system_prompt", prompt)
+    _, requests = run(capsys, ds, vlm.broken(), llm_server, "--system_prompt", prompt)
+    assert requests == [] and "  4 combined captions were made with another system prompt; --refresh settings " \
+                              "redoes them" in _
     out, requests = run(capsys, ds, vlm.good(), llm_server, "--system_prompt", prompt, "--refresh", "settings")
     assert subjects(requests) == [0, 1, 3, None]
     assert all(system_message(r) == "Merge the captions, tersely." for r in requests)
     assert vision_done(out) == 1 and gen[3].exists()  # img003's merge needs the vision caption deleted above
-    assert "4 settings changed" in summary(out, "stale")
+    assert summary(out, "combined captions") == "  combined captions: 4 made (4 settings changed)"
     assert gen[1].read_bytes() == edited
     assert_recorded(ds, hand_edits)
     assert_quiet(capsys, ds, vlm, llm_server, "--system_prompt", prompt, "--refresh", "settings")
@@ -509,7 +512,7 @@ def test_a_legacy_folder_is_adopted_without_a_request_or_a_load(tmp_path, capsys
 
 
 def plan_summary(out: str) -> list[str]:
-    names = ("to caption", "to merge", "stale", "edited by hand \\(kept\\)", "adopted")
+    names = ("to caption", "to merge", "stale images", "edited by hand \\(kept\\)", "adopted")
     return [summary(out, name) for name in names]
 
 
@@ -543,7 +546,7 @@ def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, l
         "  to caption: 2 (1 image changed, 1 missing)",
         "  to merge: 5 (1 generated edited, 1 image changed, 1 manual changed, 1 missing, 1 settings changed), "
         "1 of them only if the new vision caption differs",
-        "  stale: 1 manual changed, 1 image changed, 1 generated edited, 1 settings changed",
+        "  stale images: 1 manual changed, 1 image changed, 1 generated edited, 1 settings changed",
         "  edited by hand (kept): 2 (1 combined, 1 generated)",
         "  adopted: 2 (1 combined, 1 generated)",
     ]
@@ -557,7 +560,10 @@ def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, l
 
     # the run does what the dry run said, and its summary says the same
     out_run, requests = run(capsys, ds, vlm.good(), llm_server, *args)
-    assert plan_summary(out_run) == plan_summary(out)
+    assert plan_summary(out)[3:] == [summary(out_run, "edited by hand \\(kept\\)"), summary(out_run, "adopted")]
+    assert summary(out_run, "combined captions").startswith(  # the planned merges, made (one only if it changed)
+        "  combined captions: ") and "(1 generated edited, 1 image changed, 1 manual changed, 1 missing, " \
+        "1 settings changed)" in summary(out_run, "combined captions")
     assert vision_done(out_run) == 2
     recaptioned = caches(images[1])[0].read_bytes() != old_caption
     assert subjects(requests) == [0] + [1] * recaptioned + [2, 3, 6]

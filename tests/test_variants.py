@@ -138,7 +138,7 @@ def test_a_rerun_asks_nothing_and_a_deleted_variant_is_made_again_alone(tmp_path
     assert len(new) == 1
     assert system_of(new[0]) == prompt_text(PROMPTS["short"]) and manual_of(images[1]) in user_of(new[0])
     assert short.read_bytes() == old
-    assert "  to merge: 1 (1 missing)" in out
+    assert "  short variant captions: 1 made (1 missing)" in out
 
 
 def test_an_edited_variant_prompt_is_stale_only_for_that_variant_and_only_with_refresh_settings(
@@ -154,8 +154,10 @@ def test_an_edited_variant_prompt_is_stale_only_for_that_variant_and_only_with_r
     others = {image: [variant_path(image, n).read_bytes() for n in ("", "tags")] for image in images}
 
     short_file.write_text(prompt_text(PROMPTS["short"]) + "\nUse at most twelve words.\n", encoding="utf-8")
-    run_ok(capsys, args)  # --refresh inputs (the default): a prompt is a setting, not an input
+    out = run_ok(capsys, args)  # --refresh inputs (the default): a prompt is a setting, not an input
     assert len(llm_server.requests) == first
+    assert (f"  {len(images)} short variant captions were made with another system prompt; --refresh settings "
+            "redoes them") in out
 
     out = run_ok(capsys, args + ["--refresh", "settings"])
     new = llm_server.chat_requests()[first:]
@@ -166,7 +168,7 @@ def test_an_edited_variant_prompt_is_stale_only_for_that_variant_and_only_with_r
         assert len(request) == 1
         assert variant_path(image, "short").read_text(encoding="utf-8").strip() == tag_reply(request[0])
         assert [variant_path(image, n).read_bytes() for n in ("", "tags")] == others[image]
-    assert f"  to merge: {len(images)} ({len(images)} settings changed)" in out
+    assert f"  short variant captions: {len(images)} made ({len(images)} settings changed)" in out
 
     run_ok(capsys, args + ["--refresh", "settings"])  # the new record holds the new prompt: current now
     assert len(llm_server.requests) == first + len(images)
@@ -228,7 +230,8 @@ def test_an_edited_manual_caption_redoes_every_variant_of_that_image(tmp_path, l
         request = next(r for r in new if system_of(r) == prompt_text(path))
         assert variant_path(images[1], name).read_text(encoding="utf-8").strip() == tag_reply(request)
         assert variant_path(images[0], name).read_bytes() == untouched[variant_path(images[0], name).name]
-    assert "  to merge: 3 (3 manual changed)" in out
+    for label in ("combined captions", "short variant captions", "tags variant captions"):
+        assert f"  {label}: 1 made (1 manual changed)" in out
 
 
 @pytest.mark.parametrize("values, named", [
