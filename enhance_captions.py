@@ -1399,9 +1399,13 @@ class EndpointPool:
             await self._changes(left if left > 0 else None)
 
     async def _changes(self, timeout: float | None) -> None:
-        """Wait until an endpoint's state changes, or `timeout` seconds."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), timeout)
+        """Wait until an endpoint's state changes, or `timeout` seconds. Not wait_for: before Python 3.12 it drops a
+        cancellation that comes as the event is set, and close() would wait out the whole timeout."""
+        waiter = asyncio.ensure_future(self.changed.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
 
     def _wake(self) -> None:
         self.changed.set()
