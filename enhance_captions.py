@@ -1083,7 +1083,7 @@ class SharedPause:
 class RateLimiter:
     """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
 
-    Sits on the HTTP layer, so the openai client's own retries are counted too. A 429 with
+    Every request passes it, retries included (the client retries nothing of its own). A 429 with
     Retry-After pauses every request of the run, not only the one that got it: those of this process here,
     those of the other processes through `shared`. Waits, never fails.
     """
