@@ -1324,7 +1324,7 @@ class EndpointPool:
     item (one item that fails alone is that item's fault, and its own attempts end it). It is tried again after
     SET_ASIDE_SECONDS, one request at a time, the wait doubled each time it fails again on its return. Meanwhile
     requests go to the others; with none left they wait, spending no attempts. Once every endpoint is set aside and
-    none has answered for `give_up_after` seconds since the stage's last answer (or its start), the stage gives up:
+    none has answered for `give_up_after` seconds since the stage's last answer (or its first request), it gives up:
     every item waiting and every request in flight ends with GaveUp, so a hung server costs minutes, not hours."""
 
     def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
@@ -1332,7 +1332,7 @@ class EndpointPool:
         self.members = [PoolMember(chat) for chat in chats]
         self.warn = warn or warn_stderr
         self.give_up_after, self.clock = give_up_after, clock
-        self.answered = clock()  # the stage's last answer, or its start
+        self.answered = 0.0  # the stage's last answer, or its first request
         self.gave_up: str | None = None
         self.changed = asyncio.Event()  # set, and replaced, whenever an endpoint's state changes
         self.over = asyncio.Event()  # set when the stage gives up
@@ -1374,7 +1374,8 @@ class EndpointPool:
     async def _ready(self) -> PoolMember:
         """The endpoint with the fewest requests in flight, then the fewest sent, of those not set aside; one back
         from being set aside takes one request at a time until it answers. With none ready, wait for one."""
-        if self.watch is None:
+        if self.watch is None:  # the stage's first request: it has had no chance to fail before
+            self.answered = self.clock()
             self.watch = asyncio.ensure_future(self._watch())
         while True:
             if self.gave_up:
