@@ -2526,7 +2526,8 @@ class SharedWork:
     process is alive: a collective there times out (NCCL's default is 10 minutes) when one process finishes long
     after the others, and takes the summary, the report and the export with it. Each process bumps a heartbeat key
     every HEARTBEAT_SECONDS from a thread; one silent for HEARTBEAT_LOST (dead, or hung) is given up on, and the run
-    ends with the others' work. The keys carry the run's id, so a rerun in the same store never sees old counts.
+    ends with the others' work. The others exit only once the main process has finished (finished()). The keys
+    carry the run's id, so a rerun in the same store never sees old counts.
     One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
@@ -2578,6 +2579,16 @@ class SharedWork:
                                  f"{HEARTBEAT_LOST * wait_scale():.0f} s): the work it had claimed and not reported "
                                  "is left for the next run")
         return total
+
+    def finished(self) -> None:
+        """The main process says the run is over; the others wait for that (while it is alive) before they exit:
+        the launcher stops every process once one exits with an error, the main one too, mid-summary."""
+        if self.store is None:
+            return
+        if self.rank == 0:
+            self.store.set(self.key("finished"), b"1")
+        else:
+            self.wait(self.key("finished"), 0, lambda: None)
 
     def wait(self, key: str, rank: int, waiting: Callable[[], None]) -> bool:
         """Wait for a key while process `rank` is alive; False once its heartbeat has stopped for HEARTBEAT_LOST.
@@ -3906,7 +3917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
             except UsageError as e:  # the model cannot be loaded: nothing else can go on
                 stats.fatal = str(e)
-        return finish(cfg, plan, state, stats, reporter, work)
+        code = finish(cfg, plan, state, stats, reporter, work)
+        work.finished()
+        return code
     finally:
         lock.release()
 
