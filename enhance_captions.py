@@ -33,7 +33,7 @@ Map of this file, top to bottom:
     records                    what made each cache: per-process journals folded into records.jsonl, kept by the
                                dataset root (dataset_root); write_cache(): the one writer, with a last look
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
-    chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
+    chat backends              the OpenAI-compatible endpoint, the pool in front of one or several, a local LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
@@ -64,7 +64,6 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
-import datetime
 import gc
 import hashlib
 import io
@@ -95,9 +94,10 @@ GENERATED_SUFFIX = "_generated.txt"
 COMBINED_SUFFIX = "_combined.txt"
 LOCK_NAME = ".enhance_captions.lock"
 PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by the processes of a run
-SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections) that set a pooled endpoint aside
+SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections), of 2+ items, that set one aside
 SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
 SET_ASIDE_MAX_SECONDS = 600.0
+GIVE_UP_AFTER = 300.0  # --give_up_after: a stage whose every endpoint is set aside, and none answered this long, stops
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
@@ -119,7 +119,8 @@ HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of hug
 # Requests a process claims at a time, at most: a store round trip per chunk, and at the end of a run no more than
 # one chunk that another process could have taken. Never more than --concurrency, so a claimed chunk starts at once.
 REQUEST_CHUNK = 4
-STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's Stats: as long as any run takes
+HEARTBEAT_SECONDS = 5.0  # how often each process of a run says in the store that it is alive
+HEARTBEAT_LOST = 60.0  # a process silent this long is given up on by the main process
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell shows for any tool whose reader went away (`| head`)
@@ -158,6 +159,11 @@ class EndpointDown(ItemError):
         self.refused = refused
 
 
+class GaveUp(Exception):
+    """No endpoint of a stage has answered for --give_up_after seconds, and every one is set aside: the stage stops,
+    and what it has not done is left for the next run."""
+
+
 class Stopped(BaseException):
     """The run is stopping (a signal, or a fatal error elsewhere): this item is left for the next run. A
     BaseException, like asyncio.CancelledError, so that no retry loop that catches Exception (older openai
@@ -185,6 +191,7 @@ class Config:
     model_from_list: bool = False
     api_key: str | None = None
     local_llm: str | None = None
+    local_llm_by_default: bool = False  # no flag, variable or .env named an endpoint or a local LLM
     set_aside_base_url: str | None = None  # $OPENAI_BASE_URL, unused because --local_llm was given
     vlm_base_url: tuple[str, ...] = ()  # one or more (--vlm_base_url repeatable)
     vlm_model: str | None = None
@@ -209,6 +216,7 @@ class Config:
     quantization: str | None = None
     max_retries: int = 5
     timeout: float = 120.0
+    give_up_after: float = GIVE_UP_AFTER
     keep_tokens: int = 0
     limit: int | None = None
     overwrite: str | None = None
@@ -322,8 +330,9 @@ class Stats:
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
     fatal: str | None = None
+    gave_up: str | None = None  # why the run stopped short of its work (an endpoint, a process): exit 1
     signal: int | None = None
-    left: int = 0  # planned, and neither done, from cache, failed nor kept: the next run does it
+    left: dict[str, int] = dataclasses.field(default_factory=dict)  # per stage, planned and not settled (account())
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, stage: str, what: str = "done") -> None:
@@ -356,6 +365,7 @@ class Stats:
             self.notes.extend(other.notes)
             self.bad.extend(other.bad)
             self.fatal = self.fatal or other.fatal
+            self.gave_up = self.gave_up or other.gave_up
             self.signal = self.signal or other.signal
 
     def __getstate__(self) -> dict:  # Stats travel between processes pickled; a lock does not pickle
@@ -369,13 +379,14 @@ class Stats:
             return EXIT_USAGE
         if self.signal:
             return EXIT_FOR_SIGNAL.get(self.signal, 128 + self.signal)
-        return EXIT_FAILED if self.failures or self.left else EXIT_OK
+        return EXIT_FAILED if self.failures or self.gave_up or any(self.left.values()) else EXIT_OK
 
     def account(self, plan: Plan) -> None:
-        """Every planned item is done, from cache, failed, kept as edited, or else left for the next run."""
+        """Every planned item is done, from cache, failed, kept as edited, or else left for the next run (a stop, a
+        stage that gave up, a process lost, a vision caption that failed before its merge)."""
         planned = {STAGE_VISION: len(plan.to_generate), STAGE_LLM: len(plan.to_combine)}
-        self.left = sum(max(0, n - sum(self.counts[stage][k] for k in ("done", "unchanged", "failed", "edited")))
-                        for stage, n in planned.items())
+        self.left = {stage: max(0, n - sum(self.counts[stage][k] for k in ("done", "unchanged", "failed", "edited")))
+                     for stage, n in planned.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,6 +821,15 @@ def claimed_chunks(total: int, size: int, claim: Callable[[], int] | None = None
         yield range(n * size, min((n + 1) * size, total))
 
 
+def wait_scale() -> float:
+    """$ENHANCE_CAPTIONS_WAIT_SCALE: the script's own waits (an endpoint set aside, a silent process) times this
+    factor, so that tests can shorten them; 1 by default."""
+    try:
+        return max(float(os.environ.get("ENHANCE_CAPTIONS_WAIT_SCALE") or 1.0), 0.0)
+    except ValueError:
+        return 1.0
+
+
 def first_line(error: Exception) -> str:
     """Library errors can run to pages (download hints, tracebacks): one line is enough for a person."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -1133,7 +1153,7 @@ class SharedPause:
 class RateLimiter:
     """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
 
-    Sits on the HTTP layer, so the openai client's own retries are counted too. A 429 with
+    Every request passes it, retries included (the client retries nothing of its own). A 429 with
     Retry-After pauses every request of the run, not only the one that got it: those of this process here,
     those of the other processes through `shared`. Waits, never fails.
     """
@@ -1197,92 +1217,57 @@ ENDPOINT_SETTINGS = {  # what a person changes to fix each endpoint, named in it
 }
 
 
-@dataclasses.dataclass
-class Attempts:
-    """One item's request budget: --max_retries + 1 requests in all, the openai client's own retries included.
-    complete_item() puts it in ATTEMPTS for its task; the request hook counts every request that goes out."""
+@dataclasses.dataclass(eq=False)
+class Asking:
+    """One item's requests, made in complete_item(): the run's stop, and whether a request is on the wire (its
+    reply is worth waiting for when stopping). The backends reach it through ASKING, and a pool tells the items
+    that fail on an endpoint apart by it."""
 
-    left: int
     stopping: asyncio.Event
-    in_flight: bool = False  # a request is on the wire and its reply is worth waiting for when stopping
+    in_flight: bool = False
 
 
-ATTEMPTS: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar("attempts", default=None)
+ASKING: contextvars.ContextVar[Asking | None] = contextvars.ContextVar("asking", default=None)
 
 
-def count_request() -> None:
-    """A request goes out for this task's item: one attempt spent, and its reply is awaited even when stopping."""
-    attempts = ATTEMPTS.get()
-    if attempts is not None:
-        attempts.left -= 1
-        attempts.in_flight = True
+def on_the_wire() -> None:
+    """A request goes out for this task's item: from now on its reply is awaited even when stopping."""
+    asking = ASKING.get()
+    if asking is not None:
+        if asking.stopping.is_set():
+            raise Stopped  # the wait for the limiter or an endpoint ended just as the stop came
+        asking.in_flight = True
 
 
 class EndpointChat:
-    """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
+    """chat.completions on one OpenAI-compatible endpoint: one request per complete(), under its rate limiter. The
+    client retries nothing: complete_item() owns an item's attempts, and the pool sees every request that fails."""
 
     def __init__(self, base_url: str | None, api_key: str | None, model: str | None, limiter: RateLimiter,
-                 max_retries: int, timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM,
-                 pooled: bool = False):
+                 timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM):
         import openai
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
-        self.pooled = pooled  # one request per complete(): the pool retries a failed one on another endpoint
-        self.settings = ENDPOINT_SETTINGS[stage]
+        self.stage, self.settings = stage, ENDPOINT_SETTINGS[stage]
         self.limiter, self.api_key = limiter, api_key
         self.openai = openai
-        http = openai.DefaultAsyncHttpxClient(
-            event_hooks={"request": [self._before_request], "response": [self._after_response]}
-        )
         # A local server needs no key, but the client insists on one.
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
-                                         max_retries=max_retries, timeout=timeout, http_client=http)
-        self.retrying: dict[int, Any] = {}
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0,
+                                         timeout=timeout)
 
-    def client_with_retries(self, retries: int):
-        """The client allowed `retries` transport retries; one copy per count, so a copy's cached platform
-        details are not looked up again (in a thread) for every request."""
-        if retries not in self.retrying:
-            self.retrying[retries] = self.client.with_options(max_retries=retries)
-        return self.retrying[retries]
-
-    async def _before_request(self, request) -> None:
-        if request.method != "POST":
-            return
-        attempts = ATTEMPTS.get()
-        if attempts is not None and attempts.stopping.is_set():
-            raise Stopped  # the openai client may be about to retry: once stopping, nothing new is sent
-        request.extensions["limiter_entry"] = await self.limiter.acquire(self._estimate(request))
-        if attempts is not None and attempts.stopping.is_set():
-            raise Stopped  # the limiter's wait ended just as the stop came
-        count_request()
-
-    def _estimate(self, request) -> int:
-        """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB body
-        is not parsed for nothing."""
+    def _estimate(self, messages: list[dict]) -> int:
+        """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB of image
+        is not measured for nothing."""
         if not self.limiter.tokens:
             return 0
-        try:
-            body = json.loads(request.content or b"{}")
-        except ValueError:
-            body = {}
-        return estimate_tokens(request.content.decode("utf-8", "replace")) + int(body.get("max_tokens") or 0)
+        return estimate_tokens(json.dumps(messages)) + self.max_tokens
 
-    async def _after_response(self, response) -> None:
-        entry = response.request.extensions.get("limiter_entry")
-        retry_after = response.headers.get("retry-after")
+    def _pause(self, response) -> None:
+        """A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this."""
+        retry_after = response.headers.get("retry-after") if response is not None else None
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
                 self.limiter.pause(min(float(retry_after), 600.0))
-        attempts = ATTEMPTS.get()
-        if attempts is not None and response.status_code >= 400:
-            attempts.in_flight = False  # the client may now sleep and retry: nothing here is worth waiting for
-            if attempts.stopping.is_set():
-                raise Stopped
-        if entry is not None and self.limiter.tokens and response.status_code == 200:
-            await response.aread()
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                entry[1] = int(json.loads(response.content)["usage"]["total_tokens"])
 
     async def check(self) -> str:
         """Fail fast, before any model loads, on an endpoint that is down, refuses the key or does not serve the
@@ -1354,18 +1339,17 @@ class EndpointChat:
 
     async def complete(self, messages: list[dict]) -> Reply:
         o = self.openai
-        attempts = ATTEMPTS.get()
-        # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
-        retries = 0 if self.pooled else None if attempts is None else max(attempts.left - 1, 0)
-        client = self.client if retries is None else self.client_with_retries(retries)
+        entry = await self.limiter.acquire(self._estimate(messages))
+        on_the_wire()
         try:
-            response = await client.chat.completions.create(
+            response = await self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
-        except o.RateLimitError as e:  # the client gives up at once on a long Retry-After; the limiter waits it out
-            raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
         except o.APIStatusError as e:
+            self._pause(e.response)
+            if e.status_code == 429:
+                raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
             error = EndpointDown if e.status_code >= 500 else ItemError
             raise error(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
         except o.APITimeoutError as e:
@@ -1375,6 +1359,9 @@ class EndpointChat:
                                refused=type(e.__cause__).__name__ == "ConnectError") from e
         except (o.APIResponseValidationError, ValueError) as e:
             raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
+        if self.limiter.tokens:  # what the request really cost, where the server says
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                entry[1] = int(response.usage.total_tokens)
         if not getattr(response, "choices", None):
             raise RetryableReply("reply has no choices")
         choice = response.choices[0]
@@ -1392,24 +1379,34 @@ class PoolMember:
     in_flight: int = 0
     sent: int = 0
     failures: int = 0  # failed requests in a row
+    failing: set[int] = dataclasses.field(default_factory=set)  # the items (ids of their Asking) they came from
     back_at: float = 0.0  # set aside until this time (the pool's clock)
     aside: float = 0.0  # how long it was set aside last; 0 once it answers again
     reason: str = ""
 
 
 class EndpointPool:
-    """Several endpoints serving one model, in EndpointChat's place. A request goes to the endpoint with the fewest
-    in flight; each has its own limiter (so --rpm and --tpm hold per endpoint) and sends one request per call, no
-    transport retries of its own. An endpoint that stops answering (a refused connection, or SET_ASIDE_AFTER
-    failures in a row) is set aside with one warning line and used again after SET_ASIDE_SECONDS, doubled each
-    time it fails again on its return. The request that failed goes to another endpoint, out of the item's
-    attempts (ATTEMPTS). With every endpoint set aside no endpoint is left: FatalEndpointError ends the run."""
+    """The endpoints of one stage, one or several servers of one model, in front of EndpointChat. A request goes to
+    the endpoint with the fewest in flight; each has its own limiter (so --rpm and --tpm hold per endpoint).
+
+    An endpoint that stops answering is set aside with one warning line: at once when no connection can be made,
+    else after SET_ASIDE_AFTER failed requests in a row (5xx, timeouts, dropped connections) from more than one
+    item (one item that fails alone is that item's fault, and its own attempts end it). It is tried again after
+    SET_ASIDE_SECONDS, one request at a time, the wait doubled each time it fails again on its return. Meanwhile
+    requests go to the others; with none left they wait, spending no attempts. Once every endpoint is set aside and
+    none has answered for `give_up_after` seconds since the stage's last answer (or its first request), it gives up:
+    every item waiting and every request in flight ends with GaveUp, so a hung server costs minutes, not hours."""
 
     def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
-                 clock=time.monotonic, sleep=asyncio.sleep):
+                 give_up_after: float = GIVE_UP_AFTER, clock=time.monotonic):
         self.members = [PoolMember(chat) for chat in chats]
         self.warn = warn or warn_stderr
-        self.clock, self.sleep = clock, sleep
+        self.give_up_after, self.clock = give_up_after, clock
+        self.answered = 0.0  # the stage's last answer, or its first request
+        self.gave_up: str | None = None
+        self.changed = asyncio.Event()  # set, and replaced, whenever an endpoint's state changes
+        self.over = asyncio.Event()  # set when the stage gives up
+        self.watch: asyncio.Task | None = None
 
     async def check(self) -> str:
         """Every endpoint's own check. The first settles the model (the one configured, or the one it lists); the
@@ -1424,52 +1421,119 @@ class EndpointPool:
         return model
 
     async def complete(self, messages: list[dict]) -> Reply:
-        attempts = ATTEMPTS.get()
-        last: PoolMember | None = None
-        tries = 0
-        while True:
-            member = self._pick(avoid=last)
-            if member is last:  # no other endpoint to go to: back off, as the client's own retries would
-                await self.sleep(min(8.0, 0.5 * 2 ** (tries - 1)) * (0.5 + random.random()))
-            member.in_flight += 1
-            member.sent += 1
-            try:
-                reply = await member.chat.complete(messages)
-            except EndpointDown as e:
-                self._failed(member, e)
-                if attempts is None or attempts.left <= 0:
-                    raise EndpointDown(f"{member.chat._url()}: {e}", e.refused) from e
-                last, tries = member, tries + 1
-                continue
-            finally:
-                member.in_flight -= 1
-            member.failures, member.aside = 0, 0.0
-            return reply
+        """One request, on the endpoint _ready() picks; complete_item() asks again where it fails."""
+        member = await self._ready()
+        member.in_flight += 1
+        member.sent += 1
+        try:
+            reply = await self._unless_given_up(member.chat.complete(messages))
+        except EndpointDown as e:
+            self._failed(member, e)
+            if len(self.members) > 1:
+                raise EndpointDown(f"{member.chat._url()}: {e}", e.refused) from e
+            raise
+        except ItemError:  # it answered, though not with a reply to use (a 4xx, a 429, a broken reply)
+            self._answered(member)
+            raise
+        finally:
+            member.in_flight -= 1
+            self._wake()
+        self._answered(member)
+        return reply
 
-    def _pick(self, avoid: PoolMember | None = None) -> PoolMember:
-        """The endpoint with the fewest requests in flight, then the fewest sent; another than `avoid` if any."""
-        now = self.clock()
-        ready = [m for m in self.members if m.back_at <= now]
-        if not ready:
-            raise FatalEndpointError("no endpoint left, every one is set aside: " + "; ".join(
-                f"{m.chat._url()} ({m.reason})" for m in self.members))
-        return min(ready, key=lambda m: (m is avoid, m.in_flight, m.sent))
+    async def _ready(self) -> PoolMember:
+        """The endpoint with the fewest requests in flight, then the fewest sent, of those not set aside; one back
+        from being set aside takes one request at a time until it answers. With none ready, wait for one."""
+        if self.watch is None:  # the stage's first request: it has had no chance to fail before
+            self.answered = self.clock()
+            self.watch = asyncio.ensure_future(self._watch())
+        while True:
+            if self.gave_up:
+                raise GaveUp(self.gave_up)
+            now = self.clock()
+            ready = [m for m in self.members if m.back_at <= now and not (m.aside and m.in_flight)]
+            if ready:
+                return min(ready, key=lambda m: (m.in_flight, m.sent))
+            back = [m.back_at - now for m in self.members if m.back_at > now]
+            await self._changes(min(back) if back else None)
+
+    async def _watch(self) -> None:
+        """Give up once every endpoint is set aside (or back on trial, unanswered) and none has answered for
+        give_up_after seconds."""
+        while True:
+            left = self.answered + self.give_up_after - self.clock()
+            if left <= 0 and all(m.aside for m in self.members):
+                self.gave_up = self._last_words()
+                self.over.set()
+                self._wake()
+                return
+            await self._changes(left if left > 0 else None)
+
+    async def _changes(self, timeout: float | None) -> None:
+        """Wait until an endpoint's state changes, or `timeout` seconds. Not wait_for: before Python 3.12 it drops a
+        cancellation that comes as the event is set, and close() would wait out the whole timeout."""
+        waiter = asyncio.ensure_future(self.changed.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def _unless_given_up(self, awaitable):
+        """Await a request unless the stage gives up first: then abandon it, and raise GaveUp."""
+        task = asyncio.ensure_future(awaitable)
+        over = asyncio.ensure_future(self.over.wait())
+        try:
+            await asyncio.wait({task, over}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            over.cancel()
+            if not task.done():
+                task.cancel()
+        if task.cancelled() or not task.done():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise GaveUp(self.gave_up)
+        return task.result()
+
+    def _answered(self, member: PoolMember) -> None:
+        member.failures, member.aside = 0, 0.0
+        member.failing.clear()
+        self.answered = self.clock()
 
     def _failed(self, member: PoolMember, error: EndpointDown) -> None:
         member.failures += 1
+        member.failing.add(id(ASKING.get()))
         member.reason = str(error)
         now = self.clock()
         if member.back_at > now:  # set aside already, by a request that failed before this one
             return
-        if not (error.refused or member.failures >= SET_ASIDE_AFTER or member.aside):  # aside: just back, on trial
+        down = member.failures >= SET_ASIDE_AFTER and len(member.failing) > 1
+        if not (error.refused or down or member.aside):  # aside: just back, on trial
             return
-        member.aside = min(2 * member.aside or SET_ASIDE_SECONDS, SET_ASIDE_MAX_SECONDS)
+        member.aside = min(2 * member.aside or SET_ASIDE_SECONDS * wait_scale(), SET_ASIDE_MAX_SECONDS * wait_scale())
         member.back_at = now + member.aside
         left = sum(m.back_at <= now for m in self.members)
-        self.warn(f"warning: endpoint {member.chat._url()} set aside for {member.aside:.0f} s ({error}); "
-                  + (f"its requests go to the others ({left} left)" if left else "no endpoint is left"))
+        self.warn(f"warning: endpoint {member.chat._url()} set aside for {member.aside:.3g} s ({error}); "
+                  + (f"its requests go to the others ({left} left)" if left else
+                     f"requests wait for it (the stage gives up after --give_up_after {self.give_up_after:g} s "
+                     "without an answer)"))
+
+    def _last_words(self) -> str:
+        """The one line that says why the stage stopped: each endpoint (redacted) and its last error."""
+        stage = self.members[0].chat.stage
+        where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)
+        return (f"the {stage} endpoint{'s' if len(self.members) > 1 else ''} {where}: no answer for "
+                f"{self.clock() - self.answered:.0f} s (--give_up_after {self.give_up_after:g}); the {stage} stage "
+                "stopped, and what it had not done is left for the next run")
 
     async def close(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watch
         for member in self.members:
             await member.chat.close()
 
@@ -1509,7 +1573,7 @@ class LocalChat:
         self.busy = False
 
     async def complete(self, messages: list[dict]) -> Reply:
-        count_request()  # queued for a batch is in flight: a generation cannot be called back halfway
+        on_the_wire()  # queued for a batch is in flight: a generation cannot be called back halfway
         future = asyncio.get_running_loop().create_future()
         self.queue.append((messages, future))
         if not self.busy:
@@ -1578,55 +1642,57 @@ class OverBudget(ItemError):
 
 async def complete_item(backend, messages: list[dict], max_retries: int, manual: str | None = None,
                         must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
-                        sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None) -> str:
-    """Ask until the reply is usable, in at most max_retries + 1 requests in all. The openai client retries
-    transport faults (5xx, resets, timeouts) with its own backoff; here bad replies (broken, empty, refused, cut
-    off) are asked again; the request hook counts both against one budget (Attempts). The kept tokens are put
-    first by construction. A reply that `too_long` finds over the token budget is asked again with its count and
-    the limit; OverBudget carries the last one when none fits. Raises Stopped once `stopping` is set, and sends
+                        sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None,
+                        on_cut: Callable[[], None] | None = None) -> str:
+    """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A request
+    that fails on the way (a 5xx, a timeout, a dropped connection, a 429, a broken reply) and a reply that cannot be
+    used (empty, refused, cut off) are asked again after a backoff; a pool sends the next try to another endpoint
+    where it has one, and a 429's Retry-After holds back the endpoint's limiter. The kept tokens are put first by
+    construction. A reply that `too_long` finds over the token budget is asked again with its count and the limit;
+    OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a served
+    vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set, and sends
     nothing after it."""
-    attempts = Attempts(max_retries + 1, stopping or asyncio.Event())
-    token = ATTEMPTS.set(attempts)
+    asking = Asking(stopping or asyncio.Event())
+    token = ASKING.set(asking)
     try:
         problem = "no attempt made"
-        while attempts.left > 0:
-            if attempts.left <= max_retries:  # asked before: back off
-                used = max_retries + 1 - attempts.left
-                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random())), attempts)
-            before = attempts.left
+        for attempt in range(max_retries + 1):
+            if attempt:  # asked before: back off
+                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())), asking)
             try:
-                reply = await unless_stopped(backend.complete(messages), attempts)
-            except RetryableReply as e:
+                reply = await unless_stopped(backend.complete(messages), asking)
+            except (RetryableReply, EndpointDown) as e:
                 problem = str(e)
                 continue
             finally:
-                attempts.in_flight = False
-                if attempts.left == before:  # a backend that counts no requests (a test double): one call, one try
-                    attempts.left -= 1
+                asking.in_flight = False
             text = clean_reply(reply.text, manual)
-            problem = reply_problem(text, reply.finish_reason)
+            cut = reply.finish_reason == "length" and on_cut is not None
+            problem = reply_problem(text, None if cut else reply.finish_reason)
             if problem:
                 continue
+            if cut:
+                on_cut()
             text = keep_tokens_first(text, must_keep)
             over = too_long(text) if too_long else None
             if over is None:
                 return text
-            if attempts.left <= 0:
+            if attempt == max_retries:
                 raise OverBudget(text, f"{over} (after {max_retries + 1} attempts)")
             messages = messages + [{"role": "assistant", "content": reply.text or ""},
                                    {"role": "user", "content": f"That caption is too long: {over}. Write it again, "
                                                                "shorter, keeping every fact of the manual caption."}]
     finally:
-        ATTEMPTS.reset(token)
+        ASKING.reset(token)
     raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
 
 
-async def unless_stopped(awaitable, attempts: Attempts):
-    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter or in
-    the openai client's retry sleep at once, and raise Stopped. A request on the wire (attempts.in_flight) is let
-    finish: its reply is saved, and the response hook raises Stopped for a failed one before any retry."""
+async def unless_stopped(awaitable, asking: Asking):
+    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter, for an
+    endpoint to come back or in a backoff at once, and raise Stopped. A request on the wire (asking.in_flight) is
+    let finish: its reply is saved."""
     task = asyncio.ensure_future(awaitable)
-    stop = asyncio.ensure_future(attempts.stopping.wait())
+    stop = asyncio.ensure_future(asking.stopping.wait())
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -1634,7 +1700,7 @@ async def unless_stopped(awaitable, attempts: Attempts):
         raise
     finally:
         stop.cancel()
-    if not task.done() and not attempts.in_flight:
+    if not task.done() and not asking.in_flight:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
             await task
@@ -2106,9 +2172,9 @@ class AsyncStage:
     """Bounded concurrent workers on an event loop thread; any thread can submit items.
 
     `handle(item)` does one item and returns what to count ("done" when it says nothing), raises ItemError to
-    fail it; FatalEndpointError stops the stage. Once start()ed, the workers take the items of `source` first
-    (this process's claimed chunks, see SharedWork), then what submit() passed on (before the start, too), until
-    close().
+    fail it; FatalEndpointError stops the run; GaveUp stops the stage, and what it has not done is left for the
+    next run. Once start()ed, the workers take the items of `source` first (this process's claimed chunks, see
+    SharedWork), then what submit() passed on (before the start, too), until close().
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
@@ -2118,6 +2184,7 @@ class AsyncStage:
         self.stats, self.progress, self.stop = stats, progress, stop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.source: Iterator | None = iter(source)
+        self.gave_up = False
         self.done: concurrent.futures.Future | None = None
 
     def start(self) -> AsyncStage:
@@ -2137,7 +2204,7 @@ class AsyncStage:
 
     async def _next(self) -> Item | None:
         async with self.taking:  # one worker at a time draws from the source
-            if self.source is not None and not self.stop.is_set():  # stopping: claim nothing more
+            if self.source is not None and not self.stop.is_set() and not self.gave_up:  # claim nothing more
                 item = await asyncio.to_thread(next, self.source, None)  # a claim is a store round trip
                 if item is not None:
                     return item
@@ -2150,12 +2217,17 @@ class AsyncStage:
             if item is None:  # closing: pass the word on to the next worker
                 self.queue.put_nowait(None)
                 return
-            if self.stop.is_set():
+            if self.stop.is_set() or self.gave_up:
                 continue  # stopping: leave the rest for the next run
             try:
                 self.stats.count(self.name, await self.handle(item) or "done")
             except Stopped:
                 continue  # neither done nor failed: the next run does it
+            except GaveUp as e:
+                self.gave_up = True
+                with self.stats.lock:
+                    self.stats.gave_up = self.stats.gave_up or str(e)
+                continue
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
@@ -2725,10 +2797,13 @@ class SharedWork:
     same items everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
     takes the next chunk when it is done with its last, so one that drew slow images or slow merges takes fewer,
     and all finish close together. A process that dies leaves only its claimed chunks undone, for the rerun.
-    At the end each process leaves its Stats in the store and the main process waits for them without a deadline:
-    a collective there times out (NCCL's default is 10 minutes) when one process finishes long after the others,
-    and takes the summary, the report and the export with it. The keys carry the run's id, so a rerun in the same
-    store never sees old counts. One process has no store, and takes every chunk in order."""
+    At the end each process leaves its Stats in the store, and the main process waits for them as long as their
+    process is alive: a collective there times out (NCCL's default is 10 minutes) when one process finishes long
+    after the others, and takes the summary, the report and the export with it. Each process bumps a heartbeat key
+    every HEARTBEAT_SECONDS from a thread; one silent for HEARTBEAT_LOST (dead, or hung) is given up on, and the run
+    ends with the others' work. The others exit only once the main process has finished (finished()). The keys
+    carry the run's id, so a rerun in the same store never sees old counts.
+    One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -2739,7 +2814,16 @@ class SharedWork:
             return cls()
         from torch.distributed.distributed_c10d import _get_default_store
 
-        return cls(_get_default_store(), run_id, state.process_index, state.num_processes)
+        work = cls(_get_default_store(), run_id, state.process_index, state.num_processes)
+        threading.Thread(target=work.beat, name="heartbeat", daemon=True).start()
+        return work
+
+    def beat(self) -> None:
+        """Say that this process is alive, every few seconds, until it exits (or the store is gone)."""
+        with contextlib.suppress(Exception):  # the main process has exited and its store with it: nobody listens
+            while True:
+                self.store.add(self.key(f"alive/{self.rank}"), 1)
+                time.sleep(HEARTBEAT_SECONDS * wait_scale())
 
     def key(self, name: str) -> str:
         return f"enhance_captions/{self.run_id}/{name}"
@@ -2762,16 +2846,39 @@ class SharedWork:
         total.merge(stats)
         for rank in range(1, self.processes):
             key = self.key(f"stats/{rank}")
-            self.wait(key, lambda: waiting(f"waiting for process {rank + 1} of {self.processes} to finish its work"))
-            total.merge(pickle.loads(self.store.get(key)))
+            if self.wait(key, rank, lambda: waiting(f"waiting for process {rank + 1} of {self.processes} to finish "
+                                                     "its work")):
+                total.merge(pickle.loads(self.store.get(key)))
+            elif not total.gave_up:
+                total.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
+                                 f"{HEARTBEAT_LOST * wait_scale():.0f} s): the work it had claimed and not reported "
+                                 "is left for the next run")
         return total
 
-    def wait(self, key: str, waiting: Callable[[], None]) -> None:
-        """Wait for a key in one wait, not in slices: torch logs two warning lines for every wait that runs out.
-        A SIGTERM still ends this process at once (the launcher passes a Ctrl-C on to its processes as one)."""
+    def finished(self) -> None:
+        """The main process says the run is over; the others wait for that (while it is alive) before they exit:
+        the launcher stops every process once one exits with an error, the main one too, mid-summary."""
+        if self.store is None:
+            return
+        if self.rank == 0:
+            self.store.set(self.key("finished"), b"1")
+        else:
+            self.wait(self.key("finished"), 0, lambda: None)
+
+    def wait(self, key: str, rank: int, waiting: Callable[[], None]) -> bool:
+        """Wait for a key while process `rank` is alive; False once its heartbeat has stopped for HEARTBEAT_LOST.
+        A check a second, not the store's wait: torch logs two warning lines for every wait that runs out."""
+        beat, seen, heard = self.key(f"alive/{rank}"), None, time.monotonic()
         if not self.store.check([key]):
             waiting()
-            self.store.wait([key], datetime.timedelta(seconds=STATS_WAIT))
+        while not self.store.check([key]):
+            count, now = self.store.add(beat, 0), time.monotonic()
+            if count != seen:
+                seen, heard = count, now
+            elif now - heard > HEARTBEAT_LOST * wait_scale():
+                return False
+            time.sleep(min(1.0, HEARTBEAT_SECONDS * wait_scale()))
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -2794,16 +2901,15 @@ def make_chat(cfg: Config, state):
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
                   model: str | None, rpm: int, tpm: int, max_tokens: int, temperature: float):
     """The one place that builds endpoint clients: each (url, key) gets its own limiter with this process's share of
-    --rpm/--tpm, which so hold per endpoint. Several endpoints make an EndpointPool."""
+    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering."""
     pooled = len(endpoints) > 1
     chats = []
     for url, key in endpoints:
         limiter = RateLimiter(requests=process_share(rpm, state.process_index, state.num_processes),
                               tokens=process_share(tpm, state.process_index, state.num_processes),
                               shared=shared_pause(cfg, state, stage, url if pooled else None))
-        chats.append(EndpointChat(url, key, model, limiter, cfg.max_retries, cfg.timeout, max_tokens, temperature,
-                                  stage=stage, pooled=pooled))
-    return EndpointPool(chats) if pooled else chats[0]
+        chats.append(EndpointChat(url, key, model, limiter, cfg.timeout, max_tokens, temperature, stage=stage))
+    return EndpointPool(chats, give_up_after=cfg.give_up_after)
 
 
 def shared_pause(cfg: Config, state, stage: str, url: str | None = None) -> SharedPause | None:
@@ -2815,7 +2921,7 @@ def shared_pause(cfg: Config, state, stage: str, url: str | None = None) -> Shar
     return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name))
 
 
-def make_vision_chat(cfg: Config, state) -> EndpointChat | EndpointPool:
+def make_vision_chat(cfg: Config, state) -> EndpointPool:
     return endpoint_chat(cfg, state, STAGE_VISION, list(zip(cfg.vlm_base_url, cfg.vlm_api_keys)), cfg.vlm_model,
                          cfg.vlm_rpm, 0, cfg.max_new_tokens, 0.0)
 
@@ -2936,7 +3042,7 @@ class Merger:
         """Counted per kind of output as well as for the stage, so the summary can say what each kind got."""
         try:
             what = await self.merge(job)
-        except (Stopped, FatalEndpointError):
+        except (Stopped, FatalEndpointError, GaveUp):
             self.stats.count(job.variant.kind, "left")
             raise
         except Exception:
@@ -2999,7 +3105,8 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
             stats.bad_input(item.image)
             raise
         messages = vision_messages(url, cfg, prompt)
-        text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping)
+        text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping, on_cut=lambda: stats.note(
+            item.image, STAGE_VISION, f"{item.generated_path.name}: cut at --max_new_tokens {cfg.max_new_tokens}"))
         return await asyncio.to_thread(keep, item, text)
 
     # Most images go as they are; the rest are converted here, a thread per core: PIL lets go of the GIL while
@@ -3158,6 +3265,29 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
         stats.count(merge.variant.kind, "refinished")
         reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
         merge.text = job.text
+def backend_switch(cfg: Config, plan: Plan) -> str | None:
+    """Why this run must not merge, if it must not: the local LLM it would use came by default, only because this
+    environment names no endpoint (cron runs without the shell's variables), while the combined captions on record
+    were made by another backend or model. A change asked for by a flag or a variable goes ahead, and --refresh
+    settings decides what it redoes."""
+    if not cfg.local_llm_by_default or not plan.to_combine:
+        return None
+    records = plan.records if plan.records.latest else Records(cfg.dataset_dir).load()  # --refresh none reads none
+    makers: collections.Counter = collections.Counter()
+    for record in records.latest.values():
+        values = records.settings.get(record.settings) or {}
+        if "backend" in values and (values["backend"], values.get("model")) != ("local", cfg.local_llm):
+            makers[values["backend"], values.get("model")] += 1
+    if not makers:
+        return None
+    (backend, model), count = makers.most_common(1)[0]
+    if backend == "endpoint":
+        made, choose = f"endpoint model {model}", f"pass --base_url URL --model {model}"
+    else:
+        made, choose = f"local LLM {model}", f"pass --local_llm {model}"
+    return (f"{count} combined captions under {cfg.dataset_dir} were made by {made}; this environment names no "
+            f"endpoint (no --base_url, OPENAI_BASE_URL or OPENAI_API_KEY, no .env), so the default local LLM "
+            f"{cfg.local_llm} would merge: {choose}, or --local_llm MODEL to switch on purpose")
 
 
 def adopt_unrecorded(plan: Plan) -> str | None:
@@ -3332,8 +3462,8 @@ def left_lines(plan: Plan, stats: Stats) -> list[str]:
     lines = kept_lines(plan)
     if edited_during_run(plan, stats):
         lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
-    if stats.left:
-        lines.append(f"  left for the next run: {stats.left}")
+    if any(stats.left.values()):
+        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, {stats.left[STAGE_LLM]} to merge")
     if plan.limited:
         lines.append(f"  left by --limit: {plan.limited} images, for the next run")
     lines += settings_lines(plan)
@@ -3346,8 +3476,8 @@ def left_lines(plan: Plan, stats: Stats) -> list[str]:
 def problem_lines(stats: Stats) -> list[str]:
     lines = [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
-    if stats.fatal:
-        lines.append(f"error: {stats.fatal}")
+    if stats.fatal or stats.gave_up:
+        lines.append(f"error: {stats.fatal or stats.gave_up}")
     return lines
 
 
@@ -3403,12 +3533,12 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
         summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
                           "failed": counts["failed"]}
     summary["edited_during_run"] = edited_during_run(plan, stats)
-    summary["left"] = stats.left
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)
+    summary["left"] = {STAGE_VISION: stats.left.get(STAGE_VISION, 0), STAGE_LLM: stats.left.get(STAGE_LLM, 0)}
     summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
-    summary["error"] = stats.fatal
+    summary["error"] = stats.fatal or stats.gave_up
     return summary
 
 
@@ -3978,6 +4108,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "processes (0: none)")
     g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport retries included (backoff, honours Retry-After)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--give_up_after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
+                   help="stop a stage (LLM or served vision) whose every endpoint is set aside and none has answered "
+                        "for this long; what it has not done is left for the next run (exit 1)")
     g.add_argument("--keep_tokens", type=int, default=0,
                    help="start each caption with the first N comma-separated parts of the manual caption, verbatim "
                         "and once each (0: off)")
@@ -4056,7 +4189,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
-    for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens"):
+    for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens", "give_up_after"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
     if args.limit is not None and args.limit < 1:
@@ -4086,7 +4219,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         vlm_system_prompt=read_prompt_file(args.vlm_system_prompt, "--vlm_system_prompt")
         if args.vlm_system_prompt else None,
         base_url=base_url, model=args.model or os.environ.get("OPENAI_MODEL") or None, api_key=api_key,
-        local_llm=local_llm, set_aside_base_url=env_base_url if args.local_llm else None,
+        local_llm=local_llm, local_llm_by_default=local_llm is not None and not args.local_llm,
+        set_aside_base_url=env_base_url if args.local_llm else None,
         vlm_base_url=vlm_base_url, vlm_model=args.vlm_model, vlm_api_keys=vlm_api_keys,
         vlm_max_side=args.vlm_max_side,
         vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
@@ -4095,7 +4229,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
         repetition_penalty=args.repetition_penalty, dtype=args.dtype, attn_implementation=args.attn_implementation,
         device_map=args.device_map, quantization=args.quantization, max_retries=args.max_retries,
-        timeout=args.timeout, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
+        timeout=args.timeout, give_up_after=args.give_up_after, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
         refresh=args.refresh,
         dry_run=args.dry_run, export=args.export, report=args.report,
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
@@ -4271,7 +4405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stats.fatal = str(e)
             stats.signal = stop.signal
             reporter.stopping(stop)
-        return finish(cfg, plan, state, stats, reporter, work)
+        code = finish(cfg, plan, state, stats, reporter, work)
+        work.finished()
+        return code
     finally:
         lock.release()
 
@@ -4285,6 +4421,8 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
     plan = plan_work(cfg, count_tokens)
     if not plan.items:
         return cfg, plan, f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
+    if error := backend_switch(cfg, plan):
+        return cfg, plan, error
     if cfg.dry_run:
         print("\n".join(dry_run_report(cfg, plan)))
         return cfg, plan, None

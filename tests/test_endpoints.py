@@ -1,9 +1,9 @@
 """Several endpoints of one model: --base_url and --vlm_base_url repeatable.
 
 The requests go to the endpoint with the fewest in flight; one that stops answering is set aside with one
-warning line and its work goes to the others; with none left the run stops (exit 2). Each endpoint is checked at
-startup and has its own rate limiter. The vision captions are seeded, so only merges run, and --model_id names no
-model, which proves that none is loaded.
+warning line and its work goes to the others; with none left for --give_up_after seconds the stage gives up
+(exit 1). Each endpoint is checked at startup and has its own rate limiter. The vision captions are seeded, so only
+merges run, and --model_id names no model, which proves that none is loaded.
 """
 from __future__ import annotations
 
@@ -121,18 +121,21 @@ def test_an_endpoint_killed_mid_run_is_set_aside_and_its_work_goes_to_the_other(
     assert assert_each_is_its_own_reply(images, lost + kept) == 20  # no request lost, none crossed
 
 
-def test_every_endpoint_down_stops_the_run_exit_2_and_a_rerun_does_the_rest(tmp_path, capsys):
+def test_every_endpoint_down_gives_up_exit_1_and_a_rerun_does_the_rest(tmp_path, capsys):
     images = seeded_dataset(tmp_path, 20)
     with FakeLLMServer(latency=0.05) as one, FakeLLMServer(latency=0.05) as two:
         one.reply, two.reply = stop_after(one, 2), stop_after(two, 2)
         urls = (one.base_url, two.base_url)
-        code, out, err = run_main(capsys, *merge_args(tmp_path, one, two, extra=["--concurrency", "4"]))
+        code, out, err = run_main(capsys, *merge_args(tmp_path, one, two, extra=["--concurrency", "4",
+                                                                                 "--give_up_after", "1"]))
         requests = one.chat_requests() + two.chat_requests()
-    assert code == 2, err
+    assert code == 1, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "no endpoint left" in errors[0] and all(url in errors[0] for url in urls), err
+    assert len(errors) == 1 and "--give_up_after 1" in errors[0] and all(url in errors[0] for url in urls), err
+    assert "FAILED" not in err  # the images are not blamed for the endpoints
     done = assert_each_is_its_own_reply(images, requests, only_written=True)  # what was answered is kept
     assert 1 <= done < 20
+    assert f"left for the next run: 0 to caption, {20 - done} to merge" in out
     with FakeLLMServer() as back:  # the rest was left for the next run, not failed
         code, out, err = run_main(capsys, *merge_args(tmp_path, back))
         assert code == 0, err
@@ -141,61 +144,91 @@ def test_every_endpoint_down_stops_the_run_exit_2_and_a_rerun_does_the_rest(tmp_
 
 
 class FakeChat:
-    """An endpoint that fails while `down`; it spends one of the item's attempts per request, as the request hook
-    of a real one does."""
+    """An endpoint that fails while `down` (a 502, or no connection at all with `refused`)."""
+
+    stage = "llm"
 
     def __init__(self, name: str):
-        self.name, self.down, self.sent = name, False, 0
+        self.name, self.down, self.refused, self.sent = name, False, False, 0
 
     def _url(self) -> str:
         return f"http://{self.name}/v1"
 
     async def complete(self, messages):
         self.sent += 1
-        ec.ATTEMPTS.get().left -= 1
         if self.down:
-            raise ec.EndpointDown("endpoint answered 502: Bad gateway.")
+            raise ec.EndpointDown("connection failed" if self.refused else "endpoint answered 502: Bad gateway.",
+                                  self.refused)
         return ec.Reply(self.name, "stop")
 
     async def close(self):
         pass
 
 
-def test_an_endpoint_is_set_aside_after_three_failures_in_a_row_and_tried_again_later():
-    now, warnings, sleeps = [0.0], [], []
+def ask(pool, retries: int = 5):
+    """One item through the one retry layer, without its backoff."""
+    async def no_backoff(seconds):
+        pass
+    return ec.complete_item(pool, [], retries, sleep=no_backoff)
+
+
+def test_an_endpoint_is_set_aside_after_three_failures_of_several_items_and_tried_again_later(monkeypatch):
+    monkeypatch.setenv("ENHANCE_CAPTIONS_WAIT_SCALE", "0.01")  # set aside for 0.3 s, then 0.6 s
+    warnings = []
     a, b = FakeChat("a"), FakeChat("b")
 
-    async def sleep(seconds):
-        sleeps.append(seconds)
-
-    pool = ec.EndpointPool([a, b], warn=warnings.append, clock=lambda: now[0], sleep=sleep)
-
-    async def ask(budget: int = 6) -> str:
-        token = ec.ATTEMPTS.set(ec.Attempts(budget, asyncio.Event()))
-        try:
-            return (await pool.complete([])).text
-        finally:
-            ec.ATTEMPTS.reset(token)
-
     async def scenario():
+        pool = ec.EndpointPool([a, b], warn=warnings.append)
         a.down = True
-        assert [await ask() for _ in range(3)] == ["b"] * 3  # each request that failed on a is asked again on b
-        assert a.sent == 3 and len(warnings) == 1 and "http://a/v1" in warnings[0] and "30 s" in warnings[0]
-        assert [await ask() for _ in range(4)] == ["b"] * 4 and a.sent == 3  # set aside: nothing goes to a
-        now[0] = 31.0  # back after 30 s, on trial: one failure sets it aside again, for twice as long
-        assert await ask() == "b" and a.sent == 4 and len(warnings) == 2 and "60 s" in warnings[1]
-        now[0] = 100.0
+        assert [await ask(pool) for _ in range(3)] == ["b"] * 3  # each request that failed on a is asked again on b
+        assert a.sent == 3 and len(warnings) == 1 and "http://a/v1" in warnings[0] and "0.3 s" in warnings[0]
+        assert [await ask(pool) for _ in range(4)] == ["b"] * 4 and a.sent == 3  # set aside: nothing goes to a
+        await asyncio.sleep(0.35)  # back, on trial: one failure sets it aside again, for twice as long
+        assert await ask(pool) == "b" and a.sent == 4 and len(warnings) == 2 and "0.6 s" in warnings[1]
+        await asyncio.sleep(0.65)
         a.down = False
-        assert await ask() == "a" and pool.members[0].failures == 0  # answering again: back in the pool
+        assert await ask(pool) == "a" and pool.members[0].failures == 0  # answering again: back in the pool
         a.down = b.down = True
-        with pytest.raises(ec.EndpointDown, match="http://a/v1"):  # the item's last attempt failed: it names where
-            await ask(budget=1)
-        with pytest.raises(ec.FatalEndpointError, match="no endpoint left.*http://a/v1.*http://b/v1"):
-            await ask()
-        assert len(warnings) == 4 and sleeps  # b, the only one left, was asked again after a backoff
+        with pytest.raises(ec.ItemError, match="http://a/v1"):  # the item's last attempt failed: it names where
+            await ask(pool, retries=0)
+        await pool.close()
 
     asyncio.run(scenario())
-    assert not sleeps[1:] or all(s <= 8.0 for s in sleeps)
+
+
+def test_one_item_failing_alone_does_not_set_its_endpoint_aside():
+    """A request that a server cannot answer (a 500 for that input) fails its item, not the endpoint."""
+    warnings = []
+    a = FakeChat("a")
+
+    async def scenario():
+        pool = ec.EndpointPool([a], warn=warnings.append)
+        a.down = True
+        with pytest.raises(ec.ItemError, match="502"):
+            await ask(pool, retries=5)
+        assert a.sent == 6 and not warnings  # six failures in a row, all of one item
+        a.down = False
+        assert await ask(pool) == "a"
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_with_every_endpoint_set_aside_requests_wait_and_the_stage_gives_up_naming_each():
+    a, b = FakeChat("a"), FakeChat("b")
+    a.down = b.down = a.refused = b.refused = True  # no connection: set aside at once, for 30 s
+
+    async def scenario():
+        pool = ec.EndpointPool([a, b], warn=lambda line: None, give_up_after=0.3)
+        with pytest.raises(ec.GaveUp) as given_up:
+            await ask(pool, retries=5)
+        await pool.close()
+        return str(given_up.value)
+
+    line = asyncio.run(scenario())
+    assert a.sent == b.sent == 1  # one request each; the waiting spent no attempts
+    assert "http://a/v1 (connection failed)" in line and "http://b/v1 (connection failed)" in line
+    assert "--give_up_after 0.3" in line
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +295,8 @@ def test_rpm_and_tpm_hold_per_endpoint_and_each_has_its_own_pause(tmp_path, proc
         asyncio.run(pool.close())
     single = ec.make_chat(config(tmp_path, "--base_url", "http://127.0.0.1:1/v1", "--model", "m", "--rpm", "6"),
                           types.SimpleNamespace(process_index=0, num_processes=1))
-    assert isinstance(single, ec.EndpointChat) and single.limiter.requests == 6  # one endpoint: as before
+    assert isinstance(single, ec.EndpointPool) and len(single.members) == 1  # one endpoint: a pool of one
+    assert single.members[0].chat.limiter.requests == 6
     asyncio.run(single.close())
 
 

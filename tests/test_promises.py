@@ -101,7 +101,7 @@ def test_a_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(tmp_path,
         assert len(dropped) == 1
         assert lines_with(run.stdout, "edited during the run (kept):") == ["  edited during the run (kept): 1"]
         summary = summary_of(report)
-        assert summary["edited_during_run"] == 1 and summary["left"] == 0 and summary["exit_code"] == 0
+        assert summary["edited_during_run"] == 1 and summary["left"] == {"vision": 0, "llm": 0} and summary["exit_code"] == 0
         assert recorded(ds).get("img001_combined.txt") != ec.digest(ec.cache_bytes(dropped[0]))  # no record of it
 
         asked = len(server.requests)
@@ -223,10 +223,10 @@ def test_a_cache_that_cannot_be_written_fails_its_item_with_one_line(tmp_path, c
     failed = lines_with(err, "FAILED")
     assert len(failed) == 1 and "img001.jpg [vision]: cannot write img001_generated.txt" in failed[0], err
     assert "vision: 2 done, 0 from cache, 1 failed" in out and "llm: 2 done" in out
-    assert "left for the next run: 1" in out
+    assert "left for the next run: 0 to caption, 1 to merge" in out
     assert caches(images[0])[1].exists() and caches(images[2])[1].exists()
     summary = summary_of(report)
-    assert summary["left"] == 1 and summary["exit_code"] == 1
+    assert summary["left"] == {"vision": 0, "llm": 1} and summary["exit_code"] == 1
 
 
 def test_an_error_of_any_kind_on_the_writer_thread_fails_the_item(tmp_path, model_dir):

@@ -221,7 +221,7 @@ def test_tpm_counts_the_tokens_the_server_reports_not_the_estimate(reported, wai
     clock = FakeClock()
     limiter = ec.RateLimiter(tokens=920, clock=clock, sleep=clock.sleep)
     with FakeLLMServer(reply=reply) as server:
-        chat = ec.EndpointChat(server.base_url, None, "test-model", limiter, max_retries=0, timeout=10,
+        chat = ec.EndpointChat(server.base_url, None, "test-model", limiter, timeout=10,
                                max_tokens=16, temperature=0.0)
 
         async def go():
