@@ -1,11 +1,14 @@
 """Shared fixtures: offline environment, tiny models built once per session, datasets, the loopback LLM server."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,17 +37,43 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """model_dir("florence2") -> path of a tiny random-weight model, built once per session."""
-    built: dict[str, str] = {}
+def tiny_model_cache() -> Path:
+    """Where the tiny models live between sessions: one folder per version of their builder (and of the libraries
+    that write them), so an edit to tests/tiny_models.py builds them afresh and nothing stale is ever loaded."""
+    import tokenizers
+    import torch
+    import transformers
 
-    def get(family: str) -> str:
-        if family not in built:
-            builder = tiny_models.VLM_BUILDERS.get(family) or getattr(tiny_models, f"build_{family}")
-            built[family] = builder(tmp_path_factory.mktemp(family))
-        return built[family]
-    return get
+    key = hashlib.sha256(Path(tiny_models.__file__).read_bytes())
+    key.update(f"{transformers.__version__} {torch.__version__} {tokenizers.__version__}".encode())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "enhance_captions" / "tiny-models" / key.hexdigest()[:16]
+
+
+def tiny_model(family: str) -> str:
+    """The tiny random-weight model of `family`, built once per machine. Built in a folder of its own and renamed
+    into place, so a pytest-xdist worker (or a session killed halfway) never loads a half-written one; when two
+    workers build it at once, the first rename wins and the other's copy is thrown away."""
+    target = tiny_model_cache() / family
+    if not target.is_dir():
+        builder = tiny_models.VLM_BUILDERS.get(family) or getattr(tiny_models, f"build_{family}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+        try:
+            builder(building / family)
+            os.rename(building / family, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return str(target)
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """model_dir("florence2") -> path of a tiny random-weight model (see tiny_model). Tests read it, never write."""
+    return tiny_model
 
 
 @pytest.fixture
