@@ -31,7 +31,7 @@ Map of this file, top to bottom:
     constants and types        Config, Item, Variant, Merge, Failure, Note, Stats
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
     records                    what made each cache: per-process journals folded into records.jsonl
-    rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
+    rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause, wait scale
     chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
@@ -94,6 +94,7 @@ PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by
 SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections) that set a pooled endpoint aside
 SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
 SET_ASIDE_MAX_SECONDS = 600.0
+WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retry-After and set-aside wait (tests)
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
@@ -1030,6 +1031,26 @@ def same_origin(url: str, other: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def scaled_wait(seconds: float) -> float:
+    """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
+    sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
+    never needs it."""
+    raw = os.environ.get(WAIT_SCALE_VARIABLE, "")
+    if raw not in WAIT_SCALES:
+        try:
+            scale = float(raw or 1)
+        except ValueError:
+            scale = -1.0
+        if not 0 <= scale < float("inf"):
+            warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
+            scale = 1.0
+        WAIT_SCALES[raw] = scale
+    return seconds * WAIT_SCALES[raw]
+
+
+WAIT_SCALES: dict[str, float] = {}  # each value of the variable read once, so a bad one warns once
+
+
 class SharedPause:
     """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
     file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
@@ -1149,6 +1170,20 @@ def count_request() -> None:
         attempts.in_flight = True
 
 
+def scaled_wait_client():
+    """openai.AsyncOpenAI whose own waits between transport retries (its backoff, or the server's Retry-After) go
+    through scaled_wait. Its options have no setting for them: this overrides the one method that computes them,
+    and leaves the client as it is where a version of the library has no such method."""
+    import openai
+
+    class Client(openai.AsyncOpenAI):
+        if hasattr(openai.AsyncOpenAI, "_calculate_retry_timeout"):
+            def _calculate_retry_timeout(self, *args, **kwargs) -> float:
+                return scaled_wait(super()._calculate_retry_timeout(*args, **kwargs))
+
+    return Client
+
+
 class EndpointChat:
     """chat.completions on an OpenAI-compatible endpoint; the limiter sees every HTTP request."""
 
@@ -1166,8 +1201,8 @@ class EndpointChat:
             event_hooks={"request": [self._before_request], "response": [self._after_response]}
         )
         # A local server needs no key, but the client insists on one.
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
-                                         max_retries=max_retries, timeout=timeout, http_client=http)
+        self.client = scaled_wait_client()(base_url=base_url, api_key=api_key or "not-needed",
+                                       max_retries=max_retries, timeout=timeout, http_client=http)
         self.retrying: dict[int, Any] = {}
 
     def client_with_retries(self, retries: int):
@@ -1204,7 +1239,7 @@ class EndpointChat:
         retry_after = response.headers.get("retry-after")
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
-                self.limiter.pause(min(float(retry_after), 600.0))
+                self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
         attempts = ATTEMPTS.get()
         if attempts is not None and response.status_code >= 400:
             attempts.in_flight = False  # the client may now sleep and retry: nothing here is worth waiting for
@@ -1361,7 +1396,7 @@ class EndpointPool:
         while True:
             member = self._pick(avoid=last)
             if member is last:  # no other endpoint to go to: back off, as the client's own retries would
-                await self.sleep(min(8.0, 0.5 * 2 ** (tries - 1)) * (0.5 + random.random()))
+                await self.sleep(scaled_wait(min(8.0, 0.5 * 2 ** (tries - 1)) * (0.5 + random.random())))
             member.in_flight += 1
             member.sent += 1
             try:
@@ -1395,7 +1430,7 @@ class EndpointPool:
         if not (error.refused or member.failures >= SET_ASIDE_AFTER or member.aside):  # aside: just back, on trial
             return
         member.aside = min(2 * member.aside or SET_ASIDE_SECONDS, SET_ASIDE_MAX_SECONDS)
-        member.back_at = now + member.aside
+        member.back_at = now + scaled_wait(member.aside)
         left = sum(m.back_at <= now for m in self.members)
         self.warn(f"warning: endpoint {member.chat._url()} set aside for {member.aside:.0f} s ({error}); "
                   + (f"its requests go to the others ({left} left)" if left else "no endpoint is left"))
@@ -1523,7 +1558,8 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
         while attempts.left > 0:
             if attempts.left <= max_retries:  # asked before: back off
                 used = max_retries + 1 - attempts.left
-                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random())), attempts)
+                await unless_stopped(sleep(scaled_wait(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random()))),
+                                     attempts)
             before = attempts.left
             try:
                 reply = await unless_stopped(backend.complete(messages), attempts)
