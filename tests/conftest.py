@@ -22,14 +22,16 @@ sys.path.insert(0, str(ROOT))
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
+WAIT_SCALE = 0.05  # every backoff, Retry-After and set-aside wait of the script runs for real, 20 times shorter
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               "ENHANCE_CAPTIONS_WAIT_SCALE": str(WAIT_SCALE)}
 SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "VLM_API_KEY")
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """No Hub, no inherited endpoint or key, and a working directory without a .env file."""
+    """No Hub, no inherited endpoint or key, waits scaled down, and a working directory without a .env file."""
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)
     for key in SECRET_VARS:
