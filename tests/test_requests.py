@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (Cli, caches, lines_with, make_dataset, make_image, run_args, run_main, seed_generated,
+from tests.conftest import (Cli, caches, cli_env, lines_with, make_dataset, make_image, run_args, run_main, seed_generated,
                             two_process_command, user_message)
 from tests.llm_server import reply, reset, status
 
@@ -314,7 +314,8 @@ def test_sigint_between_retries_exits_130_at_once_and_sends_nothing_more(tmp_pat
     images = make_dataset(tmp_path / "ds", 1)
     seed_generated(images)
     llm_server.reply = lambda body: answer
-    run = Cli(tmp_path, "retries", *args_for(tmp_path / "ds", model_dir, llm_server, "--max_retries", "5"))
+    run = Cli(tmp_path, "retries", *args_for(tmp_path / "ds", model_dir, llm_server, "--max_retries", "5"),
+              env=cli_env(ENHANCE_CAPTIONS_WAIT_SCALE="1"))  # unscaled: the signal lands in a wait of a second
     run.server = llm_server
     run.wait_for(lambda: len(llm_server.requests) >= 3, what="three tries")  # then a backoff of a second or more
     assert stopped_within(run, signal.SIGINT, asked=len(llm_server.requests)) == 130
