@@ -16,8 +16,8 @@ import threading
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (Cli, caches, cli_env, lines_with, make_dataset, make_image, run_args, run_main, seed_generated,
-                            two_process_command, user_message)
+from tests.conftest import (Cli, caches, cli_env, lines_with, make_dataset, make_image, run_args, run_main,
+                            seed_generated, two_process_command, user_message)
 from tests.llm_server import reply, reset, status
 
 REFUSAL_TEXT = "I\u2019m sorry, but I can\u2019t help with that."  # typographic apostrophes, as models write them
