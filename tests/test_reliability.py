@@ -153,8 +153,9 @@ def wait_until(condition, what: str, timeout: float = 120.0) -> None:
 
 def first_answers_429_once_all_are_in_flight(server, in_flight: int, paused, limited: list[int]):
     """A reply callable: the first request waits until `in_flight` requests are at the server, then gets a 429 with
-    Retry-After: 10 (0.5 s scaled); the others then in flight are held until `paused()` says the script has taken the pause. So
-    when the pause starts no request is on the wire, and every request that arrives after it was sent after it."""
+    Retry-After: 10 (0.5 s scaled); the others then in flight are held until `paused()` says the script has taken
+    the pause. So when the pause starts no request is on the wire, and every request that arrives after it was sent
+    after it."""
     lock = threading.Lock()
 
     def reply(body):
