@@ -377,16 +377,17 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         edit_manual_captions(ds, len(images))
         model = vlm.broken()
     before_kill = snapshot(ds)
-    llm_server.latency = 0.5
+    k = 1 if point in ("vision", "llm_first_request") else 4
+    llm_server.hold(after=k - 1)  # the k-th request and the ones after it stay in flight until the kill
     killed = Cli(tmp_path, "killed", *run_args(ds, model, llm_server, "--batch_size", "1", "--concurrency", "2"))
     asked = len(llm_server.requests)
     if point == "vision":
         killed.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
     else:
-        k = 1 if point == "llm_first_request" else 4
         killed.wait_for(lambda: len(llm_server.requests) >= asked + k, what=f"{k} LLM requests")
     killed.proc.send_signal(signal.SIGKILL)
     killed.proc.wait(30)
+    llm_server.release()
 
     # what the kill left: no empty cache, and each one's bytes are recorded (journal or records.jsonl)
     recorded = all_record_shas(ds)
@@ -404,7 +405,6 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         missing_generated = [i for i, image in enumerate(images) if not caches(image)[0].exists()]
     assert redo
 
-    llm_server.latency = 0.0
     out, requests = run(capsys, ds, vlm.good() if missing_generated else vlm.broken(), llm_server)
     assert subjects(requests) == redo  # what the kill left undone, once each
     assert vision_done(out) == len(missing_generated)

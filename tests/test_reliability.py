@@ -429,16 +429,17 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
         tmp_path, capsys, model_dir, llm_server, point):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 16 if point == "vision" else 8)
-    llm_server.latency = 0.4
+    k = {"vision": 1, "llm_first_request": 1, "llm_midway": 5}[point]
+    llm_server.hold(after=k - 1)  # the k-th request and the ones after it stay in flight until the kill
     run = Cli(tmp_path, "killed", *run_args_4(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
                                              "--concurrency", "2"))
     if point == "vision":
         run.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
     else:
-        k = 1 if point == "llm_first_request" else 5
         run.wait_for(lambda: len(llm_server.requests) >= k, what=f"{k} LLM requests")
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait(30)
+    llm_server.release()
 
     before = cache_snapshot(ds)
     assert all(text.strip() for _, text in before.values())  # no empty or half-written cache
@@ -449,7 +450,6 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     assert missing_combined
     asked_before = len(llm_server.requests)
 
-    llm_server.latency = 0.0
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     rerun_requests = llm_server.chat_requests()[asked_before:]
@@ -480,11 +480,13 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     ds = tmp_path / "ds"
     images = make_dataset(ds, 8)
     seed_generated(images)
-    llm_server.latency = 1.0
+    llm_server.hold()  # the two requests in flight are answered only once the run has taken the signal
     run = Cli(tmp_path, "stopped", *run_args_4(ds, model_dir("florence2"), llm_server, "--concurrency", "2"))
-    run.wait_for(lambda: len(llm_server.requests) >= 2, what="two LLM requests in flight")
+    run.wait_for(lambda: llm_server.held == 2, what="two LLM requests in flight")
     in_flight = len(llm_server.requests)
     run.proc.send_signal(signum)
+    run.wait_for(lambda: "stopping after the work in flight" in run.stderr, what="the signal to be taken")
+    llm_server.release()
     assert run.wait(60) == exit_code, run.stderr
     done = [i for i, image in enumerate(images) if combined_text(image)]
     assert len(done) >= in_flight  # the replies in flight when the signal came were saved
@@ -493,7 +495,6 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     assert re.search(rf"^llm: {len(done)} done, 0 from cache, 0 failed$", run.stdout, re.M), run.stdout
     assert tmp_files(ds) == []
 
-    llm_server.latency = 0.0
     asked_before = len(llm_server.requests)
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
@@ -510,7 +511,7 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
     seed_generated(images)
-    llm_server.latency = 60.0  # the first run's requests hang until it is killed
+    llm_server.hold()  # the first run's requests stay in flight until it is killed
     first = Cli(tmp_path, "first", *run_args_4(ds, model_dir("florence2"), llm_server))
     first.wait_for(lambda: len(llm_server.requests) >= len(images), what="the first run's LLM requests")
     assert [p for p in ds.iterdir() if "lock" in p.name.lower()]  # the lock file lives in the dataset folder
@@ -526,7 +527,7 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
 
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(30)
-    llm_server.latency = 0.0
+    llm_server.release()
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err  # the dead owner's lock is not stale
     assert all(combined_text(image) for image in images)
