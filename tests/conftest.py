@@ -172,6 +172,13 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def main_result(capsys, *args) -> subprocess.CompletedProcess:
+    """The script's main() in this process, its result shaped as run_cli's: no interpreter to start and no torch to
+    import for each run. The command line around main() is the tests' of run_cli."""
+    code, out, err = run_main(capsys, *args)
+    return subprocess.CompletedProcess([str(a) for a in args], code, out, err)
+
+
 def report_failures(report: Path) -> list[dict]:
     """The failure rows of a --report file: every line but the last, which is the run's summary record."""
     import json
