@@ -199,8 +199,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def transformers_serve(tmp_path, model_dir):
+@pytest.fixture(scope="session")
+def transformers_serve(tmp_path_factory, model_dir):
+    """A real `transformers serve` of the tiny causal LM, started once per session (its start takes seconds) and
+    shared by the tests that only send it requests; they carry @pytest.mark.xdist_group("transformers_serve"), so
+    that under `pytest -n auto --dist loadgroup` one worker starts it."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     try:
         if importlib.util.find_spec("transformers.cli.serve") is None:
@@ -212,6 +215,7 @@ def transformers_serve(tmp_path, model_dir):
                     "pip install 'transformers[serving]' to run this test")
     model = model_dir("causal_lm")
     port = free_port()
+    tmp_path = tmp_path_factory.mktemp("transformers-serve")
     exe = Path(sys.executable).with_name("transformers")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transformers.cli.transformers"]
     log = open(tmp_path / "serve.log", "w+", encoding="utf-8")

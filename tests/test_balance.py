@@ -167,6 +167,7 @@ def assert_merged_once(images, server: FakeLLMServer) -> None:
         assert caches(image)[1].read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.slow
 def test_two_processes_share_slow_merges_by_cost(tmp_path, model_dir):
     """32 images, the first 16 in sorted order slow at the endpoint, the rest answered at once, one request at a
     time per process. Split by count, one process would get all 16 slow ones and the other none; taken as they go,
@@ -206,6 +207,7 @@ ec.exit_process(ec.main())
     return wrapper
 
 
+@pytest.mark.slow
 def test_a_process_that_finishes_far_behind_the_other_still_gets_its_summary_report_and_export(tmp_path, model_dir):
     """One merge is answered only 9 s after the five others, so whichever process claims it finishes at least 9 s
     after the other, and the process group's collectives time out after 8 s. The summary, the report and the
@@ -241,6 +243,7 @@ def test_a_process_that_finishes_far_behind_the_other_still_gets_its_summary_rep
     assert ends[0] - max(end for subject, end in ends.items() if subject) > 8  # the processes ended far apart
 
 
+@pytest.mark.slow
 def test_three_processes_caption_and_merge_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 9)
     result = launch(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--batch_size", "1"),
@@ -253,6 +256,7 @@ def test_three_processes_caption_and_merge_each_image_once(tmp_path, model_dir, 
         assert caches(image)[0].read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_take_their_work_from_one_store(tmp_path, model_dir, llm_server):
     """`accelerate launch --num_machines 2`, one launcher per machine rank, both on 127.0.0.1 and one folder."""
     images = make_dataset(tmp_path / "ds", 6)

@@ -126,6 +126,8 @@ def test_a_4xx_mid_run_shows_the_servers_first_line_with_the_key_redacted(tmp_pa
     assert LLM_SECRET not in out + err
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("transformers_serve")
 def test_transformers_serve_asked_for_a_model_it_does_not_serve(tmp_path, transformers_serve):
     base_url, served = transformers_serve
     images = make_dataset(tmp_path / "ds", 2)
@@ -154,6 +156,7 @@ def test_without_a_model_the_endpoints_only_model_is_used_and_named(tmp_path, ca
     assert "the-only-one" in first, err
 
 
+@pytest.mark.slow
 def test_the_model_the_main_process_found_is_used_by_every_process(tmp_path):
     images = make_dataset(tmp_path / "ds", 4)
     seed_generated(images)
@@ -291,6 +294,7 @@ def test_local_llm_and_base_url_together_is_a_configuration_error(tmp_path, caps
     assert llm_server.requests == []
 
 
+@pytest.mark.slow
 def test_local_llm_flag_wins_over_the_environments_endpoint_and_says_so(tmp_path, capsys, monkeypatch, model_dir,
                                                                         llm_server):
     monkeypatch.setattr(ec, "SCRIPT_DIR", tmp_path)  # no .env beside the script
@@ -319,6 +323,7 @@ def hub_down_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--model_id", "--local_llm"])
 def test_a_hub_id_with_the_hub_unreachable_fails_at_once_with_how_to_run_offline(tmp_path, flag):
     images = make_dataset(tmp_path / "ds", 2)
@@ -336,6 +341,7 @@ def test_a_hub_id_with_the_hub_unreachable_fails_at_once_with_how_to_run_offline
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_offline_a_hub_id_not_in_the_cache_says_how_to_download_it(tmp_path):
     make_dataset(tmp_path / "ds", 1)
     env = cli_env(HF_HOME=str(tmp_path / "empty-hf-home"))  # offline, as every test
@@ -400,6 +406,7 @@ def python_3_10() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_python_3_10_exits_2_with_one_line(tmp_path):
     python = python_3_10()
     if python is None:

@@ -68,6 +68,7 @@ def error_lines(stderr: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_end_to_end_batched_captions_are_generated_words_only(tmp_path, capsys, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 5)
@@ -98,6 +99,7 @@ def varied_dataset(folder: Path, n: int = 9) -> list[Path]:
     return [make_image(folder / f"img{i:03d}.jpg", i, size=sizes[i % len(sizes)]) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl", "qwen3_vl", "smolvlm"])
 def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_dir, llm_server, family):
     images = varied_dataset(tmp_path / "b8")
@@ -114,6 +116,7 @@ def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_
     assert len({read_generated(image) for image in images}) > 1  # the captions do depend on the image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl"])
 def test_captions_from_decoding_workers_equal_captions_decoded_in_process(tmp_path, model_dir, llm_server, family):
     """Workers hand small tensors over inline and large ones through shared memory; the model sees the same."""
@@ -163,6 +166,7 @@ def test_vlm_system_prompt_is_a_system_turn_in_the_model_input(tmp_path, model_d
     assert SYSTEM_TEXT not in without.processor.tokenizer.decode(inputs["input_ids"][0])
 
 
+@pytest.mark.slow
 def test_vlm_system_prompt_flag_end_to_end(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
     prompt_file = tmp_path / "vlm_system.txt"
@@ -256,6 +260,7 @@ def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dtype_attention_and_repetition_penalty_end_to_end(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
     result = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
@@ -403,6 +408,7 @@ def check_served_captions(images: list[Path], vision_requests: list[dict], max_s
         assert read_generated(image) == "VISION " + sha12(url), image.name
 
 
+@pytest.mark.slow
 def test_served_vision_model_one_server_for_both_stages_large_images_downscaled(tmp_path, llm_server):
     images = [make_image(tmp_path / "ds" / f"big{i}.jpg", i + 1, size=(1500, 1000)) for i in range(3)]
     images.append(make_image(tmp_path / "ds" / "tall.png", 7, size=(600, 1200)))
@@ -423,6 +429,7 @@ def test_served_vision_model_one_server_for_both_stages_large_images_downscaled(
     assert not (tmp_path / "no-such-model").exists()
 
 
+@pytest.mark.slow
 def test_served_vision_model_and_llm_on_two_servers(tmp_path):
     images = make_dataset(tmp_path / "ds", 5)
     system_file = tmp_path / "vlm_system.txt"

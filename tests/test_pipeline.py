@@ -15,6 +15,7 @@ from tests.llm_server import sha12
 
 
 
+@pytest.mark.slow
 def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 5)
     result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
@@ -38,6 +39,7 @@ def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_pa
     assert not list((tmp_path / "ds").glob(".*.tmp"))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_rerun_loads_no_model_and_calls_nothing_then_redoes_one_deleted_merge(tmp_path, capsys, model_dir,
                                                                                llm_server):
     images = make_dataset(tmp_path / "ds", 4)
@@ -80,6 +82,7 @@ def test_missing_manual_caption_and_empty_cache(tmp_path, capsys, model_dir, llm
     assert generated.read_text().strip() and combined.read_text().strip()
 
 
+@pytest.mark.slow
 def test_no_cache_mode_writes_only_combined(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 3)
     result = main_result(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
@@ -92,6 +95,7 @@ def test_no_cache_mode_writes_only_combined(tmp_path, capsys, model_dir, llm_ser
     assert len(llm_server.requests) == 3
 
 
+@pytest.mark.slow
 def test_nested_folders_hidden_files_and_letter_case(tmp_path, capsys, model_dir, llm_server):
     from tests.conftest import make_image
 
@@ -109,6 +113,7 @@ def test_nested_folders_hidden_files_and_letter_case(tmp_path, capsys, model_dir
     assert len(llm_server.requests) == 3
 
 
+@pytest.mark.slow
 def test_bad_flag_missing_folder_missing_prompt_file_exit_2(tmp_path, llm_server):
     make_dataset(tmp_path / "ds", 1)
     bad_flag = run_cli("--dataset_dir", tmp_path / "ds", "--no_such_flag")
@@ -136,6 +141,7 @@ def test_unreachable_endpoint_fails_before_any_model_loads(tmp_path, capsys, mod
     assert not list((tmp_path / "ds").glob("*_generated.txt"))
 
 
+@pytest.mark.slow
 def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, capsys, model_dir, llm_server):
     from tests.llm_server import status
 
@@ -161,6 +167,7 @@ def test_chat_model_end_to_end(tmp_path, capsys, model_dir, llm_server, family):
         assert ec.DEFAULT_CHAT_PROMPT not in text and "assistant" not in text.lower()
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 7)
     result = run_two_processes(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
@@ -174,6 +181,7 @@ def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_
     assert "vision: 7 done" in result.stdout and "llm: 7 done" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlap_starts_merging_while_the_vision_model_works(tmp_path, model_dir, overlap):
     """With --overlap some LLM request arrives before the last caption is written; without it none does."""

@@ -145,6 +145,7 @@ def summary(out: str, name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
@@ -275,6 +276,7 @@ def edit_manual_captions(ds: Path, n: int) -> None:
         (ds / f"img{i:03d}.txt").write_text(f"subject{i}, photo number {i}, edited", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 3)
@@ -307,6 +309,7 @@ def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_pat
     assert_quiet(capsys, ds, vlm, llm_server)
 
 
+@pytest.mark.slow
 def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 3)
@@ -366,6 +369,7 @@ def all_record_shas(ds: Path) -> dict[str, set[str]]:
     return shas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["vision", "llm_first_request", "llm_midway", "remerge_midway"])
 def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         tmp_path, capsys, vlm, llm_server, point):
@@ -414,6 +418,7 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
     assert_quiet(capsys, ds, vlm, llm_server)
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(tmp_path, capsys, vlm, llm_server):
     """The record goes to the journal before the cache is renamed into place: a kill in between leaves the old
     file behind a newer record (and maybe half a line). The old file is still ours, so it is redone, not kept."""
@@ -439,6 +444,7 @@ def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(t
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 6)
@@ -466,6 +472,7 @@ def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_legacy_folder_is_adopted_without_a_request_or_a_load(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
@@ -513,6 +520,7 @@ def plan_summary(out: str) -> list[str]:
     return [summary(out, name) for name in names]
 
 
+@pytest.mark.slow
 def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 5)

@@ -96,6 +96,7 @@ TRANSIENT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(TRANSIENT))
 def test_transient_fault_then_success_is_retried_and_cached(tmp_path, capsys, model_dir, llm_server, fault):
     images = make_dataset(tmp_path / "ds", 2)
@@ -173,6 +174,7 @@ def first_answers_429_once_all_are_in_flight(server, in_flight: int, paused, lim
     return reply
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, monkeypatch, model_dir, llm_server):
     """A 429 with Retry-After pauses the whole run, not just the request that got it: with four workers' requests
     in flight when it comes, the three others are answered once the pause is taken, and no request at all reaches
@@ -203,6 +205,7 @@ def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, m
     assert all(t >= until for _, t in after), [(s, t - until) for s, t in after]  # none during the pause
 
 
+@pytest.mark.slow
 def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_path, model_dir, llm_server):
     """The same pause across `accelerate launch` processes, one request at a time each (so each keeps one
     connection, which names it here). With both processes' first requests in flight, one gets a 429 with
@@ -424,6 +427,7 @@ def cache_snapshot(ds: Path) -> dict[Path, tuple[int, str]]:
             for p in ds.rglob("*") if p.name.endswith(("_generated.txt", "_combined.txt"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["vision", "llm_first_request", "llm_midway"])
 def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finished(
         tmp_path, capsys, model_dir, llm_server, point):
@@ -461,6 +465,7 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     assert_clean_final_state(ds, images, llm_server.chat_requests())
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_path, capsys, model_dir, llm_server):
     """A SIGKILL between writing a cache's temporary file and renaming it leaves that temporary behind."""
     ds = tmp_path / "ds"
@@ -474,6 +479,7 @@ def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_pat
     assert tmp_files(ds) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
         tmp_path, capsys, model_dir, llm_server, signum, exit_code):
@@ -504,6 +510,7 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     assert_clean_final_state(ds, images, llm_server.chat_requests())
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is_free(
         tmp_path, capsys, model_dir, llm_server):
     import fcntl
@@ -670,6 +677,7 @@ def test_load_image_unreadable_file(tmp_path):
         ec.load_image(path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_once_each_and_every_good_image_is_captioned(tmp_path, capsys, model_dir,
                                                                               llm_server):
     ds = tmp_path / "ds"
@@ -760,6 +768,7 @@ def test_dataset_dir_that_is_a_file_or_an_empty_folder_is_a_clear_exit_2(tmp_pat
     assert llm_server.requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(tmp_path, capsys, model_dir,
                                                                               llm_server, workers):
@@ -788,6 +797,7 @@ def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(t
     assert "vision: 3 done, 0 from cache, 1 failed" in out
 
 
+@pytest.mark.slow
 def test_a_decoding_worker_that_dies_ends_the_run_with_one_line_and_keeps_what_was_done(
         tmp_path, capsys, model_dir, llm_server):
     """A DataLoader worker killed mid-stage (as the OOM killer or a full /dev/shm would): exit 2 with one line

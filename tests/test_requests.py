@@ -297,6 +297,7 @@ def stopped_within(run, signum, asked, timeout=15.0) -> int:
     return code
 
 
+@pytest.mark.slow
 def test_sigterm_during_rpm_waits_exits_143_at_once_and_sends_nothing_more(tmp_path, model_dir, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 12)
@@ -309,6 +310,7 @@ def test_sigterm_during_rpm_waits_exits_143_at_once_and_sends_nothing_more(tmp_p
     assert "llm: 2 done, 0 from cache, 0 failed" in run.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answer", [status(500), reply(REFUSAL_TEXT)], ids=["client_retry_sleep", "reply_backoff"])
 def test_sigint_between_retries_exits_130_at_once_and_sends_nothing_more(tmp_path, model_dir, llm_server, answer):
     images = make_dataset(tmp_path / "ds", 1)
@@ -323,6 +325,7 @@ def test_sigint_between_retries_exits_130_at_once_and_sends_nothing_more(tmp_pat
     assert "llm: 0 done, 0 from cache, 0 failed" in run.stdout  # stopped, not failed: the next run does it
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_of_a_two_process_run_stops_both_workers(tmp_path, model_dir, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 20)
