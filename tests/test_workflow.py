@@ -94,12 +94,14 @@ def test_local_llm_merges_in_process_batched_with_the_system_prompt_cleaned_and_
     first_lines = [line for line in err.splitlines() if line.strip()][:2]
     assert any("local" in line.lower() and llm in line for line in first_lines), err
     conversations = [c for batch in batches for c in batch]
-    assert len(conversations) == 4
     assert max(len(batch) for batch in batches) > 1  # batched, not one generate call per image
     system = prompt.read_text(encoding="utf-8").strip()
     assert all(c[0] == {"role": "system", "content": system} for c in conversations)
-    assert sorted(next(i for i in range(4) if f"subject{i}, photo number {i}" in user_message({"messages": c}))
-                  for c in conversations) == [0, 1, 2, 3]
+    subjects = [next(i for i in range(4) if f"subject{i}, photo number {i}" in user_message({"messages": c}))
+                for c in conversations]
+    # Each image asked; which images share a batch depends on timing, and a random-weight reply cut off in one
+    # batch is asked again (retries are test_requests' subject), within the default --max_retries 5.
+    assert sorted(set(subjects)) == [0, 1, 2, 3] and max(subjects.count(i) for i in range(4)) <= 6, subjects
 
     # The same caches: a rerun loads no model (neither path exists any more) and writes nothing.
     before = snapshot(tmp_path / "ds")
