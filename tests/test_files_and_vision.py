@@ -99,6 +99,7 @@ def two_process_run(tmp_path_factory, model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_process_run")  # one worker makes the run both read
 def test_under_accelerate_the_report_ends_with_the_real_exit_code_and_counts(two_process_run):
     result, report = two_process_run
     assert "split over 2 processes" in result.stdout + result.stderr  # the world size really is 2
@@ -111,6 +112,8 @@ def test_under_accelerate_the_report_ends_with_the_real_exit_code_and_counts(two
     assert summary["failed"] == 1 and summary["skipped"] == 0 and summary["signal"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_process_run")  # one worker makes the run both read
 def test_progress_of_several_processes_says_it_is_this_process_share(two_process_run):
     result, _ = two_process_run
     progress = [line for line in result.stderr.splitlines() if re.match(r"(vision|llm)\b.*: \d+(/\d+| done) \(", line)]
