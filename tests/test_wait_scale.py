@@ -41,18 +41,25 @@ def test_complete_items_backoff_is_scaled(monkeypatch):
     assert len(sleeps) == 4 and max(sleeps) <= 0.001 * 30 * 1.5  # unscaled, the first alone is 0.25 s or more
 
 
-def test_the_pools_backoff_and_set_aside_are_scaled(monkeypatch):
-    from tests.test_endpoints import FakeChat
+class DownChat:
+    """An endpoint that answers 502, spending one of the item's attempts per request as a real one does."""
 
+    def _url(self) -> str:
+        return "http://down/v1"
+
+    async def complete(self, messages):
+        ec.ATTEMPTS.get().left -= 1
+        raise ec.EndpointDown("endpoint answered 502: Bad gateway.")
+
+
+def test_the_pools_backoff_and_set_aside_are_scaled(monkeypatch):
     monkeypatch.setenv(ec.WAIT_SCALE_VARIABLE, "0.01")
     sleeps: list[float] = []
 
     async def sleep(seconds):
         sleeps.append(seconds)
 
-    only = FakeChat("a")
-    only.down = True
-    pool = ec.EndpointPool([only], warn=lambda _: None, clock=lambda: 0.0, sleep=sleep)
+    pool = ec.EndpointPool([DownChat()], warn=lambda _: None, clock=lambda: 0.0, sleep=sleep)
 
     async def ask():
         token = ec.ATTEMPTS.set(ec.Attempts(3, asyncio.Event()))
