@@ -32,7 +32,7 @@ Map of this file, top to bottom:
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
     records                    what made each cache: per-process journals folded into records.jsonl, kept by the
                                dataset root (dataset_root); write_cache(): the one writer, with a last look
-    rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
+    rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause, wait scale
     chat backends              the OpenAI-compatible endpoint, the pool in front of one or several, a local LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     vision captioners          one local path chosen by the processor's capabilities, or a served model
@@ -98,6 +98,7 @@ SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connecti
 SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
 SET_ASIDE_MAX_SECONDS = 600.0
 GIVE_UP_AFTER = 300.0  # --give_up_after: a stage whose every endpoint is set aside, and none answered this long, stops
+WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retry-After and set-aside wait (tests)
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
@@ -821,15 +822,6 @@ def claimed_chunks(total: int, size: int, claim: Callable[[], int] | None = None
         yield range(n * size, min((n + 1) * size, total))
 
 
-def wait_scale() -> float:
-    """$ENHANCE_CAPTIONS_WAIT_SCALE: the script's own waits (an endpoint set aside, a silent process) times this
-    factor, so that tests can shorten them; 1 by default."""
-    try:
-        return max(float(os.environ.get("ENHANCE_CAPTIONS_WAIT_SCALE") or 1.0), 0.0)
-    except ValueError:
-        return 1.0
-
-
 def first_line(error: Exception) -> str:
     """Library errors can run to pages (download hints, tracebacks): one line is enough for a person."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -1119,6 +1111,26 @@ def same_origin(url: str, other: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def scaled_wait(seconds: float) -> float:
+    """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
+    sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
+    never needs it."""
+    raw = os.environ.get(WAIT_SCALE_VARIABLE, "")
+    if raw not in WAIT_SCALES:
+        try:
+            scale = float(raw or 1)
+        except ValueError:
+            scale = -1.0
+        if not 0 <= scale < float("inf"):
+            warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
+            scale = 1.0
+        WAIT_SCALES[raw] = scale
+    return seconds * WAIT_SCALES[raw]
+
+
+WAIT_SCALES: dict[str, float] = {}  # each value of the variable read once, so a bad one warns once
+
+
 class SharedPause:
     """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
     file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
@@ -1267,7 +1279,7 @@ class EndpointChat:
         retry_after = response.headers.get("retry-after") if response is not None else None
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
-                self.limiter.pause(min(float(retry_after), 600.0))
+                self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
 
     async def check(self) -> str:
         """Fail fast, before any model loads, on an endpoint that is down, refuses the key or does not serve the
@@ -1513,7 +1525,7 @@ class EndpointPool:
         down = member.failures >= SET_ASIDE_AFTER and len(member.failing) > 1
         if not (error.refused or down or member.aside):  # aside: just back, on trial
             return
-        member.aside = min(2 * member.aside or SET_ASIDE_SECONDS * wait_scale(), SET_ASIDE_MAX_SECONDS * wait_scale())
+        member.aside = min(2 * member.aside or scaled_wait(SET_ASIDE_SECONDS), scaled_wait(SET_ASIDE_MAX_SECONDS))
         member.back_at = now + member.aside
         left = sum(m.back_at <= now for m in self.members)
         self.warn(f"warning: endpoint {member.chat._url()} set aside for {member.aside:.3g} s ({error}); "
@@ -1658,7 +1670,8 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
         problem = "no attempt made"
         for attempt in range(max_retries + 1):
             if attempt:  # asked before: back off
-                await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())), asking)
+                await unless_stopped(sleep(scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))),
+                                     asking)
             try:
                 reply = await unless_stopped(backend.complete(messages), asking)
             except (RetryableReply, EndpointDown) as e:
@@ -2823,7 +2836,7 @@ class SharedWork:
         with contextlib.suppress(Exception):  # the main process has exited and its store with it: nobody listens
             while True:
                 self.store.add(self.key(f"alive/{self.rank}"), 1)
-                time.sleep(HEARTBEAT_SECONDS * wait_scale())
+                time.sleep(scaled_wait(HEARTBEAT_SECONDS))
 
     def key(self, name: str) -> str:
         return f"enhance_captions/{self.run_id}/{name}"
@@ -2851,7 +2864,7 @@ class SharedWork:
                 total.merge(pickle.loads(self.store.get(key)))
             elif not total.gave_up:
                 total.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
-                                 f"{HEARTBEAT_LOST * wait_scale():.0f} s): the work it had claimed and not reported "
+                                 f"{scaled_wait(HEARTBEAT_LOST):.0f} s): the work it had claimed and not reported "
                                  "is left for the next run")
         return total
 
@@ -2875,9 +2888,9 @@ class SharedWork:
             count, now = self.store.add(beat, 0), time.monotonic()
             if count != seen:
                 seen, heard = count, now
-            elif now - heard > HEARTBEAT_LOST * wait_scale():
+            elif now - heard > scaled_wait(HEARTBEAT_LOST):
                 return False
-            time.sleep(min(1.0, HEARTBEAT_SECONDS * wait_scale()))
+            time.sleep(min(1.0, scaled_wait(HEARTBEAT_SECONDS)))
         return True
 
 

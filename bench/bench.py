@@ -23,6 +23,9 @@ Measurements (each function below explains its own):
              vs the limit concurrency / latency, and vs a bare openai-client loop against the same server. Only
              the LLM stage runs: the generated captions exist and --model_id names no model at all.
   rpm        --rpm 30 with 45 requests: the most requests the server saw in any 60 s window (takes ~60 s).
+  balance    two CPU processes under `accelerate launch`, merges only, --concurrency 1: 32 images whose first 16
+             take 1 s each at the endpoint: first request to last answer against 16 s split by count and 8 s
+             split perfectly, the slow merges each process took, and how far apart the two finished.
   overlap    --overlap vs phased, end to end (vision + LLM), the LLM latency chosen so both stages weigh alike.
   rss        peak RSS of the script's own process at 1,000 and 20,000 images: a fully cached rerun, and a run
              that plans work for every image (then stops where the model would load).
@@ -76,7 +79,7 @@ import enhance_captions as ec  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
-SECTIONS = ("vision", "llm", "rpm", "overlap", "rss", "rerun", "served", "records", "scale")
+SECTIONS = ("vision", "llm", "rpm", "balance", "overlap", "rss", "rerun", "served", "records", "scale")
 OPT_IN = {"scale"}  # ~1M files on disk and ~15 minutes: run with --only scale
 PHOTO_SIZES = ((768, 576), (576, 768), (768, 768), (768, 512))
 MISSING_MODEL = "/nonexistent/no-model-here"  # a --model_id that cannot load: proves no model is loaded
@@ -683,6 +686,48 @@ def measure_rpm(workdir: Path, rpm: int = 30, n: int = 45) -> dict:
             "min_span_of_rpm_plus_1_s": min(spans) if spans else None}
 
 
+def measure_balance(workdir: Path, n: int = 32, slow: int = 16, seconds: float = 1.0) -> dict:
+    """Work taken as it goes across processes: two CPU processes (gloo) merge n items, one request at a time each
+    (so each keeps one connection, which names it), the first `slow` in sorted order taking `seconds` at the
+    endpoint. Split by count one process would take every slow merge: slow * seconds from first request to last
+    answer; split perfectly, half that."""
+    import re
+
+    folder = workdir / "balance"
+    shutil.rmtree(folder, ignore_errors=True)
+    make_captioned_items(folder, n)
+    ends: dict[int, float] = {}
+
+    def reply(body):
+        subject = int(re.search(r"subject(\d+),", body["messages"][-1]["content"]).group(1))
+        if subject < slow:
+            time.sleep(seconds)
+        ends[subject] = time.monotonic()
+        return f"merged caption {subject}"
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                "0", str(SCRIPT), "--dataset_dir", str(folder), "--model_id", MISSING_MODEL, "--concurrency", "1",
+                "--model", "test-model", "--quiet"]
+    with FakeLLMServer(reply=reply) as server:
+        result = subprocess.run(launcher + ["--base_url", server.base_url], capture_output=True, text=True,
+                                env=child_env() | {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""})
+        subjects = [int(re.search(r"subject(\d+),", r["messages"][-1]["content"]).group(1))
+                    for r in server.chat_requests()]
+        starts, peers = list(server.request_times), list(server.peers)
+    if result.returncode != 0 or sorted(subjects) != list(range(n)):
+        raise RuntimeError(f"balance run failed (exit {result.returncode}): {result.stderr[-1000:]}")
+    by_process: dict[tuple, list[int]] = {}
+    for subject, peer in zip(subjects, peers):
+        by_process.setdefault(peer, []).append(subject)
+    firsts = [min(t for t, p in zip(starts, peers) if p == peer) for peer in by_process]
+    lasts = [max(ends[s] for s in mine) for mine in by_process.values()]
+    return {"images": n, "slow": slow, "seconds": seconds, "span_s": max(ends.values()) - min(starts),
+            "by_count_s": slow * seconds, "balanced_s": slow * seconds / 2,
+            "slow_per_process": [sum(s < slow for s in mine) for mine in by_process.values()],
+            "second_started_later_s": max(firsts) - min(firsts), "finished_apart_s": max(lasts) - min(lasts)}
+
+
 # --------------------------------------------------------------------------------------------
 # Overlap vs phased, end to end
 # --------------------------------------------------------------------------------------------
@@ -1225,6 +1270,14 @@ def rows_for(results: dict, args) -> list[Row]:
         rows.append(Row(f"--overlap vs phased ({o['images']} img, {o['llm_latency_s']} s LLM)",
                         f"{o['overlap_s']:.1f} s vs {o['phased_s']:.1f} s = {o['speedup']:.2f}x "
                         f"(saved {o['saved_s']:.1f} of <= {o['max_saving_s']:.1f} s)"))
+    b = results.get("balance")
+    if b:
+        rows.append(Row("balance, 2 processes: first request to last answer", f"{b['span_s']:.1f} s (by count "
+                        f"{b['by_count_s']:.0f} s, perfect {b['balanced_s']:.0f} s); slow merges per process "
+                        f"{b['slow_per_process']}, second started {b['second_started_later_s']:.1f} s later",
+                        "< 0.75x by count", b["span_s"] < 0.75 * b["by_count_s"]))
+        rows.append(Row("  balance: the two processes finished apart", f"{b['finished_apart_s']:.2f} s",
+                        "< 0.25x by count", b["finished_apart_s"] < 0.25 * b["by_count_s"]))
     m = results.get("rss")
     if m:
         small, large = results["sizes"]["rss_small"], results["sizes"]["rss_large"]
@@ -1398,6 +1451,7 @@ def main(argv=None) -> int:
         section("vision", lambda: measure_vision(args, sizes, workdir, args.device_obj, model_id))
         section("llm", lambda: measure_llm(sizes, workdir))
         section("rpm", lambda: measure_rpm(workdir))
+        section("balance", lambda: measure_balance(workdir))
         vision_rate = None
         if "vision" in results:
             vision_rate = results["vision"][f"bs{args.batch_sizes[1]}"]["pipeline"]["images_per_s"]

@@ -1,11 +1,14 @@
 """Shared fixtures: offline environment, tiny models built once per session, datasets, the loopback LLM server."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,14 +22,16 @@ sys.path.insert(0, str(ROOT))
 from tests import tiny_models  # noqa: E402
 from tests.llm_server import FakeLLMServer  # noqa: E402
 
+WAIT_SCALE = 0.05  # every backoff, Retry-After and set-aside wait of the script runs for real, 20 times shorter
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               "ENHANCE_CAPTIONS_WAIT_SCALE": str(WAIT_SCALE)}
 SECRET_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "VLM_API_KEY")
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """No Hub, no inherited endpoint or key, and a working directory without a .env file."""
+    """No Hub, no inherited endpoint or key, waits scaled down, and a working directory without a .env file."""
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)
     for key in SECRET_VARS:
@@ -34,17 +39,43 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """model_dir("florence2") -> path of a tiny random-weight model, built once per session."""
-    built: dict[str, str] = {}
+def tiny_model_cache() -> Path:
+    """Where the tiny models live between sessions: one folder per version of their builder (and of the libraries
+    that write them), so an edit to tests/tiny_models.py builds them afresh and nothing stale is ever loaded."""
+    import tokenizers
+    import torch
+    import transformers
 
-    def get(family: str) -> str:
-        if family not in built:
-            builder = tiny_models.VLM_BUILDERS.get(family) or getattr(tiny_models, f"build_{family}")
-            built[family] = builder(tmp_path_factory.mktemp(family))
-        return built[family]
-    return get
+    key = hashlib.sha256(Path(tiny_models.__file__).read_bytes())
+    key.update(f"{transformers.__version__} {torch.__version__} {tokenizers.__version__}".encode())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "enhance_captions" / "tiny-models" / key.hexdigest()[:16]
+
+
+def tiny_model(family: str) -> str:
+    """The tiny random-weight model of `family`, built once per machine. Built in a folder of its own and renamed
+    into place, so a pytest-xdist worker (or a session killed halfway) never loads a half-written one; when two
+    workers build it at once, the first rename wins and the other's copy is thrown away."""
+    target = tiny_model_cache() / family
+    if not target.is_dir():
+        builder = tiny_models.VLM_BUILDERS.get(family) or getattr(tiny_models, f"build_{family}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+        try:
+            builder(building / family)
+            os.rename(building / family, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return str(target)
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """model_dir("florence2") -> path of a tiny random-weight model (see tiny_model). Tests read it, never write."""
+    return tiny_model
 
 
 @pytest.fixture
@@ -141,6 +172,13 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def main_result(capsys, *args) -> subprocess.CompletedProcess:
+    """The script's main() in this process, its result shaped as run_cli's: no interpreter to start and no torch to
+    import for each run. The command line around main() is the tests' of run_cli."""
+    code, out, err = run_main(capsys, *args)
+    return subprocess.CompletedProcess([str(a) for a in args], code, out, err)
+
+
 def report_failures(report: Path) -> list[dict]:
     """The failure rows of a --report file: every line but the last, which is the run's summary record."""
     import json
@@ -161,8 +199,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def transformers_serve(tmp_path, model_dir):
+@pytest.fixture(scope="session")
+def transformers_serve(tmp_path_factory, model_dir):
+    """A real `transformers serve` of the tiny causal LM, started once per session (its start takes seconds) and
+    shared by the tests that only send it requests; they carry @pytest.mark.xdist_group("transformers_serve"), so
+    that under `pytest -n auto --dist loadgroup` one worker starts it."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     try:
         if importlib.util.find_spec("transformers.cli.serve") is None:
@@ -174,6 +215,7 @@ def transformers_serve(tmp_path, model_dir):
                     "pip install 'transformers[serving]' to run this test")
     model = model_dir("causal_lm")
     port = free_port()
+    tmp_path = tmp_path_factory.mktemp("transformers-serve")
     exe = Path(sys.executable).with_name("transformers")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transformers.cli.transformers"]
     log = open(tmp_path / "serve.log", "w+", encoding="utf-8")

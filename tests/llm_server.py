@@ -55,6 +55,13 @@ Attributes
 * ``max_in_flight`` / ``in_flight`` -- highest / current number of chat
   requests being handled concurrently.
 * ``pending_actions`` -- number of scripted actions not consumed yet.
+* ``held`` -- number of chat requests waiting at the gate (see ``hold``).
+
+Holding requests
+----------------
+``hold(after=0)`` answers ``after`` more chat requests, then holds every later one
+(before its latency or action) until ``release()`` or the server stops: a test
+decides when the requests in flight end, instead of sleeping for a latency.
 
 Actions (``script(*actions)``)
 ------------------------------
@@ -473,6 +480,10 @@ class FakeLLMServer:
         self._httpd: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
         self._counter = 0
+        self._gate = threading.Event()
+        self._gate.set()
+        self._hold_from = 0
+        self.held = 0
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "FakeLLMServer":
@@ -520,6 +531,15 @@ class FakeLLMServer:
             self._queue.extend(coerced)
         return self
 
+    def hold(self, after: int = 0) -> "FakeLLMServer":
+        with self._lock:
+            self._hold_from = len(self.requests) + after
+            self._gate.clear()
+        return self
+
+    def release(self) -> None:
+        self._gate.set()
+
     def clear_script(self) -> None:
         with self._lock:
             self._queue.clear()
@@ -548,6 +568,17 @@ class FakeLLMServer:
         if self._stop.is_set():
             raise _Abort()
 
+    def _wait_at_gate(self) -> None:
+        with self._lock:
+            self.held += 1
+        try:
+            while not self._gate.wait(0.05):
+                if self._stop.is_set():
+                    raise _Abort()
+        finally:
+            with self._lock:
+                self.held -= 1
+
     def _handle_chat(self, h: _Handler, raw: bytes) -> None:
         arrival = time.monotonic()
         try:
@@ -559,6 +590,7 @@ class FakeLLMServer:
         authorised = h._authorised()
         refused = self._refuses_model(body)
         with self._lock:
+            held = not self._gate.is_set() and len(self.requests) >= self._hold_from
             self.requests.append(body)
             self.headers.append(_Headers(h.headers.items()))
             self.request_times.append(arrival)
@@ -568,6 +600,8 @@ class FakeLLMServer:
             if self.in_flight > self.max_in_flight:
                 self.max_in_flight = self.in_flight
         try:
+            if held:
+                self._wait_at_gate()
             self._sleep(self.latency)
             if not authorised:
                 return h._send_error_json(401)

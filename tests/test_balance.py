@@ -91,7 +91,7 @@ def test_the_main_process_waits_for_late_stats_beyond_the_store_timeout():
     theirs.count(ec.STAGE_LLM)
     theirs.fail("late.jpg", ec.STAGE_LLM, "bad reply")
     said: list[str] = []
-    late = threading.Timer(1.5, lambda: other.gather(theirs, said.append))  # past the store's timeout
+    late = threading.Timer(0.9, lambda: other.gather(theirs, said.append))  # three times the store's timeout
     late.start()
     total = main.gather(mine, said.append)
     late.join()
@@ -139,17 +139,26 @@ def launch(*args, processes: int = 2, script=ec.__file__, timeout: float = 600):
 
 
 def slow_server(slow: set[int], seconds: float) -> tuple[FakeLLMServer, dict[int, float]]:
-    """A loopback endpoint that takes `seconds` over the images whose subject is in `slow`; records each answer's end."""
+    """A loopback endpoint that answers the images whose subject is in `slow` in `seconds`, the others at once;
+    records each answer's end. No answer goes out before both processes have a request in flight, so how late the
+    second one starts (imports on a busy machine) has no part in who takes what."""
     ends: dict[int, float] = {}
+    seen: set[tuple] = set()
+    both = threading.Event()
 
     def reply(body):
+        seen.update(server.peers)
+        if len(seen) >= 2:
+            both.set()
+        assert both.wait(300), "the second process sent no request"
         subject = subject_of(body)
         if subject in slow:
             time.sleep(seconds)
         ends[subject] = time.monotonic()
         return default_reply_text(body)
 
-    return FakeLLMServer(reply=reply), ends
+    server = FakeLLMServer(reply=reply)
+    return server, ends
 
 
 def assert_merged_once(images, server: FakeLLMServer) -> None:
@@ -158,18 +167,19 @@ def assert_merged_once(images, server: FakeLLMServer) -> None:
         assert caches(image)[1].read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.slow
 def test_two_processes_share_slow_merges_by_cost(tmp_path, model_dir):
-    """32 images, the first 16 in sorted order take 1 s each at the endpoint, the rest no time, one request at a
-    time per process. Split by count, one process gets all 16 slow ones: 16 s, and the other is done at once.
-    Taken as they go, each gets about half: about 8 s from the first request to the last answer (plus however
-    much later the second process starts), and the two finish together."""
+    """32 images, the first 16 in sorted order slow at the endpoint, the rest answered at once, one request at a
+    time per process. Split by count, one process would get all 16 slow ones and the other none; taken as they go,
+    each takes a fair part of them (half, give or take how the requests interleave). How long it takes is
+    measured in bench/ (--only balance), not asserted here."""
     images = make_dataset(tmp_path / "ds", 32)
     seed_generated(images)
-    slow, seconds = set(range(16)), 1.0
-    server, ends = slow_server(slow, seconds)
+    slow = set(range(16))
+    server, ends = slow_server(slow, 0.25)
     with server:
         result = launch(*run_args(tmp_path / "ds", model_dir("florence2"), server, "--concurrency", "1"))
-        requests, starts, peers = server.chat_requests(), list(server.request_times), list(server.peers)
+        requests, peers = server.chat_requests(), list(server.peers)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr
     assert "llm: 32 done, 0 from cache, 0 failed" in result.stdout
@@ -178,17 +188,8 @@ def test_two_processes_share_slow_merges_by_cost(tmp_path, model_dir):
     for request, peer in zip(requests, peers):
         by_process.setdefault(peer, []).append(subject_of(request))
     assert len(by_process) == 2, by_process
-    span = max(ends.values()) - min(starts)
-    last = [max(ends[s] for s in subjects) for subjects in by_process.values()]
-    first = [min(t for t, p in zip(starts, peers) if p == peer) for peer in by_process]
-    slow_counts = [len(slow.intersection(subjects)) for subjects in by_process.values()]
-    by_count = len(slow) * seconds
-    print(f"llm span {span:.2f} s (split by count {by_count:.1f} s, balanced {by_count / 2:.1f} s); slow merges "
-          f"per process {slow_counts}; second process started {abs(first[0] - first[1]):.2f} s later; "
-          f"finished {abs(last[0] - last[1]):.2f} s apart")
-    assert span < 0.75 * by_count, (span, by_count)
-    assert abs(last[0] - last[1]) < 0.25 * by_count  # by count they would finish 16 s apart
-    assert min(slow_counts) >= 3  # the process that started late still took its part of the slow ones
+    slow_counts = sorted(len(slow.intersection(subjects)) for subjects in by_process.values())
+    assert slow_counts[0] >= 4, slow_counts  # by count: [0, 16]
 
 
 def long_timeout_wrapper(folder, seconds: int):
@@ -206,12 +207,26 @@ ec.exit_process(ec.main())
     return wrapper
 
 
+@pytest.mark.slow
 def test_a_process_that_finishes_far_behind_the_other_still_gets_its_summary_report_and_export(tmp_path, model_dir):
-    """One merge takes 25 s; whichever process claims it finishes about 25 s after the other, and the process
-    group's collectives time out after 8 s. The summary, the report and the export still count every image."""
+    """One merge is answered only 9 s after the five others, so whichever process claims it finishes at least 9 s
+    after the other, and the process group's collectives time out after 8 s. The summary, the report and the
+    export still count every image."""
     images = make_dataset(tmp_path / "ds", 6)
     seed_generated(images)
-    server, ends = slow_server({0}, 25.0)
+    ends: dict[int, float] = {}
+
+    def reply(body):
+        subject = subject_of(body)
+        if subject == 0:
+            deadline = time.monotonic() + 300
+            while len(ends) < 5 and time.monotonic() < deadline:  # the other process's merges, then its end
+                time.sleep(0.01)
+            time.sleep(9.0)
+        ends[subject] = time.monotonic()
+        return default_reply_text(body)
+
+    server = FakeLLMServer(reply=reply)
     report, export = tmp_path / "report.jsonl", tmp_path / "ds" / "metadata.jsonl"
     with server:
         result = launch(*run_args(tmp_path / "ds", model_dir("florence2"), server, "--concurrency", "1",
@@ -228,6 +243,7 @@ def test_a_process_that_finishes_far_behind_the_other_still_gets_its_summary_rep
     assert ends[0] - max(end for subject, end in ends.items() if subject) > 8  # the processes ended far apart
 
 
+@pytest.mark.slow
 def test_three_processes_caption_and_merge_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 9)
     result = launch(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--batch_size", "1"),
@@ -240,6 +256,7 @@ def test_three_processes_caption_and_merge_each_image_once(tmp_path, model_dir, 
         assert caches(image)[0].read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_take_their_work_from_one_store(tmp_path, model_dir, llm_server):
     """`accelerate launch --num_machines 2`, one launcher per machine rank, both on 127.0.0.1 and one folder."""
     images = make_dataset(tmp_path / "ds", 6)

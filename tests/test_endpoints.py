@@ -87,6 +87,7 @@ def warning_lines(err: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_endpoints_share_the_requests_and_every_image_is_merged_once(tmp_path, capsys):
     images = seeded_dataset(tmp_path, 20)
     with FakeLLMServer(latency=0.05) as one, FakeLLMServer(latency=0.05) as two:
@@ -121,6 +122,7 @@ def test_an_endpoint_killed_mid_run_is_set_aside_and_its_work_goes_to_the_other(
     assert assert_each_is_its_own_reply(images, lost + kept) == 20  # no request lost, none crossed
 
 
+@pytest.mark.slow
 def test_every_endpoint_down_gives_up_exit_1_and_a_rerun_does_the_rest(tmp_path, capsys):
     images = seeded_dataset(tmp_path, 20)
     with FakeLLMServer(latency=0.05) as one, FakeLLMServer(latency=0.05) as two:
@@ -331,6 +333,7 @@ def test_openai_key_goes_only_to_vision_urls_that_share_an_llm_endpoints_origin(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_vision_servers_both_caption(tmp_path):
     images = make_dataset(tmp_path / "ds", 8)
     with FakeLLMServer(latency=0.05) as v1, FakeLLMServer(latency=0.05) as v2, FakeLLMServer() as llm:

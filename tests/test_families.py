@@ -18,7 +18,7 @@ import pytest
 
 import enhance_captions as ec
 from tests import tiny_models
-from tests.conftest import caches, make_dataset, make_image, run_args, run_cli
+from tests.conftest import caches, main_result, make_dataset, make_image, run_args, run_cli
 from tests.llm_server import FakeLLMServer, sha12
 
 FAMILIES = ["florence2", "janus", "qwen2_5_vl", "qwen3_vl", "smolvlm", "llava", "blip", "paligemma"]
@@ -64,15 +64,16 @@ def error_lines(stderr: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. every family end to end through the command line, batched, one partial batch
+# 1. every family end to end through main(), batched, one partial batch
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_end_to_end_batched_captions_are_generated_words_only(tmp_path, model_dir, llm_server, family):
+def test_family_end_to_end_batched_captions_are_generated_words_only(tmp_path, capsys, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 5)
-    result = run_cli(*run_default_args(tmp_path / "ds", model_dir(family), llm_server, "--batch_size", "3",
-                               "--num_workers", "1", *FAMILY_ARGS.get(family, [])))
+    result = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir(family), llm_server, "--batch_size",
+                                                   "3", "--num_workers", "1", *FAMILY_ARGS.get(family, [])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vision: 5 done, 0 from cache, 0 failed" in result.stdout, result.stdout
     assert "llm: 5 done, 0 from cache, 0 failed" in result.stdout, result.stdout
@@ -98,6 +99,7 @@ def varied_dataset(folder: Path, n: int = 9) -> list[Path]:
     return [make_image(folder / f"img{i:03d}.jpg", i, size=sizes[i % len(sizes)]) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl", "qwen3_vl", "smolvlm"])
 def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_dir, llm_server, family):
     images = varied_dataset(tmp_path / "b8")
@@ -114,6 +116,7 @@ def test_caption_at_batch_size_8_equals_caption_at_batch_size_1(tmp_path, model_
     assert len({read_generated(image) for image in images}) > 1  # the captions do depend on the image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["florence2", "qwen2_5_vl"])
 def test_captions_from_decoding_workers_equal_captions_decoded_in_process(tmp_path, model_dir, llm_server, family):
     """Workers hand small tensors over inline and large ones through shared memory; the model sees the same."""
@@ -163,17 +166,19 @@ def test_vlm_system_prompt_is_a_system_turn_in_the_model_input(tmp_path, model_d
     assert SYSTEM_TEXT not in without.processor.tokenizer.decode(inputs["input_ids"][0])
 
 
-def test_vlm_system_prompt_flag_end_to_end(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_vlm_system_prompt_flag_end_to_end(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
     prompt_file = tmp_path / "vlm_system.txt"
     prompt_file.write_text(SYSTEM_TEXT + "\n", encoding="utf-8")
-    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
-                               "--num_workers", "0", "--vlm_system_prompt", prompt_file))
+    result = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
+                                                   "--batch_size", "3", "--num_workers", "0",
+                                                   "--vlm_system_prompt", prompt_file))
     assert result.returncode == 0, result.stderr[-3000:]
     for image in images:
         assert_caption_words_only(read_generated(image), image.name)
-    missing = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
-                                "--vlm_system_prompt", tmp_path / "none.txt"))
+    missing = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
+                                                    "--vlm_system_prompt", tmp_path / "none.txt"))
     assert missing.returncode == 2 and "none.txt" in missing.stderr
 
 
@@ -231,14 +236,15 @@ def build_vit_classifier(path: Path) -> str:
 
 
 @pytest.mark.parametrize("builder", ["causal_lm", "vit_classifier"])
-def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_path, llm_server, builder):
+def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_path, capsys, llm_server, builder):
     make_dataset(tmp_path / "ds", 3)
     model = tmp_path / "model"
     if builder == "causal_lm":
         tiny_models.build_causal_lm(model)
     else:
         build_vit_classifier(model)
-    result = run_cli(*run_default_args(tmp_path / "ds", model, llm_server, "--batch_size", "2", "--num_workers", "0"))
+    result = main_result(capsys, *run_default_args(tmp_path / "ds", model, llm_server, "--batch_size", "2",
+                                                   "--num_workers", "0"))
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
     lines = error_lines(result.stderr)
     assert len(lines) == 1, lines
@@ -254,11 +260,12 @@ def test_model_that_is_not_image_to_text_fails_at_load_time_with_one_line(tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-def test_dtype_attention_and_repetition_penalty_end_to_end(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_dtype_attention_and_repetition_penalty_end_to_end(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 4)
-    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server, "--batch_size", "3",
-                               "--num_workers", "0", "--dtype", "bfloat16", "--attn_implementation", "eager",
-                               "--repetition_penalty", "1.2"))
+    result = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir("qwen2_5_vl"), llm_server,
+                                                   "--batch_size", "3", "--num_workers", "0", "--dtype", "bfloat16",
+                                                   "--attn_implementation", "eager", "--repetition_penalty", "1.2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vision: 4 done" in result.stdout
     for image in images:
@@ -306,15 +313,15 @@ def test_device_map_auto_is_passed_to_the_loader_and_the_model_is_not_moved(tmp_
     assert_caption_words_only(captions[0], "device_map auto")
 
 
-def test_quantization_without_bitsandbytes_is_one_clear_line(tmp_path, model_dir, llm_server):
+def test_quantization_without_bitsandbytes_is_one_clear_line(tmp_path, capsys, model_dir, llm_server):
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass
     make_dataset(tmp_path / "ds", 2)
-    result = run_cli(*run_default_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--quantization", "4bit",
-                               "--num_workers", "0"))
+    result = main_result(capsys, *run_default_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+                                                   "--quantization", "4bit", "--num_workers", "0"))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "bitsandbytes" in lines[0], lines
@@ -401,6 +408,7 @@ def check_served_captions(images: list[Path], vision_requests: list[dict], max_s
         assert read_generated(image) == "VISION " + sha12(url), image.name
 
 
+@pytest.mark.slow
 def test_served_vision_model_one_server_for_both_stages_large_images_downscaled(tmp_path, llm_server):
     images = [make_image(tmp_path / "ds" / f"big{i}.jpg", i + 1, size=(1500, 1000)) for i in range(3)]
     images.append(make_image(tmp_path / "ds" / "tall.png", 7, size=(600, 1200)))
@@ -421,6 +429,7 @@ def test_served_vision_model_one_server_for_both_stages_large_images_downscaled(
     assert not (tmp_path / "no-such-model").exists()
 
 
+@pytest.mark.slow
 def test_served_vision_model_and_llm_on_two_servers(tmp_path):
     images = make_dataset(tmp_path / "ds", 5)
     system_file = tmp_path / "vlm_system.txt"

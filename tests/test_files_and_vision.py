@@ -56,6 +56,7 @@ def run_script(*args, umask: int | None = None, env: dict | None = None, timeout
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_caches_report_and_export_get_the_mode_the_umask_gives(tmp_path, model_dir, llm_server, umask):
     images = make_dataset(tmp_path / "ds", 2)
@@ -97,6 +98,8 @@ def two_process_run(tmp_path_factory, model_dir):
     return result, report
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_process_run")  # one worker makes the run both read
 def test_under_accelerate_the_report_ends_with_the_real_exit_code_and_counts(two_process_run):
     result, report = two_process_run
     assert "split over 2 processes" in result.stdout + result.stderr  # the world size really is 2
@@ -109,6 +112,8 @@ def test_under_accelerate_the_report_ends_with_the_real_exit_code_and_counts(two
     assert summary["failed"] == 1 and summary["skipped"] == 0 and summary["signal"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("two_process_run")  # one worker makes the run both read
 def test_progress_of_several_processes_says_it_is_this_process_share(two_process_run):
     result, _ = two_process_run
     progress = [line for line in result.stderr.splitlines() if re.match(r"(vision|llm)\b.*: \d+(/\d+| done) \(", line)]
@@ -128,6 +133,7 @@ def test_a_refused_run_writes_its_exit_code_to_the_report(tmp_path, capsys, mode
     assert failures == [] and summary["exit_code"] == 2 and "no images" in summary["error"]
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, model_dir, llm_server):
     """The work is saved; a cron job that reads the report must still hear that there is none."""
     images = make_dataset(tmp_path / "ds", 1)
@@ -145,6 +151,7 @@ def test_a_report_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
 def test_a_file_name_that_is_not_utf8_is_reported_and_printed_without_a_crash(tmp_path, model_dir, llm_server,
                                                                                 locale):
@@ -215,6 +222,7 @@ def test_a_read_only_dataset_folder_is_one_line_exit_2(tmp_path, capsys, monkeyp
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decoding_workers_started_by_spawn_caption_the_images(tmp_path, model_dir, llm_server):
     """spawn is the default start method on macOS and Windows: the workers unpickle the dataset and the collate."""
     images = make_dataset(tmp_path / "ds", 3)
@@ -283,6 +291,7 @@ def test_tiny_llava_next_decode_side_covers_its_pinpoints(tmp_path, model_dir):
     assert captioner.decode_side >= largest > 32  # above its 32 px crop, which today's rule stopped at
 
 
+@pytest.mark.slow
 def test_tiny_llava_next_captions_jpegs_through_the_cli(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 3)
     code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("llava_next"), llm_server))
@@ -344,6 +353,7 @@ def test_strip_echo(text, prompt, expected):
     assert ec.strip_echo(text, prompt) == expected
 
 
+@pytest.mark.slow
 def test_blip_with_a_prompt_never_opens_a_caption_with_it(tmp_path, capsys, model_dir, llm_server):
     """BLIP returns the prompt as its own tokens give it back: lower case, spaced punctuation."""
     prompt = "Describe this image in detail."

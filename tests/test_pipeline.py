@@ -1,4 +1,5 @@
-"""End to end through the command line: caches, resume, one LLM call per missing cache, errors, accelerate."""
+"""End to end: caches, resume, one LLM call per missing cache, errors, accelerate. The first run and the two-process
+run go through the command line; the others call main() in this process."""
 from __future__ import annotations
 
 import shutil
@@ -6,13 +7,15 @@ import shutil
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import SCRIPT, caches, make_dataset, run_args, run_cli, run_two_processes, user_message
+from tests.conftest import (SCRIPT, caches, main_result, make_dataset, run_args, run_cli, run_two_processes,
+                            user_message)
 from tests.llm_server import sha12
 
 
 
 
 
+@pytest.mark.slow
 def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 5)
     result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
@@ -36,36 +39,38 @@ def test_first_run_writes_every_cache_and_each_merge_belongs_to_its_image(tmp_pa
     assert not list((tmp_path / "ds").glob(".*.tmp"))  # no temporary files left behind
 
 
-def test_rerun_loads_no_model_and_calls_nothing_then_redoes_one_deleted_merge(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_rerun_loads_no_model_and_calls_nothing_then_redoes_one_deleted_merge(tmp_path, capsys, model_dir,
+                                                                               llm_server):
     images = make_dataset(tmp_path / "ds", 4)
     model = tmp_path / "model"
     shutil.copytree(model_dir("florence2"), model)
-    assert run_cli(*run_args(tmp_path / "ds", model, llm_server)).returncode == 0
+    assert main_result(capsys, *run_args(tmp_path / "ds", model, llm_server)).returncode == 0
     before = {p: p.read_text() for p in (tmp_path / "ds").glob("*_*.txt")}
     assert len(before) == 8
     shutil.rmtree(model)  # a rerun that loaded the model would now fail
-    rerun = run_cli(*run_args(tmp_path / "ds", model, llm_server))
+    rerun = main_result(capsys, *run_args(tmp_path / "ds", model, llm_server))
     assert rerun.returncode == 0, rerun.stderr
     assert len(llm_server.requests) == 4
     assert "llm: 0 done, 4 from cache, 0 failed" in rerun.stdout
     assert {p: p.read_text() for p in (tmp_path / "ds").glob("*_*.txt")} == before
 
     caches(images[2])[1].unlink()
-    third = run_cli(*run_args(tmp_path / "ds", model, llm_server))
+    third = main_result(capsys, *run_args(tmp_path / "ds", model, llm_server))
     assert third.returncode == 0, third.stderr
     assert len(llm_server.requests) == 5
     assert "subject2, photo number 2" in user_message(llm_server.requests[-1])
     assert caches(images[2])[1].read_text() == before[caches(images[2])[1]]  # deterministic fake reply
 
 
-def test_missing_manual_caption_and_empty_cache(tmp_path, model_dir, llm_server):
+def test_missing_manual_caption_and_empty_cache(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 3)
     images[0].with_suffix(".txt").unlink()          # no manual caption at all
     images[1].with_suffix(".txt").write_text("  \n")  # an empty one counts the same
     generated, combined = caches(images[2])
     generated.write_text("")                        # an empty cache counts as missing
     combined.write_text("   \n")
-    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
+    result = main_result(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr
     assert len(llm_server.requests) == 3
     for request in llm_server.requests:
@@ -77,10 +82,11 @@ def test_missing_manual_caption_and_empty_cache(tmp_path, model_dir, llm_server)
     assert generated.read_text().strip() and combined.read_text().strip()
 
 
-def test_no_cache_mode_writes_only_combined(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_no_cache_mode_writes_only_combined(tmp_path, capsys, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 3)
-    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
-                               "--no-cache_generated_captions_to_disk"))
+    result = main_result(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+                                           "--no-cache_generated_captions_to_disk"))
     assert result.returncode == 0, result.stderr
     for image in images:
         generated, combined = caches(image)
@@ -89,7 +95,8 @@ def test_no_cache_mode_writes_only_combined(tmp_path, model_dir, llm_server):
     assert len(llm_server.requests) == 3
 
 
-def test_nested_folders_hidden_files_and_letter_case(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_nested_folders_hidden_files_and_letter_case(tmp_path, capsys, model_dir, llm_server):
     from tests.conftest import make_image
 
     ds = tmp_path / "ds"
@@ -99,13 +106,14 @@ def test_nested_folders_hidden_files_and_letter_case(tmp_path, model_dir, llm_se
     make_image(ds / ".hidden" / "skip.jpg", 4)
     make_image(ds / "._apple.jpg", 5)
     (ds / "notes.gif").write_bytes(b"GIF89a")
-    result = run_cli(*run_args(ds, model_dir("florence2"), llm_server))
+    result = main_result(capsys, *run_args(ds, model_dir("florence2"), llm_server))
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(ds).as_posix() for p in ds.rglob("*_combined.txt")) == [
         "a/b/deep_combined.txt", "top_combined.txt", "x_combined.txt"]
     assert len(llm_server.requests) == 3
 
 
+@pytest.mark.slow
 def test_bad_flag_missing_folder_missing_prompt_file_exit_2(tmp_path, llm_server):
     make_dataset(tmp_path / "ds", 1)
     bad_flag = run_cli("--dataset_dir", tmp_path / "ds", "--no_such_flag")
@@ -118,27 +126,29 @@ def test_bad_flag_missing_folder_missing_prompt_file_exit_2(tmp_path, llm_server
     assert llm_server.requests == []
 
 
-def test_unreachable_endpoint_fails_before_any_model_loads(tmp_path, model_dir):
+def test_unreachable_endpoint_fails_before_any_model_loads(tmp_path, capsys, model_dir):
     import socket
 
     make_dataset(tmp_path / "ds", 2)
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run_cli("--dataset_dir", tmp_path / "ds", "--model_id", model_dir("florence2"),
-                     "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "0")
+    result = main_result(capsys, "--dataset_dir", tmp_path / "ds", "--model_id", model_dir("florence2"),
+                         "--base_url", f"http://127.0.0.1:{port}/v1", "--max_retries", "0")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and "cannot reach" in lines[0]
     assert not list((tmp_path / "ds").glob("*_generated.txt"))
 
 
-def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, model_dir, llm_server):
+@pytest.mark.slow
+def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, capsys, model_dir, llm_server):
     from tests.llm_server import status
 
     images = make_dataset(tmp_path / "ds", 3)
     llm_server.script(*[status(400)] * 1)  # a non-retryable answer for the first request
-    result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "1"))
+    result = main_result(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server,
+                                           "--concurrency", "1"))
     assert result.returncode == 1
     done = [image for image in images if caches(image)[1].exists()]
     assert len(done) == 2
@@ -147,9 +157,9 @@ def test_failed_llm_item_is_reported_not_cached_and_run_goes_on(tmp_path, model_
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl"])
-def test_chat_model_end_to_end(tmp_path, model_dir, llm_server, family):
+def test_chat_model_end_to_end(tmp_path, capsys, model_dir, llm_server, family):
     images = make_dataset(tmp_path / "ds", 3)
-    result = run_cli(*run_args(tmp_path / "ds", model_dir(family), llm_server))
+    result = main_result(capsys, *run_args(tmp_path / "ds", model_dir(family), llm_server))
     assert result.returncode == 0, result.stderr
     for image in images:
         text = caches(image)[0].read_text()
@@ -157,6 +167,7 @@ def test_chat_model_end_to_end(tmp_path, model_dir, llm_server, family):
         assert ec.DEFAULT_CHAT_PROMPT not in text and "assistant" not in text.lower()
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_dir, llm_server):
     images = make_dataset(tmp_path / "ds", 7)
     result = run_two_processes(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
@@ -170,6 +181,7 @@ def test_two_process_accelerate_launch_captions_each_image_once(tmp_path, model_
     assert "vision: 7 done" in result.stdout and "llm: 7 done" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlap_starts_merging_while_the_vision_model_works(tmp_path, model_dir, overlap):
     """With --overlap some LLM request arrives before the last caption is written; without it none does."""

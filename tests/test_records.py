@@ -145,6 +145,7 @@ def summary(out: str, name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_change_redoes_exactly_what_it_touched(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
@@ -278,6 +279,7 @@ def edit_manual_captions(ds: Path, n: int) -> None:
         (ds / f"img{i:03d}.txt").write_text(f"subject{i}, photo number {i}, edited", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 3)
@@ -310,6 +312,7 @@ def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_pat
     assert_quiet(capsys, ds, vlm, llm_server)
 
 
+@pytest.mark.slow
 def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 3)
@@ -323,7 +326,8 @@ def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_p
     # img000 merges from its edited text; img001's cannot be read: one line naming it, and it is not replaced
     out, requests = run(capsys, ds, vlm.broken(), llm_server, expect=1)
     assert subjects(requests) == [0, 2]
-    assert "caf\u00e9 at dusk" in user_message(requests[0])
+    asked = {subject_of(r): r for r in requests}  # in whatever order the requests went out
+    assert "caf\u00e9 at dusk" in user_message(asked[0])
     assert gen[0].read_bytes() == UTF8_EDIT and gen[1].read_bytes() == CP1252_EDIT
     assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 2 (2 generated)"
     failed = [line for line in out.splitlines() if line.startswith("FAILED")]
@@ -369,6 +373,7 @@ def all_record_shas(ds: Path) -> dict[str, set[str]]:
     return shas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["vision", "llm_first_request", "llm_midway", "remerge_midway"])
 def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         tmp_path, capsys, vlm, llm_server, point):
@@ -380,16 +385,17 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         edit_manual_captions(ds, len(images))
         model = vlm.broken()
     before_kill = snapshot(ds)
-    llm_server.latency = 0.5
+    k = 1 if point in ("vision", "llm_first_request") else 4
+    llm_server.hold(after=k - 1)  # the k-th request and the ones after it stay in flight until the kill
     killed = Cli(tmp_path, "killed", *run_args(ds, model, llm_server, "--batch_size", "1", "--concurrency", "2"))
     asked = len(llm_server.requests)
     if point == "vision":
         killed.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
     else:
-        k = 1 if point == "llm_first_request" else 4
         killed.wait_for(lambda: len(llm_server.requests) >= asked + k, what=f"{k} LLM requests")
     killed.proc.send_signal(signal.SIGKILL)
     killed.proc.wait(30)
+    llm_server.release()
 
     # what the kill left: no empty cache, and each one's bytes are recorded (journal or records.jsonl)
     recorded = all_record_shas(ds)
@@ -407,7 +413,6 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
         missing_generated = [i for i, image in enumerate(images) if not caches(image)[0].exists()]
     assert redo
 
-    llm_server.latency = 0.0
     out, requests = run(capsys, ds, vlm.good() if missing_generated else vlm.broken(), llm_server)
     assert subjects(requests) == redo  # what the kill left undone, once each
     assert vision_done(out) == len(missing_generated)
@@ -417,6 +422,7 @@ def test_sigkill_anywhere_then_one_rerun_finishes_and_the_next_does_nothing(
     assert_quiet(capsys, ds, vlm, llm_server)
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(tmp_path, capsys, vlm, llm_server):
     """The record goes to the journal before the cache is renamed into place: a kill in between leaves the old
     file behind a newer record (and maybe half a line). The old file is still ours, so it is redone, not kept."""
@@ -442,6 +448,7 @@ def test_a_kill_between_the_record_and_the_rename_is_not_taken_for_a_hand_edit(t
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 6)
@@ -469,6 +476,7 @@ def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_legacy_folder_is_adopted_without_a_request_or_a_load(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
@@ -516,6 +524,7 @@ def plan_summary(out: str) -> list[str]:
     return [summary(out, name) for name in names]
 
 
+@pytest.mark.slow
 def test_dry_run_counts_each_reason_and_touches_nothing(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 5)

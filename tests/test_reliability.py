@@ -11,13 +11,15 @@ import os
 import re
 import signal
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (Cli, caches, lines_with, make_dataset, make_image, report_failures,
+from tests.conftest import (WAIT_SCALE, Cli, caches, lines_with, make_dataset, make_image, report_failures,
                             run_args, run_main, run_two_processes, seed_generated, user_message)
 from tests.llm_server import default_reply_text, hang, invalid_json, reply, reset, sha12, status
 
@@ -94,6 +96,7 @@ TRANSIENT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(TRANSIENT))
 def test_transient_fault_then_success_is_retried_and_cached(tmp_path, capsys, model_dir, llm_server, fault):
     images = make_dataset(tmp_path / "ds", 2)
@@ -129,7 +132,7 @@ def test_persistent_fault_fails_only_that_item_after_backing_off(tmp_path, capsy
     assert len(tries) == 4  # --max_retries 3: the first try and three retries, then it is given up
     gaps = [b - a for a, b in zip(tries, tries[1:])]
     for n, gap in enumerate(gaps):  # exponential backoff: every wait at least double the first bound
-        assert gap >= 0.2 * 2 ** n, gaps
+        assert gap >= 0.2 * 2 ** n * WAIT_SCALE, gaps
     assert not caches(images[1])[1].exists()  # nothing cached for the failed item
     assert combined_text(images[0]) and combined_text(images[2])
     assert "llm: 2 done, 0 from cache, 1 failed" in out
@@ -140,64 +143,93 @@ def test_persistent_fault_fails_only_that_item_after_backing_off(tmp_path, capsy
     assert rows[0]["error"]
 
 
-def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, model_dir, llm_server):
-    """A 429 with Retry-After: 1 pauses the whole run, not just the request that got it.
+def wait_until(condition, what: str, timeout: float = 120.0) -> None:
+    """In a server handler: poll until `condition()`; a hang fails the test instead of hanging it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
 
-    The server answers after 0.2 s. The 429 is the first request (arrival t0) and is answered at t0+0.2; the
-    client handles it at h >= t0+0.2 and pauses its limiter until h+1. A request that passed the limiter before
-    h reaches the server by about h; one that comes later waits until h+1 >= t0+1.2. So no request may arrive
-    in (t0+0.5, t0+1.2), allowing 0.3 s for the client to handle the 429. Without the shared pause the other
-    three workers would go on at one request per 0.2 s each, right through that window.
-    """
+
+def first_answers_429_once_all_are_in_flight(server, in_flight: int, paused, limited: list[int]):
+    """A reply callable: the first request waits until `in_flight` requests are at the server, then gets a 429 with
+    Retry-After: 10 (0.5 s scaled); the others then in flight are held until `paused()` says the script has taken
+    the pause. So when the pause starts no request is on the wire, and every request that arrives after it was sent
+    after it."""
+    lock = threading.Lock()
+
+    def reply(body):
+        with lock:
+            first = not limited
+            if first:
+                limited.append(subject_of(body))
+        if first:
+            wait_until(lambda: server.in_flight >= in_flight, f"{in_flight} requests in flight")
+            return status(429, {"Retry-After": "10"})
+        if len(server.requests) <= in_flight:
+            wait_until(paused, "the pause")
+        return default_reply_text(body)
+
+    return reply
+
+
+@pytest.mark.slow
+def test_retry_after_is_honoured_and_holds_back_every_worker(tmp_path, capsys, monkeypatch, model_dir, llm_server):
+    """A 429 with Retry-After pauses the whole run, not just the request that got it: with four workers' requests
+    in flight when it comes, the three others are answered once the pause is taken, and no request at all reaches
+    the server from then until the pause ends. Without the shared pause they would go on at once."""
     images = make_dataset(tmp_path / "ds", 12)
     seed_generated(images)
-    llm_server.latency = 0.2
-    llm_server.script(status(429, {"Retry-After": "1"}))
+    pauses: list[tuple[float, float]] = []  # (when, until), on the server's clock (time.monotonic)
+    take_pause = ec.RateLimiter.pause
+
+    def pause(self, seconds):
+        take_pause(self, seconds)
+        pauses.append((time.monotonic(), self.paused_until))
+
+    monkeypatch.setattr(ec.RateLimiter, "pause", pause)
+    limited: list[int] = []
+    llm_server.reply = first_answers_429_once_all_are_in_flight(llm_server, 4, lambda: pauses, limited)
     code, out, err = run_main(capsys, *run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server,
                                                 "--concurrency", "4", "--max_retries", "2"))
     assert code == 0, err
-    requests, times = llm_server.chat_requests(), list(llm_server.request_times)
-    assert len(requests) == 13
-    t0, limited = times[0], subject_of(requests[0])
-    retry = next(t for r, t in zip(requests[1:], times[1:]) if subject_of(r) == limited)
-    assert retry - t0 >= 1.0  # the retried request waited Retry-After
-    offsets = sorted(t - t0 for t in times[1:])
-    assert not [o for o in offsets if 0.5 < o < 1.2], offsets  # nobody else went on during the pause
-    held = [t for r, t in zip(requests[1:], times[1:]) if subject_of(r) != limited and t - t0 >= 1.2]
-    assert held, offsets  # other workers' requests were held back until the pause ended
     assert "llm: 12 done, 0 from cache, 0 failed" in out
+    requests, times = llm_server.chat_requests(), list(llm_server.request_times)
+    assert len(requests) == 13 and len(pauses) == 1
+    when, until = pauses[0]
+    assert until - when == pytest.approx(10 * WAIT_SCALE, abs=0.01)  # Retry-After: 10, scaled
+    after = [(subject_of(r), t) for r, t in zip(requests, times) if t > when]
+    assert len(after) == 13 - 4  # the retry and the eight not asked yet: all sent after the pause began
+    assert limited[0] in [subject for subject, _ in after]  # the 429's request was asked again
+    assert all(t >= until for _, t in after), [(s, t - until) for s, t in after]  # none during the pause
 
 
+@pytest.mark.slow
 def test_retry_after_holds_back_the_other_processes_of_a_two_process_run(tmp_path, model_dir, llm_server):
-    """The same pause across `accelerate launch` processes. The processes take the merges of 40 images as they go,
-    one request at a time each (so each keeps one connection, which names it here), 0.2 s each. Once both have a
-    request in flight, the next to be answered (t0) gets a 429 with Retry-After: 2 at t0+0.2, so its process
-    pauses until about t0+2.2. Through the shared pause the other process must send nothing from t0+0.8 (0.6 s
-    to see the pause) until the pause ends, and go on after it."""
+    """The same pause across `accelerate launch` processes, one request at a time each (so each keeps one
+    connection, which names it here). With both processes' first requests in flight, one gets a 429 with
+    Retry-After; the other's is answered once the pause file is in the dataset folder. From then on neither process
+    sends a request until the pause written there ends, and both go on after it."""
     images = make_dataset(tmp_path / "ds", 40)
     seed_generated(images)
+    pause_file = tmp_path / "ds" / ec.PAUSE_NAME.format(stage=ec.STAGE_LLM)
     limited: list[int] = []
-
-    def reply(body):
-        if llm_server.in_flight == 2 and not limited:  # this request and one from the other process
-            limited.append(subject_of(body))
-            return status(429, {"Retry-After": "2"})
-        return default_reply_text(body)
-
-    llm_server.latency, llm_server.reply = 0.2, reply
+    llm_server.reply = first_answers_429_once_all_are_in_flight(llm_server, 2, pause_file.exists, limited)
     result = run_two_processes(*run_args_4(tmp_path / "ds", model_dir("florence2"), llm_server, "--concurrency", "1",
                                          "--max_retries", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "split over 2 processes" in result.stdout + result.stderr
     assert "llm: 40 done, 0 from cache, 0 failed" in result.stdout
-    requests, times, peers = llm_server.chat_requests(), list(llm_server.request_times), list(llm_server.peers)
+    requests, peers = llm_server.chat_requests(), list(llm_server.peers)
+    wall = time.time() - time.monotonic()  # the pause file holds wall-clock time
+    times = [t + wall for t in llm_server.request_times]
     assert len(requests) == 41 and len(limited) == 1 and len(set(peers)) == 2
-    first = [subject_of(r) for r in requests].index(limited[0])
-    t0, limited_peer = times[first], peers[first]
-    offsets = sorted(t - t0 for t in times if t > t0)
-    assert not [o for o in offsets if 0.8 < o < 2.0], offsets  # neither process sent during the pause
-    other = [t - t0 for p, t in zip(peers, times) if t > t0 and p != limited_peer]
-    assert [o for o in other if o >= 2.0], other  # the other process went on after it
+    written, until = pause_file.stat().st_mtime, float(pause_file.read_text())
+    after = [(p, t) for p, t in zip(peers, times) if t > written]
+    assert len(after) == 41 - 2  # every request but the first two was sent after the pause was written
+    assert all(t >= until - 0.002 for _, t in after), [t - until for _, t in after]  # none during the pause
+    assert len({p for p, _ in after}) == 2  # and both processes went on after it
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,21 +427,23 @@ def cache_snapshot(ds: Path) -> dict[Path, tuple[int, str]]:
             for p in ds.rglob("*") if p.name.endswith(("_generated.txt", "_combined.txt"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["vision", "llm_first_request", "llm_midway"])
 def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finished(
         tmp_path, capsys, model_dir, llm_server, point):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 16 if point == "vision" else 8)
-    llm_server.latency = 0.4
+    k = {"vision": 1, "llm_first_request": 1, "llm_midway": 5}[point]
+    llm_server.hold(after=k - 1)  # the k-th request and the ones after it stay in flight until the kill
     run = Cli(tmp_path, "killed", *run_args_4(ds, model_dir("florence2"), llm_server, "--batch_size", "1",
                                              "--concurrency", "2"))
     if point == "vision":
         run.wait_for(lambda: len(list(ds.glob("*_generated.txt"))) >= 3, what="the first vision captions")
     else:
-        k = 1 if point == "llm_first_request" else 5
         run.wait_for(lambda: len(llm_server.requests) >= k, what=f"{k} LLM requests")
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait(30)
+    llm_server.release()
 
     before = cache_snapshot(ds)
     assert all(text.strip() for _, text in before.values())  # no empty or half-written cache
@@ -420,7 +454,6 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     assert missing_combined
     asked_before = len(llm_server.requests)
 
-    llm_server.latency = 0.0
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     rerun_requests = llm_server.chat_requests()[asked_before:]
@@ -432,6 +465,7 @@ def test_sigkill_then_rerun_gives_a_clean_runs_caches_and_redoes_nothing_finishe
     assert_clean_final_state(ds, images, llm_server.chat_requests())
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_path, capsys, model_dir, llm_server):
     """A SIGKILL between writing a cache's temporary file and renaming it leaves that temporary behind."""
     ds = tmp_path / "ds"
@@ -445,17 +479,20 @@ def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_pat
     assert tmp_files(ds) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
         tmp_path, capsys, model_dir, llm_server, signum, exit_code):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 8)
     seed_generated(images)
-    llm_server.latency = 1.0
+    llm_server.hold()  # the two requests in flight are answered only once the run has taken the signal
     run = Cli(tmp_path, "stopped", *run_args_4(ds, model_dir("florence2"), llm_server, "--concurrency", "2"))
-    run.wait_for(lambda: len(llm_server.requests) >= 2, what="two LLM requests in flight")
+    run.wait_for(lambda: llm_server.held == 2, what="two LLM requests in flight")
     in_flight = len(llm_server.requests)
     run.proc.send_signal(signum)
+    run.wait_for(lambda: "stopping after the work in flight" in run.stderr, what="the signal to be taken")
+    llm_server.release()
     assert run.wait(60) == exit_code, run.stderr
     done = [i for i, image in enumerate(images) if combined_text(image)]
     assert len(done) >= in_flight  # the replies in flight when the signal came were saved
@@ -464,7 +501,6 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     assert re.search(rf"^llm: {len(done)} done, 0 from cache, 0 failed$", run.stdout, re.M), run.stdout
     assert tmp_files(ds) == []
 
-    llm_server.latency = 0.0
     asked_before = len(llm_server.requests)
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
@@ -474,6 +510,7 @@ def test_sigint_and_sigterm_save_replies_in_flight_print_the_summary_and_exit(
     assert_clean_final_state(ds, images, llm_server.chat_requests())
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is_free(
         tmp_path, capsys, model_dir, llm_server):
     import fcntl
@@ -481,7 +518,7 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
     seed_generated(images)
-    llm_server.latency = 60.0  # the first run's requests hang until it is killed
+    llm_server.hold()  # the first run's requests stay in flight until it is killed
     first = Cli(tmp_path, "first", *run_args_4(ds, model_dir("florence2"), llm_server))
     first.wait_for(lambda: len(llm_server.requests) >= len(images), what="the first run's LLM requests")
     assert [p for p in ds.iterdir() if "lock" in p.name.lower()]  # the lock file lives in the dataset folder
@@ -497,7 +534,7 @@ def test_second_run_on_the_same_folder_refuses_at_once_and_a_dead_owners_lock_is
 
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(30)
-    llm_server.latency = 0.0
+    llm_server.release()
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err  # the dead owner's lock is not stale
     assert all(combined_text(image) for image in images)
@@ -640,6 +677,7 @@ def test_load_image_unreadable_file(tmp_path):
         ec.load_image(path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_once_each_and_every_good_image_is_captioned(tmp_path, capsys, model_dir,
                                                                               llm_server):
     ds = tmp_path / "ds"
@@ -730,6 +768,7 @@ def test_dataset_dir_that_is_a_file_or_an_empty_folder_is_a_clear_exit_2(tmp_pat
     assert llm_server.requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(tmp_path, capsys, model_dir,
                                                                               llm_server, workers):
@@ -758,6 +797,7 @@ def test_an_image_the_processor_refuses_fails_alone_and_its_batch_is_captioned(t
     assert "vision: 3 done, 0 from cache, 1 failed" in out
 
 
+@pytest.mark.slow
 def test_a_decoding_worker_that_dies_ends_the_run_with_one_line_and_keeps_what_was_done(
         tmp_path, capsys, model_dir, llm_server):
     """A DataLoader worker killed mid-stage (as the OOM killer or a full /dev/shm would): exit 2 with one line

@@ -16,8 +16,8 @@ import threading
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (Cli, caches, lines_with, make_dataset, make_image, run_args, run_main, seed_generated,
-                            two_process_command, user_message)
+from tests.conftest import (Cli, caches, cli_env, lines_with, make_dataset, make_image, run_args, run_main,
+                            seed_generated, two_process_command, user_message)
 from tests.llm_server import reply, reset, status
 
 REFUSAL_TEXT = "I\u2019m sorry, but I can\u2019t help with that."  # typographic apostrophes, as models write them
@@ -297,6 +297,7 @@ def stopped_within(run, signum, asked, timeout=15.0) -> int:
     return code
 
 
+@pytest.mark.slow
 def test_sigterm_during_rpm_waits_exits_143_at_once_and_sends_nothing_more(tmp_path, model_dir, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 12)
@@ -309,12 +310,14 @@ def test_sigterm_during_rpm_waits_exits_143_at_once_and_sends_nothing_more(tmp_p
     assert "llm: 2 done, 0 from cache, 0 failed" in run.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answer", [status(500), reply(REFUSAL_TEXT)], ids=["client_retry_sleep", "reply_backoff"])
 def test_sigint_between_retries_exits_130_at_once_and_sends_nothing_more(tmp_path, model_dir, llm_server, answer):
     images = make_dataset(tmp_path / "ds", 1)
     seed_generated(images)
     llm_server.reply = lambda body: answer
-    run = Cli(tmp_path, "retries", *args_for(tmp_path / "ds", model_dir, llm_server, "--max_retries", "5"))
+    run = Cli(tmp_path, "retries", *args_for(tmp_path / "ds", model_dir, llm_server, "--max_retries", "5"),
+              env=cli_env(ENHANCE_CAPTIONS_WAIT_SCALE="1"))  # unscaled: the signal lands in a wait of a second
     run.server = llm_server
     run.wait_for(lambda: len(llm_server.requests) >= 3, what="three tries")  # then a backoff of a second or more
     assert stopped_within(run, signal.SIGINT, asked=len(llm_server.requests)) == 130
@@ -322,6 +325,7 @@ def test_sigint_between_retries_exits_130_at_once_and_sends_nothing_more(tmp_pat
     assert "llm: 0 done, 0 from cache, 0 failed" in run.stdout  # stopped, not failed: the next run does it
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_of_a_two_process_run_stops_both_workers(tmp_path, model_dir, llm_server):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 20)

@@ -181,6 +181,7 @@ def load_imagefolder(ds: Path, cache: Path) -> dict[Path, dict]:
     return {Path(row["image"]["path"]).resolve(): row for row in loaded}
 
 
+@pytest.mark.slow
 def test_export_metadata_jsonl_and_csv_load_with_datasets_imagefolder(tmp_path, model_dir, llm_server, capsys):
     ds, images = captioned_dataset(tmp_path, model_dir, llm_server, capsys)
     requests = len(llm_server.requests)
@@ -195,6 +196,7 @@ def test_export_metadata_jsonl_and_csv_load_with_datasets_imagefolder(tmp_path, 
     assert len(llm_server.requests) == requests  # exporting asks nothing: the captions were cached
 
 
+@pytest.mark.slow
 def test_export_kohya_json_is_keyed_by_full_paths_that_exist(tmp_path, model_dir, llm_server, capsys):
     ds, images = captioned_dataset(tmp_path, model_dir, llm_server, capsys)
     code, out, err = run_main(capsys, *run_args(ds, model_dir("florence2"), llm_server, "--export", "kohya.json"))
@@ -276,6 +278,7 @@ def clean_dataset(ds: Path) -> list[Path]:
     return images
 
 
+@pytest.mark.slow
 def test_audit_finds_one_of_each_flaw_and_exits_1(tmp_path, tokenizer_dir):
     ds = tmp_path.resolve() / "ds"
     clean_dataset(ds)

@@ -84,6 +84,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [[], ["--overlap"]], ids=["after-vision", "overlap"])
 def test_each_variant_is_merged_with_its_own_system_prompt(tmp_path, model_dir, llm_server, capsys, overlap):
     llm_server.reply = tag_reply
@@ -174,6 +175,7 @@ def test_an_edited_variant_prompt_is_stale_only_for_that_variant_and_only_with_r
     assert len(llm_server.requests) == first + len(images)
 
 
+@pytest.mark.slow
 def test_a_replaced_image_redoes_every_variant_from_its_new_vision_caption(tmp_path, model_dir, llm_server, capsys):
     llm_server.reply = tag_reply
     ds, images = seeded(tmp_path)
@@ -282,6 +284,7 @@ def trainer_line(written: int, current: int, kept: int) -> str:
     return f"  trainer captions: {written} written, {current} current, {kept} edited by hand (kept)"
 
 
+@pytest.mark.slow
 def test_write_captions_copies_each_combined_caption_where_kohya_reads_it(tmp_path, model_dir, llm_server, capsys):
     ds = tmp_path.resolve() / "ds"
     images = make_dataset(ds, 3)

@@ -94,12 +94,14 @@ def test_local_llm_merges_in_process_batched_with_the_system_prompt_cleaned_and_
     first_lines = [line for line in err.splitlines() if line.strip()][:2]
     assert any("local" in line.lower() and llm in line for line in first_lines), err
     conversations = [c for batch in batches for c in batch]
-    assert len(conversations) == 4
     assert max(len(batch) for batch in batches) > 1  # batched, not one generate call per image
     system = prompt.read_text(encoding="utf-8").strip()
     assert all(c[0] == {"role": "system", "content": system} for c in conversations)
-    assert sorted(next(i for i in range(4) if f"subject{i}, photo number {i}" in user_message({"messages": c}))
-                  for c in conversations) == [0, 1, 2, 3]
+    subjects = [next(i for i in range(4) if f"subject{i}, photo number {i}" in user_message({"messages": c}))
+                for c in conversations]
+    # Each image asked; which images share a batch depends on timing, and a random-weight reply cut off in one
+    # batch is asked again (retries are test_requests' subject), within the default --max_retries 5.
+    assert sorted(set(subjects)) == [0, 1, 2, 3] and max(subjects.count(i) for i in range(4)) <= 6, subjects
 
     # The same caches: a rerun loads no model (neither path exists any more) and writes nothing.
     before = snapshot(tmp_path / "ds")
@@ -146,6 +148,7 @@ def test_a_local_llm_that_cannot_be_loaded_is_a_one_line_configuration_error(tmp
     assert not any(caches(image)[1].exists() for image in images)
 
 
+@pytest.mark.slow
 def test_dotenv_in_the_working_directory_sets_the_endpoint(tmp_path, llm_server):
     images = make_dataset(tmp_path / "ds", 2)
     for image in images:  # vision captions cached: only the merge runs
@@ -165,6 +168,8 @@ def test_dotenv_in_the_working_directory_sets_the_endpoint(tmp_path, llm_server)
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("transformers_serve")
 def test_end_to_end_against_transformers_serve(tmp_path, model_dir, transformers_serve):
     base_url, model = transformers_serve
     images = make_dataset(tmp_path / "ds", 3)
@@ -219,6 +224,7 @@ def test_dry_run_reports_the_plan_and_touches_nothing(tmp_path, llm_server, caps
     assert snapshot(ds) == before                                    # no cache, no lock, no temporary file
 
 
+@pytest.mark.slow
 def test_limit_processes_the_next_n_images_that_need_work(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 5)
     args = run_args(tmp_path / "ds", model_dir("florence2"), llm_server, "--limit", "2")
@@ -236,6 +242,7 @@ def test_limit_processes_the_next_n_images_that_need_work(tmp_path, model_dir, l
     assert sorted(int(user_message(r).split("subject")[1].split(",")[0]) for r in llm_server.requests) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 3)
     model = tmp_path / "model"
@@ -278,6 +285,7 @@ def test_overwrite_recomputes_exactly_the_chosen_caches(tmp_path, model_dir, llm
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_lists_every_combined_caption_with_relative_posix_paths(tmp_path, model_dir, llm_server, capsys):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 3)
@@ -316,6 +324,7 @@ def test_export_lists_every_combined_caption_with_relative_posix_paths(tmp_path,
     assert not [p for p in ds.rglob("*") if p.name.endswith(".tmp")]  # written atomically, nothing left over
 
 
+@pytest.mark.slow
 def test_caption_extension_reads_kohya_caption_files(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 2, captions=False)
     for i, image in enumerate(images):
@@ -337,6 +346,7 @@ def test_caption_extension_reads_kohya_caption_files(tmp_path, model_dir, llm_se
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_comes_as_lines_not_bars(tmp_path, model_dir, llm_server):
     make_dataset(tmp_path / "ds", 3)
     result = run_cli(*run_args(tmp_path / "ds", model_dir("florence2"), llm_server), timeout=180)
@@ -348,6 +358,7 @@ def test_without_a_terminal_progress_comes_as_lines_not_bars(tmp_path, model_dir
     assert "%|" not in result.stderr
 
 
+@pytest.mark.slow
 def test_quiet_keeps_only_the_summary_and_failures(tmp_path, model_dir, llm_server, capsys):
     make_dataset(tmp_path / "ds", 3)
     llm_server.script(status(400))
@@ -361,6 +372,7 @@ def test_quiet_keeps_only_the_summary_and_failures(tmp_path, model_dir, llm_serv
     assert len([line for line in err.splitlines() if "FAILED" in line]) == 1, err
 
 
+@pytest.mark.slow
 def test_verbose_adds_a_line_per_item(tmp_path, model_dir, llm_server, capsys):
     images = make_dataset(tmp_path / "ds", 3)
     code, out, err = run_main(capsys, *run_args(tmp_path / "ds", model_dir("florence2"), llm_server))
@@ -377,6 +389,7 @@ def test_verbose_adds_a_line_per_item(tmp_path, model_dir, llm_server, capsys):
         assert [line for line in (out + err).splitlines() if image.name in line], (image, out + err)
 
 
+@pytest.mark.slow
 def test_on_a_terminal_progress_comes_as_bars(tmp_path, model_dir, llm_server):
     try:
         import pty
