@@ -34,6 +34,7 @@ Map of this file, top to bottom:
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause
     chat backends              the OpenAI-compatible endpoint, a pool of several, and a local transformers LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
+    --verify                   the check of a merged caption against its sources: request, strict parse, findings
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
     stages                     the vision loop, the async LLM stage, overlap or one after the other
@@ -41,6 +42,7 @@ Map of this file, top to bottom:
     run()                      orchestration for one process
     around the run             lock, signals, preflight, dry run, summary, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
+                               (with the captions --verify flagged)
     CLI                        build_parser(), main()
 """
 from __future__ import annotations
@@ -96,6 +98,7 @@ SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails
 SET_ASIDE_MAX_SECONDS = 600.0
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
+DEFAULT_VERIFY_PROMPT = SCRIPT_DIR / "prompts" / "verify.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
 DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"  # where the openai client goes without a base URL
@@ -120,7 +123,7 @@ STATS_WAIT = 7 * 24 * 3600.0  # how long the main process waits for another's St
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-STAGE_INPUT, STAGE_VISION, STAGE_LLM = "input", "vision", "llm"
+STAGE_INPUT, STAGE_VISION, STAGE_LLM, STAGE_VERIFY = "input", "vision", "llm", "verify"
 
 
 class UsageError(Exception):
@@ -210,6 +213,8 @@ class Config:
     max_caption_tokens: int | None = None
     caption_tokenizer: str | None = None
     audit: bool = False
+    verify: str | None = None  # --verify: None, "on" or "strict"
+    verify_prompt: str = ""  # the check's instructions (--verify_prompt, default prompts/verify.txt)
     report: Path | None = None
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
 
@@ -271,6 +276,8 @@ class Merge:
     sha: str | None = None
     reason: str | None = None         # why the merge is made this run (a REASON_*), or None
     unless: str | None = None         # ...only if the new vision caption's hash differs from this one
+    record: Record | None = None      # the record of the cache as planning found it
+    check_only: bool = False          # --verify: the caption is current but not checked (with these settings)
 
     @property
     def path(self) -> Path:
@@ -299,6 +306,17 @@ class Note:
     note: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Flagged:
+    """A merged caption that --verify's check still finds fault with after a second merge: kept, and reported."""
+
+    path: str
+    stage: str
+    unsupported: tuple[str, ...]
+    contradictions: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class Stats:
     """A run's counts and failures. The event-loop thread, the writer thread and the main thread all change them,
@@ -309,6 +327,9 @@ class Stats:
     )
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
+    flagged: list[Flagged] = dataclasses.field(default_factory=list)  # --verify: kept with findings
+    checks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # --verify: by outcome
+    spent: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # requests, tokens by purpose
     fatal: str | None = None
     signal: int | None = None
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
@@ -327,12 +348,23 @@ class Stats:
         with self.lock:
             self.notes.append(Note(str(path), stage, note))
 
+    def flag(self, flagged: Flagged) -> None:
+        with self.lock:
+            self.flagged.append(flagged)
+
+    def tally(self, counter: str, what: str, n: int = 1) -> None:
+        with self.lock:
+            getattr(self, counter)[what] += n
+
     def merge(self, other: Stats) -> None:
         with self.lock:
             for stage, counter in other.counts.items():
                 self.counts[stage].update(counter)
             self.failures.extend(other.failures)
             self.notes.extend(other.notes)
+            self.flagged.extend(other.flagged)
+            self.checks.update(other.checks)
+            self.spent.update(other.spent)
             self.fatal = self.fatal or other.fatal
             self.signal = self.signal or other.signal
 
@@ -829,6 +861,8 @@ class Record:
     commit: str | None = None     # the vision model's resolved revision, when known
     adopted: bool = False         # found without a record and taken as it is
     made: str | None = None       # when the record was written
+    check: str | None = None      # --verify: the settings id of the check the caption passed or was flagged by
+    findings: dict | None = None  # --verify: what that check still found ({"unsupported": [...], ...}); None: clean
 
     def line(self, cache: str) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
@@ -917,13 +951,14 @@ class Records:
         return EDITED, latest
 
     # -- writing ----------------------------------------------------------------------------------
-    def write(self, path: Path, record: Record, values: dict | None = None) -> None:
-        """Append one record to this process's journal (the settings line first, the first time they are used)."""
+    def write(self, path: Path, record: Record, values: dict | None = None, check_values: dict | None = None) -> None:
+        """Append one record to this process's journal (the settings lines first, the first time they are used)."""
         record = dataclasses.replace(record, made=time.strftime("%Y-%m-%dT%H:%M:%S"))
         lines = []
-        if values is not None and self.settings.get(record.settings) != values:
-            self.settings[record.settings] = values
-            lines.append({"settings": record.settings, "values": values})
+        for sid, given in ((record.settings, values), (record.check, check_values)):
+            if given is not None and self.settings.get(sid) != given:
+                self.settings[sid] = given
+                lines.append({"settings": sid, "values": given})
         key = self.key(path)
         lines.append(record.line(key))
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
@@ -984,7 +1019,7 @@ class Records:
             self.latest[key] = previous
 
     def _write_compacted(self) -> None:
-        used = {r.settings for r in self.latest.values()}
+        used = {r.settings for r in self.latest.values()} | {r.check for r in self.latest.values() if r.check}
         with atomic_file(self.folder / RECORDS_FILE, errors="surrogateescape") as f:  # written line by line
             for sid in sorted(used & self.settings.keys()):
                 f.write(json.dumps({"settings": sid, "values": self.settings[sid]}, ensure_ascii=False) + "\n")
@@ -992,9 +1027,10 @@ class Records:
                 f.write(json.dumps(self.latest[key].line(key), ensure_ascii=False) + "\n")
 
 
-def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None) -> None:
+def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None,
+                check_values: dict | None = None) -> None:
     """The one writer of a cache: its record goes to the journal, then the file is renamed into place."""
-    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values)
+    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text))), values, check_values)
     atomic_write(path, text)
 
 
@@ -1139,6 +1175,9 @@ class Attempts:
 
 
 ATTEMPTS: contextvars.ContextVar[Attempts | None] = contextvars.ContextVar("attempts", default=None)
+# What the requests of this task cost, for the summary: a collections.Counter with "requests" and "tokens" (where the
+# server reports usage); set around the merge and the check, so that each is counted apart.
+SPENDING: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar("spending", default=None)
 
 
 def count_request() -> None:
@@ -1147,6 +1186,9 @@ def count_request() -> None:
     if attempts is not None:
         attempts.left -= 1
         attempts.in_flight = True
+    spending = SPENDING.get()
+    if spending is not None:
+        spending["requests"] += 1
 
 
 class EndpointChat:
@@ -1169,6 +1211,7 @@ class EndpointChat:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
                                          max_retries=max_retries, timeout=timeout, http_client=http)
         self.retrying: dict[int, Any] = {}
+        self.structured = True  # takes response_format; False once it refused it (a 400 naming it), for the run
 
     def client_with_retries(self, retries: int):
         """The client allowed `retries` transport retries; one copy per count, so a copy's cached platform
@@ -1283,20 +1326,31 @@ class EndpointChat:
                     f"unknown model or wrong {self.settings['url']}")
         return f"the endpoint {url} failed: {self._reason(e)}"
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], temperature: float | None = None,
+                       response_format: dict | None = None) -> Reply:
+        """One chat completion. A `response_format` this endpoint refused once goes as an instruction in the prompt."""
         o = self.openai
         attempts = ATTEMPTS.get()
         # The client's transport retries come out of the item's budget: it may retry as often as attempts are left.
         retries = 0 if self.pooled else None if attempts is None else max(attempts.left - 1, 0)
         client = self.client if retries is None else self.client_with_retries(retries)
+        if response_format is not None and not self.structured:
+            messages, response_format = format_in_prompt(messages, response_format), None
+        options = {"response_format": response_format} if response_format is not None else {}
         try:
             response = await client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
+                model=self.model, messages=messages, max_tokens=self.max_tokens,
+                temperature=self.temperature if temperature is None else temperature, **options)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.RateLimitError as e:  # the client gives up at once on a long Retry-After; the limiter waits it out
             raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
         except o.APIStatusError as e:
+            if options and e.status_code == 400 and refuses_format(self._reason(e)):
+                self.structured = False
+                warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
+                            "check asks for its JSON in the prompt instead")
+                return await self.complete(messages, temperature, response_format)
             error = EndpointDown if e.status_code >= 500 else ItemError
             raise error(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
         except o.APITimeoutError as e:
@@ -1308,6 +1362,10 @@ class EndpointChat:
             raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
         if not getattr(response, "choices", None):
             raise RetryableReply("reply has no choices")
+        spending = SPENDING.get()
+        if spending is not None:
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                spending["tokens"] += int(response.usage.total_tokens)
         choice = response.choices[0]
         return Reply(choice.message.content or "", choice.finish_reason)
 
@@ -1354,7 +1412,7 @@ class EndpointPool:
                 raise result
         return model
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], **options) -> Reply:
         attempts = ATTEMPTS.get()
         last: PoolMember | None = None
         tries = 0
@@ -1365,7 +1423,7 @@ class EndpointPool:
             member.in_flight += 1
             member.sent += 1
             try:
-                reply = await member.chat.complete(messages)
+                reply = await member.chat.complete(messages, **options)
             except EndpointDown as e:
                 self._failed(member, e)
                 if attempts is None or attempts.left <= 0:
@@ -1436,13 +1494,17 @@ class LocalChat:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device, self.batch_size = device, batch_size
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.queue: list[tuple[list[dict], asyncio.Future]] = []
+        self.queue: list[tuple[list[dict], float, asyncio.Future]] = []
         self.busy = False
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], temperature: float | None = None,
+                       response_format: dict | None = None) -> Reply:
+        """Queued for a batch. A local model has no constrained decoding: a response_format goes in the prompt."""
         count_request()  # queued for a batch is in flight: a generation cannot be called back halfway
+        if response_format is not None:
+            messages = format_in_prompt(messages, response_format)
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((messages, future))
+        self.queue.append((messages, self.temperature if temperature is None else temperature, future))
         if not self.busy:
             self.busy = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -1454,28 +1516,30 @@ class LocalChat:
             while self.queue:
                 if len(self.queue) < self.batch_size:
                     await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
-                batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
+                temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
+                batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
+                self.queue = [q for q in self.queue if not any(q is b for b in batch)]
                 try:
-                    replies = await loop.run_in_executor(None, self._generate, [m for m, _ in batch])
+                    replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
                 except Exception as e:  # one broken batch fails its items, not the run
-                    for _, future in batch:
+                    for _, _, future in batch:
                         future.set_exception(ItemError(f"local LLM failed: {e}"))
                     continue
-                for (_, future), reply in zip(batch, replies):
+                for (_, _, future), reply in zip(batch, replies):
                     future.set_result(reply)
         finally:
             self.busy = False
 
-    def _generate(self, conversations: list[list[dict]]) -> list[Reply]:
+    def _generate(self, conversations: list[list[dict]], temperature: float) -> list[Reply]:
         import torch
 
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                  for c in conversations]
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sample = self.temperature > 0
+        sample = temperature > 0
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=sample,
-                                      temperature=self.temperature if sample else None,
+                                      temperature=temperature if sample else None,
                                       pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
@@ -1509,13 +1573,14 @@ class OverBudget(ItemError):
 
 async def complete_item(backend, messages: list[dict], max_retries: int, manual: str | None = None,
                         must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
-                        sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None) -> str:
+                        sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None,
+                        options: dict | None = None) -> str:
     """Ask until the reply is usable, in at most max_retries + 1 requests in all. The openai client retries
     transport faults (5xx, resets, timeouts) with its own backoff; here bad replies (broken, empty, refused, cut
     off) are asked again; the request hook counts both against one budget (Attempts). The kept tokens are put
     first by construction. A reply that `too_long` finds over the token budget is asked again with its count and
     the limit; OverBudget carries the last one when none fits. Raises Stopped once `stopping` is set, and sends
-    nothing after it."""
+    nothing after it. `options` go to the backend with each request (the check's temperature and response_format)."""
     attempts = Attempts(max_retries + 1, stopping or asyncio.Event())
     token = ATTEMPTS.set(attempts)
     try:
@@ -1526,7 +1591,7 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
                 await unless_stopped(sleep(min(30.0, 0.5 * 2 ** (used - 1)) * (0.5 + random.random())), attempts)
             before = attempts.left
             try:
-                reply = await unless_stopped(backend.complete(messages), attempts)
+                reply = await unless_stopped(backend.complete(messages, **(options or {})), attempts)
             except RetryableReply as e:
                 problem = str(e)
                 continue
@@ -1571,6 +1636,110 @@ async def unless_stopped(awaitable, attempts: Attempts):
             await task
         raise Stopped
     return await task
+
+
+# --------------------------------------------------------------------------------------------
+# --verify: a merged caption checked against the captions it was made from
+# --------------------------------------------------------------------------------------------
+
+CHECK_KEYS = ("unsupported", "contradictions", "missing")
+CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", "strict": True, "schema": {
+    "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
+    "required": list(CHECK_KEYS), "additionalProperties": False}}}
+FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)
+
+
+class CheckFailed(ItemError):
+    """The check gave no answer of the asked shape: it counts as failed, never as passed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What the check found in one merged caption."""
+
+    unsupported: tuple[str, ...] = ()     # statements neither source supports
+    contradictions: tuple[str, ...] = ()  # statements that contradict the manual caption
+    missing: tuple[str, ...] = ()         # facts of the manual caption the merged caption lost
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unsupported or self.contradictions or self.missing)
+
+    def recorded(self) -> dict | None:
+        """As the record keeps it: the three lists, or None for a clean caption."""
+        return None if self.clean else {key: list(getattr(self, key)) for key in CHECK_KEYS}
+
+    def lines(self) -> list[str]:
+        """Each finding as the second merge's request names it: what to remove, what to keep."""
+        return [f"remove: {s}" for s in self.unsupported + self.contradictions] + [f"keep: {s}" for s in self.missing]
+
+
+def refuses_format(reason: str) -> bool:
+    """A 400 whose message names the structured-output request: a server without it."""
+    return bool(FORMAT_REFUSED.search(reason))
+
+
+def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
+    """The JSON a response_format asks for, asked in words at the end of the last user turn instead."""
+    schema = response_format.get("json_schema", {}).get("schema", {})
+    keys = ", ".join(f'"{key}"' for key in schema.get("properties", {}))
+    ask = (f"Answer with one JSON object only, no other text, with exactly the keys {keys}, each a list of strings "
+           "(empty when there is nothing to report).")
+    *head, last = messages
+    return [*head, {**last, "content": f"{last['content']}\n\n{ask}"}]
+
+
+def check_messages(prompt: str, manual: str | None, generated: str, caption: str,
+                   fixed: Sequence[str] = ()) -> list[dict]:
+    """The check's request: its instructions, then the two sources and the caption as the trainer will see it."""
+    parts = [f"Manual caption (written by a person):\n{manual}" if manual else "There is no manual caption.",
+             f"Generated caption (from a vision model):\n{generated}",
+             f"Merged caption (to check):\n{caption}"]
+    if fixed:
+        parts.append("Fixed text the person adds to every caption (never a finding): " + "; ".join(fixed))
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def parse_check(text: str) -> Check | None:
+    """The check's answer, strictly: one JSON object (possibly in a code fence) with exactly the three keys, each a
+    list of strings. None for anything else."""
+    text = text.strip()
+    fenced = CODE_FENCE.match(text)
+    try:
+        data = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS):
+        return None
+    lists = [data[key] for key in CHECK_KEYS]
+    if not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in lists):
+        return None
+    return Check(*(tuple(s.strip() for s in v if s.strip()) for v in lists))
+
+
+def with_findings(messages: list[dict], check: Check) -> list[dict]:
+    """The merge's request again, with what the check found: one "remove: ..." or "keep: ..." line each."""
+    *head, last = messages
+    note = "A check of the caption merged from these found:\n" + "\n".join(check.lines()) + \
+           "\nWrite the caption again, following each of these lines."
+    return [*head, {**last, "content": f"{last['content']}\n\n{note}"}]
+
+
+async def check_caption(backend, messages: list[dict], max_retries: int, *,
+                        stopping: asyncio.Event | None = None) -> Check:
+    """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
+    saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
+    options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
+    for asked in range(2):
+        text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
+        check = parse_check(text)
+        if check is not None:
+            return check
+        messages = messages + [{"role": "assistant", "content": text},
+                               {"role": "user", "content": "That is not a JSON object with exactly the keys "
+                                "unsupported, contradictions and missing, each a list of strings. Answer again with "
+                                "that object only."}]
+    raise CheckFailed(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -2243,17 +2412,20 @@ REASON_IMAGE = "image changed"
 REASON_GENERATED = "generated edited"
 REASON_SETTINGS = "settings changed"
 REASON_OVERWRITE = "--overwrite"
+REASON_UNCHECKED = "unchecked"  # --verify: a current caption made without the check
 REFRESH_MODES = ("inputs", "settings", "none")
 
 
 class Settings:
     """The settings that change each kind of cache's text; a record keeps the id of those that made it."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant]):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], check: dict | None = None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
+        # --verify: the check's own settings, apart from the merge's, so that turning it on re-merges nothing
+        self.check, self.check_id = check, settings_id("verify", check) if check else None
 
 
 def variants_of(cfg: Config) -> list[Variant]:
@@ -2271,7 +2443,9 @@ def run_settings(cfg: Config) -> Settings:
              "keep_tokens": cfg.keep_tokens, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
              "prefix": cfg.prefix, "suffix": cfg.suffix, "max_caption_tokens": cfg.max_caption_tokens,
              "caption_tokenizer": cfg.caption_tokenizer}
-    return Settings(vision, merge, variants_of(cfg))
+    check = {"prompt": digest(cfg.verify_prompt.encode("utf-8")), "model": merge["model"],
+             "backend": merge["backend"]} if cfg.verify else None
+    return Settings(vision, merge, variants_of(cfg), check)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2396,7 +2570,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
 def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
     item, settings = merge.item, plan.settings
     found = inspect_cache(plan.records, merge.path)
-    merge.text, merge.sha = found.text, found.sha
+    merge.text, merge.sha, merge.record = found.text, found.sha, found.record
     if found.sha is None:
         merge.reason = REASON_MISSING
     elif cfg.overwrite in ("combined", "all"):
@@ -2408,10 +2582,12 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
     elif found.status == UNRECORDED:
         record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha)
-        adopt(plan, item, merge.variant.kind, record)
+        merge.record = adopt(plan, item, merge.variant.kind, record)
         stale_merge(record, merge, cfg, settings)  # adopted as it is now; a vision caption made again may change it
+        stale_check(merge, cfg, settings)
     else:
         stale_merge(found.record, merge, cfg, settings)
+        stale_check(merge, cfg, settings)
 
 
 def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
@@ -2439,10 +2615,27 @@ def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -
         merge.reason, merge.unless = REASON_IMAGE, record.generated
 
 
-def adopt(plan: Plan, item: Item, kind: str, record: Record) -> None:
+def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
+    """--verify: a current caption never checked, or (--refresh settings) checked with another --verify_prompt, is
+    checked now without merging it again: a check-only job."""
+    record = merge.record
+    if merge.reason or not settings.check_id or merge.text is None or record.check == settings.check_id:
+        return
+    if record.check is None:
+        merge.reason = REASON_UNCHECKED
+    elif cfg.refresh == "settings":
+        merge.reason = REASON_SETTINGS
+    else:
+        return
+    merge.check_only = True
+
+
+def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     """A cache without a record (an earlier version, another tool) is taken as it is, and recorded as it is now."""
-    plan.adopt.append((item.cache_path(kind), dataclasses.replace(record, adopted=True)))
+    record = dataclasses.replace(record, adopted=True)
+    plan.adopt.append((item.cache_path(kind), record))
     item.adopted += (kind,)
+    return record
 
 
 class SharedWork:
@@ -2585,19 +2778,83 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     def over_budget(text: str, kept: Sequence[str]) -> str | None:
         return budget_problem(dress(text, kept), cfg.max_caption_tokens, count_tokens) if count_tokens else None
 
+    async def spending(purpose: str, awaitable):
+        """Await a merge's or a check's requests, counting what they cost (requests, tokens) under `purpose`."""
+        spent = collections.Counter()
+        token = SPENDING.set(spent)
+        try:
+            return await awaitable
+        finally:
+            SPENDING.reset(token)
+            for what, n in spent.items():
+                stats.tally("spent", f"{purpose} {what}", n)
+
+    async def merged(job: Merge, messages: list[dict], kept: Sequence[str]) -> str:
+        """One merge, as the trainer will see it: the kept parts first, the prefix and suffix, within the budget."""
+        manual = job.item.manual
+        try:
+            return dress(await spending("merge", complete_item(chat, messages, cfg.max_retries, manual, kept,
+                                                               stopping=events.stopping,
+                                                               too_long=lambda t: over_budget(t, kept))), kept)
+        except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
+            text = training_caption(e.text, kept, cfg, count_tokens)
+            stats.note(job.item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
+            return text
+
+    async def check(job: Merge, text: str) -> Check | None:
+        """--verify's check of one caption; None when it failed (which is never a pass)."""
+        fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+        request = check_messages(cfg.verify_prompt, job.item.manual, job.item.generated or "", text, fixed)
+        try:
+            found = await spending("check", check_caption(chat, request, cfg.max_retries, stopping=events.stopping))
+        except ItemError as e:
+            stats.tally("checks", "failed")
+            if cfg.verify == "strict":
+                raise ItemError(f"{job.path.name}: its check failed ({e}); not written (--verify strict)") from e
+            stats.fail(job.path, STAGE_VERIFY, f"check failed: {e}")
+            return None
+        for line in found.lines():
+            reporter.detail(f"check {job.path}: {line}")
+        return found
+
+    async def checked(job: Merge, messages: list[dict], kept: Sequence[str], text: str) -> tuple[str, Check | None]:
+        """--verify: the caption checked; one with findings is merged again once, with the findings in the request,
+        and checked again. Returns the caption to keep and its last check (None: the check failed)."""
+        stats.tally("checks", "checked")
+        found, again = await check(job, text), False
+        if found is not None and not found.clean:
+            text, again = await merged(job, with_findings(messages, found), kept), True
+            found = await check(job, text)
+        if found is None:  # counted and reported by check()
+            return text, None
+        if found.clean:
+            stats.tally("checks", "fixed" if again else "clean")
+            return text, found
+        stats.tally("checks", "flagged")
+        if cfg.verify == "strict":
+            raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
+        stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
+        return text, found
+
     async def merge(job: Merge) -> None:
         item, variant, manual = job.item, job.variant, job.item.manual
         kept = keep_token_parts(manual, cfg.keep_tokens)
-        try:
-            text = dress(await complete_item(chat, llm_messages(item, variant.system_prompt, manual), cfg.max_retries,
-                                             manual, kept, stopping=events.stopping,
-                                             too_long=lambda t: over_budget(t, kept)), kept)
-        except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = training_caption(e.text, kept, cfg, count_tokens)
-            stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count_tokens(text)} tokens")
+        messages = llm_messages(item, variant.system_prompt, manual)
+        text = job.text if job.check_only else await merged(job, messages, kept)
+        found = None
+        if settings.check_id:
+            text, found = await checked(job, messages, kept, text)
+        checked_as = {"check": settings.check_id, "findings": found.recorded()} if found else {}
+        if job.check_only and text is job.text:  # checked as it is: only its record changes
+            if found:
+                await asyncio.to_thread(records.write, job.path, dataclasses.replace(job.record, **checked_as),
+                                        None, settings.check)
+            reporter.detail(f"checked {job.path}")
+            return
         record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
-        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name])
+                        generated=item.generated_sha, **checked_as)
+        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name],
+                                settings.check)
         job.text = text  # (the thread above: an fsync must not stall the loop)
         reporter.detail(f"merged {job.path}")
 
@@ -2814,7 +3071,8 @@ def adopt_unrecorded(plan: Plan) -> str | None:
 def plan_lines(plan: Plan) -> list[str]:
     """What planning decided, counted by reason."""
     vision = collections.Counter(i.vision for i in plan.to_generate)
-    merge = collections.Counter(m.reason for m in plan.to_combine)
+    merge = collections.Counter(m.reason for m in plan.to_combine if not m.check_only)
+    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
     kept = collections.Counter(k for i in plan.items for k in i.kept)
     adopted = collections.Counter(k for i in plan.items for k in i.adopted)
     stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
@@ -2826,13 +3084,15 @@ def plan_lines(plan: Plan) -> list[str]:
 
     lines = [
         f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
-        f"  to merge: {len(plan.to_combine)} ({breakdown(merge)})"
+        f"  to merge: {sum(merge.values())} ({breakdown(merge)})"
         + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
         "  stale: " + ", ".join(f"{stale[why]} {why}" for why in
                                 (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED, REASON_SETTINGS)),
         f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
         f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})",
     ]
+    if check_only:  # --verify: current captions that only need their check
+        lines.append(f"  to check without merging again: {sum(check_only.values())} ({breakdown(check_only)})")
     return lines
 
 
@@ -2863,7 +3123,8 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
     prompt_tokens = 0
-    for merge in plan.to_combine:
+    merges = [m for m in plan.to_combine if not m.check_only]
+    for merge in merges:
         item = merge.item
         generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
         prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
@@ -2871,10 +3132,13 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
-        f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
+        f"  LLM calls to make: {len(merges)} ({plan.cached_combined} cached)",
+        *([f"  checks to make (--verify): {len(plan.to_combine)} ({len(plan.to_combine) - len(merges)} of them of "
+           "captions made already); each caption with a finding adds a merge and a check"]
+          if plan.settings.check_id else []),
         *plan_lines(plan),
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
-        f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(plan.to_combine) * cfg.max_tokens:,} out",
+        f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
     ]
     lines += [f"    {f.path}: {f.error}" for f in problems]
@@ -2893,11 +3157,32 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
     if inputs:
         lines.append(f"input: {inputs} skipped")
+    lines += verify_lines(stats)
     lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
     if stats.fatal:
         lines.append(f"error: {stats.fatal}")
     return lines
+
+
+def verify_lines(stats: Stats) -> list[str]:
+    """--verify in the summary: the checks by outcome, the requests (and tokens, where the server reports them) of
+    merging and of checking, and each flagged caption."""
+    checks, spent = stats.checks, stats.spent
+    if not checks["checked"]:
+        return []
+    cost = f"  requests: {spent['merge requests']} merging, {spent['check requests']} checking"
+    if spent["merge tokens"] or spent["check tokens"]:
+        cost += f"; tokens: {spent['merge tokens']:,} merging, {spent['check tokens']:,} checking"
+    return [f"verify: {checks['checked']} checked, {checks['clean']} clean, {checks['fixed']} fixed by a second "
+            f"merge, {checks['flagged']} flagged, {checks['failed']} check failed", cost,
+            *(f"FLAGGED {f.path}: {findings_text(dataclasses.asdict(f))}" for f in stats.flagged)]
+
+
+def findings_text(findings: dict) -> str:
+    """A check's findings on one line: 'unsupported: "a red scarf"; missing: "ohwx"'."""
+    return "; ".join(f"{key}: " + ", ".join(json.dumps(s, ensure_ascii=False) for s in findings[key])
+                     for key in CHECK_KEYS if findings.get(key))
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
@@ -2932,8 +3217,9 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
     return kept
 
 
-def write_report(path: Path, failures: Iterable[Failure | Note | Finding], summary: dict) -> None:
-    """A JSON line per failure (path, stage, error) or note (path, stage, note), then the summary record: the last
+def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Finding], summary: dict) -> None:
+    """A JSON line per failure (path, stage, error), note (path, stage, note) or caption flagged by --verify's check
+    (path, stage, unsupported, contradictions, missing), then the summary record: the last
     line carries the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
     lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
     atomic_write(path, "\n".join(lines))
@@ -2949,6 +3235,10 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)
+    if stats.checks["checked"]:
+        summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
+        summary["spent"] = {what: stats.spent[what] for what in ("merge requests", "check requests", "merge tokens",
+                                                                 "check tokens")}
     summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
     summary["error"] = stats.fatal
     return summary
@@ -3334,8 +3624,25 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
         if problem:
             findings.append(problem)
     findings += duplicate_findings(cfg, texts)
+    findings += check_findings(plan)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
                  for gram, n in common_phrases([text for _, text in texts], fixed)]
+    return findings
+
+
+STALE_CHECK = "verify_stale"  # a flagged caption edited by hand since: shown, but the person's word stands
+
+
+def check_findings(plan: Plan) -> list[Finding]:
+    """The captions --verify's check flagged, from their records; one edited by hand since shows its old findings,
+    marked stale."""
+    findings = []
+    for item in plan.items:
+        for merge in item.merges:
+            if merge.record is not None and merge.record.findings:
+                stale = merge.variant.kind in item.kept
+                detail = findings_text(merge.record.findings) + (" (stale: edited by hand since)" if stale else "")
+                findings.append(Finding(str(merge.path), STALE_CHECK if stale else "verify", detail))
     return findings
 
 
@@ -3384,7 +3691,7 @@ def run_audit(cfg: Config) -> int:
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
     print("\n".join(audit_lines(cfg, plan, findings)))
-    code = EXIT_FAILED if findings else EXIT_OK
+    code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
     if cfg.report:
         kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
@@ -3515,6 +3822,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the finished captions for what would hurt training (kept parts, length, duplicates, "
                         "refusals, phrases in every caption, vision loops); loads no model, calls nothing; exit 1 "
                         "when something is found")
+    g.add_argument("--verify", nargs="?", const="on", choices=("on", "strict"),
+                   help="check each merged caption against the manual and vision captions with one more request: "
+                        "invented details, contradictions and lost facts are merged again once, then flagged; "
+                        "strict: a caption still flagged is not written (the item fails)")
+    g.add_argument("--verify_prompt", type=Path, metavar="FILE",
+                   help="the check's instructions (default: prompts/verify.txt beside the script)")
     return p
 
 
@@ -3563,6 +3876,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
+    if args.verify_prompt and not args.verify:
+        raise UsageError("--verify_prompt needs --verify")
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
@@ -3587,7 +3902,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         prefix=(args.prefix or "").strip(" ,"), suffix=(args.suffix or "").strip(" ,"),
         max_caption_tokens=args.max_caption_tokens,
-        caption_tokenizer=args.caption_tokenizer, audit=args.audit,
+        caption_tokenizer=args.caption_tokenizer, audit=args.audit, verify=args.verify,
+        verify_prompt=read_prompt_file(args.verify_prompt or DEFAULT_VERIFY_PROMPT, "--verify_prompt")
+        if args.verify else "",
     )
 
 
@@ -3787,7 +4104,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
             print(printable(line), file=sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
         if cfg.report:
             try:
-                write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
+                write_report(cfg.report, [*stats.failures, *stats.notes, *stats.flagged], report_summary(plan, stats))
             except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
                 print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
                 return max(stats.exit_code(), EXIT_USAGE)
