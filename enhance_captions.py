@@ -2813,8 +2813,9 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
                 raise ItemError(f"{job.path.name}: its check failed ({e}); not written (--verify strict)") from e
             stats.fail(job.path, STAGE_VERIFY, f"check failed: {e}")
             return None
-        for line in found.lines():
-            reporter.detail(f"check {job.path}: {line}")
+        for key in CHECK_KEYS:
+            for finding in getattr(found, key):
+                reporter.detail(f"check {job.path}: {key} {json.dumps(finding, ensure_ascii=False)}")
         return found
 
     async def checked(job: Merge, messages: list[dict], kept: Sequence[str], text: str) -> tuple[str, Check | None]:
@@ -3237,8 +3238,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     summary["notes"] = len(stats.notes)
     if stats.checks["checked"]:
         summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
-        summary["spent"] = {what: stats.spent[what] for what in ("merge requests", "check requests", "merge tokens",
-                                                                 "check tokens")}
+        summary["verify"] |= {what: {purpose: stats.spent[f"{purpose} {what}"] for purpose in ("merge", "check")}
+                              for what in ("requests", "tokens")}
     summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
     summary["error"] = stats.fatal
     return summary

@@ -206,7 +206,7 @@ def test_an_invented_detail_is_merged_again_once_and_the_fixed_caption_written(t
         assert "Fixed text the person adds to every caption" in first_user(check)
         record = record_of(ds, combined(image))
         assert record["check"].startswith("v-") and "findings" not in record
-        assert f"check {combined(image)}: remove: {SCARF}" in err  # -v prints each finding
+        assert f'check {combined(image)}: unsupported "{SCARF}"' in err  # -v prints each finding
     assert "verify: 2 checked, 0 clean, 2 fixed by a second merge, 0 flagged, 0 check failed" in out
     assert "  requests: 4 merging, 4 checking" in out
     assert report_failures(report) == []
