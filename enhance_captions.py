@@ -2617,9 +2617,12 @@ def stale_merge(record: Record, merge: Merge, cfg: Config, settings: Settings) -
 
 def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
     """--verify: a current caption never checked, or (--refresh settings) checked with another --verify_prompt, is
-    checked now without merging it again: a check-only job."""
+    checked now without merging it again: a check-only job. Not without its vision caption (deleted, or never
+    cached): the check needs both sources, and making one again would load the vision model for it."""
     record = merge.record
     if merge.reason or not settings.check_id or merge.text is None or record.check == settings.check_id:
+        return
+    if merge.item.generated is None:
         return
     if record.check is None:
         merge.reason = REASON_UNCHECKED

@@ -513,3 +513,81 @@ def test_verify_prompt_without_verify_is_a_usage_error(tmp_path, llm_server, cap
     ds, _ = seeded(tmp_path, 1)
     code, out, err = run_main(capsys, *args_for(tmp_path, ds, llm_server, "--verify_prompt", VERIFY_PROMPT))
     assert code == 2 and "--verify_prompt needs --verify" in err and not llm_server.requests
+
+
+def test_a_caption_whose_vision_caption_is_gone_is_not_checked_and_loads_no_model(tmp_path, llm_server, capsys):
+    llm_server.reply = Script(clean)
+    ds, images = seeded(tmp_path)
+    assert run_main(capsys, *args_for(tmp_path, ds, llm_server))[0] == 0
+    caches(images[0])[0].unlink()  # the --model_id does not exist: loading it would fail the run
+    code, out, err = run_main(capsys, *args_for(tmp_path, ds, llm_server, "--verify"))
+    assert code == 0, out + err
+    new = llm_server.chat_requests()[len(images):]
+    assert [manual_in(r) for r in new] == [manual_of(images[1])]
+    assert "check" not in record_of(ds, combined(images[0]))
+
+
+def test_verify_strict_does_not_write_a_caption_whose_check_failed(tmp_path, llm_server, capsys):
+    llm_server.reply = Script(not_json)
+    ds, images = seeded(tmp_path, 1)
+    code, out, err = run_main(capsys, *args_for(tmp_path, ds, llm_server, "--verify", "strict"))
+    assert code == 1, out + err
+    assert len(llm_server.requests) == 3
+    assert not combined(images[0]).exists()
+    assert "its check failed" in err and "not written (--verify strict)" in err
+
+
+def test_each_endpoint_of_a_pool_remembers_its_own_response_format_refusal(tmp_path):
+    """Two endpoints in a pool, taking requests in turn; only the one without structured outputs is asked in words,
+    and it refuses once."""
+    import asyncio
+    from types import SimpleNamespace
+
+    prompt = VERIFY_PROMPT.read_text(encoding="utf-8").strip()
+    with FakeLLMServer(reply=Script(clean)) as taking, FakeLLMServer(reply=Script(clean),
+                                                                      structured_outputs=False) as refusing:
+        cfg = ec.Config(dataset_dir=tmp_path, max_retries=2)
+        pool = ec.endpoint_chat(cfg, SimpleNamespace(process_index=0, num_processes=1), ec.STAGE_LLM,
+                                [(taking.base_url, None), (refusing.base_url, None)], "test-model", 0, 0, 64, 0.3)
+
+        async def checks() -> list:
+            try:
+                return [await ec.check_caption(pool, ec.check_messages(prompt, f"m{i}", "g", f"c{i}"), 2)
+                        for i in range(4)]
+            finally:
+                await pool.close()
+
+        assert asyncio.run(checks()) == [ec.Check()] * 4
+        took, refused = taking.chat_requests(), refusing.chat_requests()
+    assert len(took) == 2 and all(r["response_format"] == ec.CHECK_FORMAT for r in took)
+    assert len(refused) == 3 and ["response_format" in r for r in refused] == [True, False, False]
+
+
+def test_with_a_local_llm_the_check_goes_to_it_at_temperature_0_with_the_json_asked_in_words(
+        tmp_path, model_dir, capsys, monkeypatch):
+    ds, images = seeded(tmp_path)
+    llm = model_dir("causal_lm")
+    calls: list[tuple[list, float]] = []
+    original = ec.LocalChat._generate
+
+    def spy(self, conversations, temperature):
+        """The real generate; a random-weight model writes no JSON, so a check's reply is replaced by a clean one."""
+        calls.append((conversations, temperature))
+        return [ec.Reply(json.dumps(CLEAN) if c[0]["content"] == text_of(VERIFY_PROMPT) else "a caption " + r.text,
+                         "stop") for c, r in zip(conversations, original(self, conversations, temperature))]
+
+    monkeypatch.setattr(ec.LocalChat, "_generate", spy)
+    code, out, err = run_main(capsys, "--dataset_dir", ds, "--model_id", tmp_path / "no-such-model", "--local_llm", llm,
+                              "--max_tokens", "8", "--verify")
+    assert code == 0, out + err
+    checks = [(c, t) for batch, t in calls for c in batch if c[0]["content"] == text_of(VERIFY_PROMPT)]
+    merges = [(c, t) for batch, t in calls for c in batch if c[0]["content"] != text_of(VERIFY_PROMPT)]
+    assert len(checks) == len(merges) == len(images)
+    assert {t for _, t in checks} == {0.0} and {t for _, t in merges} == {0.3}  # never one batch of both
+    for conversation, _ in checks:
+        assert "Merged caption (to check):\na caption" in conversation[-1]["content"]
+        assert "Answer with one JSON object only" in conversation[-1]["content"]  # no response_format locally
+    values = settings_values(ds)
+    for image in images:
+        assert values[record_of(ds, combined(image))["check"]]["backend"] == "local"
+    assert "verify: 2 checked, 2 clean" in out
