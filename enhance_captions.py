@@ -2840,27 +2840,36 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
         return text, found
 
+    async def keep(job: Merge, text: str, found: Check | None = None) -> None:
+        """A merged caption written with its record (and its check's, when it had one)."""
+        item, name = job.item, job.variant.name
+        checked_as = {"check": settings.check_id, "findings": found.recorded()} if found else {}
+        record = Record("", settings.merge_ids[name], image=item.stamp, manual=item.manual_sha,
+                        generated=item.generated_sha, **checked_as)
+        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[name], settings.check)
+        job.text = text  # (the thread above: an fsync must not stall the loop)
+        reporter.detail(f"merged {job.path}")
+
     async def merge(job: Merge) -> None:
         item, variant, manual = job.item, job.variant, job.item.manual
         kept = keep_token_parts(manual, cfg.keep_tokens)
         messages = llm_messages(item, variant.system_prompt, manual)
         text = job.text if job.check_only else await merged(job, messages, kept)
-        found = None
-        if settings.check_id:
+        if not settings.check_id:
+            return await keep(job, text)
+        try:
             text, found = await checked(job, messages, kept, text)
-        checked_as = {"check": settings.check_id, "findings": found.recorded()} if found else {}
-        if job.check_only and text is job.text:  # checked as it is: only its record changes
-            if found:
-                await asyncio.to_thread(records.write, job.path, dataclasses.replace(job.record, **checked_as),
-                                        None, settings.check)
-            reporter.detail(f"checked {job.path}")
-            return
-        record = Record("", settings.merge_ids[variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha, **checked_as)
-        await asyncio.to_thread(write_cache, records, job.path, text, record, settings.merges[variant.name],
-                                settings.check)
-        job.text = text  # (the thread above: an fsync must not stall the loop)
-        reporter.detail(f"merged {job.path}")
+        except Stopped:  # stopping before the check was made: the merge is kept, for the next run to check
+            if not job.check_only and cfg.verify != "strict":
+                await keep(job, text)
+            raise
+        if not job.check_only or text is not job.text:
+            return await keep(job, text, found)
+        if found:  # checked as it is: only its record changes
+            checked_as = {"check": settings.check_id, "findings": found.recorded()}
+            await asyncio.to_thread(records.write, job.path, dataclasses.replace(job.record, **checked_as), None,
+                                    settings.check)
+        reporter.detail(f"checked {job.path}")
 
     def start_llm() -> AsyncStage:
         nonlocal chat
@@ -3802,7 +3811,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export", help="after the run write the captions for a trainer, the format chosen by the name: "
                                     "metadata.jsonl or metadata.csv (Hugging Face imagefolder, at the dataset root), "
                                     "NAME.json (kohya fine-tuning metadata, keyed by full path)")
-    g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error)")
+    g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error), and every "
+                                               "caption --verify flagged (path, stage, the three lists of findings)")
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, caches, make_dataset, report_failures, run_args, run_main, seed_generated
+from tests.conftest import Cli, ROOT, caches, make_dataset, report_failures, run_args, run_main, seed_generated
 from tests.llm_server import FakeLLMServer
 
 VERIFY_PROMPT = ROOT / "prompts" / "verify.txt"
@@ -591,3 +592,22 @@ def test_with_a_local_llm_the_check_goes_to_it_at_temperature_0_with_the_json_as
     for image in images:
         assert values[record_of(ds, combined(image))["check"]]["backend"] == "local"
     assert "verify: 2 checked, 2 clean" in out
+
+
+def test_a_merge_stopped_before_its_check_is_kept_and_checked_on_the_next_run(tmp_path, llm_server, capsys):
+    llm_server.reply = Script(clean)
+    ds, images = seeded(tmp_path, 1)
+    args = args_for(tmp_path, ds, llm_server, "--verify")
+    run = Cli(tmp_path, "stopped", *args, "--rpm", "1")  # the check waits a minute for its turn
+    run.wait_for(lambda: combined(images[0]).exists() or len(llm_server.requests) >= 1, what="the merge")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(60) == 130, run.stderr
+    assert len(llm_server.requests) == 1  # the merge only
+    assert text_of(combined(images[0])) == f"{manual_of(images[0])}, a person in a park, {SCARF}"
+    assert "check" not in record_of(ds, combined(images[0]))
+
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, out + err
+    new = llm_server.chat_requests()[1:]
+    assert len(new) == 1 and is_check(new[0])  # checked, not merged again
+    assert record_of(ds, combined(images[0]))["check"].startswith("v-")
