@@ -3116,7 +3116,8 @@ def plan_items(plan: Plan) -> Iterable[str]:
             yield f"    caption {item.image}: {item.vision}"
         for merge in item.merges:
             if merge.reason:
-                yield f"    merge {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
+                verb = "check" if merge.check_only else "merge"
+                yield f"    {verb} {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
         for kind in item.kept:
             yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
@@ -4086,7 +4087,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             reporter.warn(f"warning: {error}; they are adopted on a later run")
         work = SharedWork.of(state, agree(state, uuid.uuid4().hex))  # the main process names the run's keys
         reporter.info(run_description(cfg))
-        reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
+        check_only = sum(m.check_only for m in plan.to_combine)
+        reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, "
+                      f"{len(plan.to_combine) - check_only} to merge"
+                      + (f", {check_only} to check only" if check_only else "")
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
         for line in plan_items(plan):
             reporter.detail(line)

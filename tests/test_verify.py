@@ -5,6 +5,7 @@ the caption, so that a rerun sends nothing; its cost counted in requests."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import signal
@@ -611,3 +612,18 @@ def test_a_merge_stopped_before_its_check_is_kept_and_checked_on_the_next_run(tm
     new = llm_server.chat_requests()[1:]
     assert len(new) == 1 and is_check(new[0])  # checked, not merged again
     assert record_of(ds, combined(images[0]))["check"].startswith("v-")
+
+
+def test_stats_from_another_process_bring_their_checks_costs_and_flagged_captions():
+    mine, theirs = ec.Stats(), ec.Stats()
+    mine.tally("checks", "checked")
+    mine.tally("spent", "check requests", 2)
+    theirs.tally("checks", "checked")
+    theirs.tally("checks", "flagged")
+    theirs.tally("spent", "check requests", 2)
+    theirs.flag(ec.Flagged("b_combined.txt", "verify", (SCARF,), (), ()))
+    mine.merge(pickle.loads(pickle.dumps(theirs)))  # as SharedWork.gather passes them
+    assert mine.checks == {"checked": 2, "flagged": 1} and mine.spent == {"check requests": 4}
+    assert mine.flagged == theirs.flagged
+    assert ec.verify_lines(mine)[:2] == ["verify: 2 checked, 0 clean, 0 fixed by a second merge, 1 flagged, "
+                                         "0 check failed", "  requests: 0 merging, 4 checking"]
