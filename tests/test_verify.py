@@ -627,3 +627,63 @@ def test_stats_from_another_process_bring_their_checks_costs_and_flagged_caption
     assert mine.flagged == theirs.flagged
     assert ec.verify_lines(mine)[:2] == ["verify: 2 checked, 0 clean, 0 fixed by a second merge, 1 flagged, "
                                          "0 check failed", "  requests: 0 merging, 4 checking"]
+
+
+# --------------------------------------------------------------------------------------------
+# The README's example (section "Checked captions"), as it was run
+# --------------------------------------------------------------------------------------------
+
+README_IMAGES = {  # your caption, the vision caption, the first merge, the second merge
+    "street": ("ohwx man, black coat, a street at night",
+               "a woman in a black coat walks down a wet street at night, lights reflected in puddles",
+               "ohwx man, black coat, a street at night, a woman with a red scarf walking down a wet street in Paris",
+               "ohwx man, black coat, a street at night, a man walking down a wet street, lights reflected in puddles"),
+    "bench": ("ohwx man, sitting on a bench, reading a newspaper",
+              "a man sits on a wooden bench in a park, trees behind him",
+              "ohwx man, sitting on a bench, a man on a wooden bench in a park, trees behind him",
+              "ohwx man, sitting on a bench, a man on a wooden bench in a park with trees behind him"),
+    "cafe": ("ohwx man, in a cafe", "a man at a small table by a window, a cup of coffee in front of him",
+             "ohwx man, in a cafe, a man at a small table by a window with a cup of coffee", None),
+}
+
+
+def readme_reply(request: dict) -> str:
+    if is_check(request):
+        caption = checked_caption(request)
+        found = dict(CLEAN, unsupported=[d for d in ("a red scarf", "in Paris") if d in caption],
+                     contradictions=["a woman"] if "woman" in caption else [],
+                     missing=["reading a newspaper"] if "bench" in caption and "newspaper" not in caption else [])
+        return json.dumps(found)
+    _, _, first, second = next(v for v in README_IMAGES.values() if v[0] == manual_in(request))
+    return second if re.search(r"^(remove|keep): ", last_user(request), re.M) else first
+
+
+def test_the_readme_example(tmp_path, llm_server, capsys):
+    from tests.conftest import make_image
+
+    llm_server.reply = readme_reply
+    ds = tmp_path.resolve() / "images"
+    for i, (name, (manual, generated, _, _)) in enumerate(README_IMAGES.items()):
+        make_image(ds / f"{name}.jpg", i)
+        (ds / f"{name}.txt").write_text(manual, encoding="utf-8")
+        (ds / f"{name}_generated.txt").write_text(generated, encoding="utf-8")
+    report = tmp_path / "report.jsonl"
+    args = args_for(tmp_path, ds, llm_server, "--keep_tokens", "1", "--verify", "-v", "--report", report)
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, out + err
+    requests = llm_server.chat_requests()
+    assert len(requests) == 10
+    street = [r for r in requests if manual_in(r) == README_IMAGES["street"][0] and not is_check(r)][1]
+    assert last_user(street).endswith("A check of the caption merged from these found:\nremove: a red scarf\n"
+                                      "remove: in Paris\nremove: a woman\n"
+                                      "Write the caption again, following each of these lines.")
+    assert "verify: 3 checked, 1 clean, 1 fixed by a second merge, 1 flagged, 0 check failed" in out
+    assert re.search(r"^  requests: 5 merging, 5 checking; tokens: [\d,]+ merging, [\d,]+ checking$", out, re.M)
+    assert f'FLAGGED {ds / "bench_combined.txt"}: missing: "reading a newspaper"' in out
+    assert report_failures(report) == [{"path": str(ds / "bench_combined.txt"), "stage": "verify", "unsupported": [],
+                                        "contradictions": [], "missing": ["reading a newspaper"]}]
+    for name, (_, _, first, second) in README_IMAGES.items():
+        assert text_of(ds / f"{name}_combined.txt") == (second or first)
+    code, out, err = run_main(capsys, "--dataset_dir", ds, "--audit")
+    assert code == 1 and f'verify {ds / "bench_combined.txt"}: missing: "reading a newspaper"' in out
+    assert run_main(capsys, *args)[0] == 0 and len(llm_server.requests) == 10  # a rerun sends nothing
