@@ -35,6 +35,7 @@ Map of this file, top to bottom:
     rate limiter               sliding 60 s windows for requests and tokens, shared Retry-After pause, wait scale
     chat backends              the OpenAI-compatible endpoint, the pool in front of one or several, a local LLM
     request with retries       complete_item(): where a reply is checked, cleaned and retried
+    --verify                   the check of a merged caption against its sources: request, strict parse, findings
     vision captioners          one local path chosen by the processor's capabilities, or a served model
     progress and messages      the one reporter that prints
     stages                     AsyncStage (requests on the event loop thread), the local vision loop
@@ -44,6 +45,7 @@ Map of this file, top to bottom:
     run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
     around the run             lock, signals, preflight, dry run, the summary block, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
+                               (with the captions --verify flagged)
     CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish(); output into a
                                closed pipe ends quietly
 """
@@ -101,6 +103,7 @@ GIVE_UP_AFTER = 300.0  # --give_up_after: a stage whose every endpoint is set as
 WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retry-After and set-aside wait (tests)
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
+DEFAULT_VERIFY_PROMPT = SCRIPT_DIR / "prompts" / "verify.txt"
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
 DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"  # where the openai client goes without a base URL
@@ -127,7 +130,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell shows for any tool whose reader went away (`| head`)
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-STAGE_INPUT, STAGE_VISION, STAGE_LLM = "input", "vision", "llm"
+STAGE_INPUT, STAGE_VISION, STAGE_LLM, STAGE_VERIFY = "input", "vision", "llm", "verify"
 
 
 class UsageError(Exception):
@@ -229,6 +232,8 @@ class Config:
     max_caption_tokens: int | None = None
     caption_tokenizer: str | None = None
     audit: bool = False
+    verify: str | None = None  # --verify: None, "on" or "strict"
+    verify_prompt: str = ""  # the check's instructions (--verify_prompt, default prompts/verify.txt)
     report: Path | None = None
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
 
@@ -291,6 +296,7 @@ class Merge:
     reason: str | None = None         # why the merge is made this run (a REASON_*), or None
     unless: str | None = None         # ...only if the new vision caption's hash differs from this one
     record: Record | None = None      # the record of the cache as it is (it stands for the new image if unchanged)
+    check_only: bool = False          # --verify: the caption is current but not checked (with these settings)
 
     @property
     def path(self) -> Path:
@@ -319,6 +325,17 @@ class Note:
     note: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Flagged:
+    """A merged caption that --verify's check still finds fault with after a second merge: kept, and reported."""
+
+    path: str
+    stage: str
+    unsupported: tuple[str, ...]
+    contradictions: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class Stats:
     """A run's counts and failures. The event-loop thread, the writer thread and the main thread all change them,
@@ -330,6 +347,9 @@ class Stats:
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
+    flagged: list[Flagged] = dataclasses.field(default_factory=list)  # --verify: kept with findings
+    checks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # --verify: by outcome
+    spent: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # requests, tokens by purpose
     fatal: str | None = None
     gave_up: str | None = None  # why the run stopped short of its work (an endpoint, a process): exit 1
     signal: int | None = None
@@ -358,6 +378,14 @@ class Stats:
         with self.lock:
             self.notes.append(Note(str(path), stage, note))
 
+    def flag(self, flagged: Flagged) -> None:
+        with self.lock:
+            self.flagged.append(flagged)
+
+    def tally(self, counter: str, what: str, n: int = 1) -> None:
+        with self.lock:
+            getattr(self, counter)[what] += n
+
     def merge(self, other: Stats) -> None:
         with self.lock:
             for stage, counter in other.counts.items():
@@ -365,6 +393,9 @@ class Stats:
             self.failures.extend(other.failures)
             self.notes.extend(other.notes)
             self.bad.extend(other.bad)
+            self.flagged.extend(other.flagged)
+            self.checks.update(other.checks)
+            self.spent.update(other.spent)
             self.fatal = self.fatal or other.fatal
             self.gave_up = self.gave_up or other.gave_up
             self.signal = self.signal or other.signal
@@ -386,7 +417,7 @@ class Stats:
         """Every planned item is done, from cache, failed, kept as edited, or else left for the next run (a stop, a
         stage that gave up, a process lost, a vision caption that failed before its merge)."""
         planned = {STAGE_VISION: len(plan.to_generate), STAGE_LLM: len(plan.to_combine)}
-        self.left = {stage: max(0, n - sum(self.counts[stage][k] for k in ("done", "unchanged", "failed", "edited")))
+        self.left = {stage: max(0, n - sum(self.counts[stage][k] for k in ("done", "checked", "unchanged", "failed", "edited")))
                      for stage, n in planned.items()}
 
 
@@ -896,6 +927,8 @@ class Record:
     reply: str | None = None      # the LLM's cleaned reply, where it differs from the file's text
     adopted: bool = False         # found without a record and taken as it is
     made: str | None = None       # when the record was written
+    check: str | None = None      # --verify: the settings id of the check the caption passed or was flagged by
+    findings: dict | None = None  # --verify: what that check still found ({"unsupported": [...], ...}); None: clean
 
     def line(self, cache: str) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
@@ -984,11 +1017,12 @@ class Records:
         return EDITED, latest
 
     # -- writing ----------------------------------------------------------------------------------
-    def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None) -> None:
+    def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None,
+              check_values: dict | None = None) -> None:
         """Append one record to this process's journal (its settings lines first, the first time they are used)."""
         record = dataclasses.replace(record, made=time.strftime("%Y-%m-%dT%H:%M:%S"))
         lines = []
-        for sid, table in ((record.settings, values), (record.finish, finish)):
+        for sid, table in ((record.settings, values), (record.finish, finish), (record.check, check_values)):
             if sid and table is not None and self.settings.get(sid) != table:
                 self.settings[sid] = table
                 lines.append({"settings": sid, "values": table})
@@ -1052,7 +1086,7 @@ class Records:
             self.latest[key] = previous
 
     def _write_compacted(self) -> None:
-        used = {r.settings for r in self.latest.values()} | {r.finish for r in self.latest.values() if r.finish}
+        used = {sid for r in self.latest.values() for sid in (r.settings, r.finish, r.check) if sid}
         settings = ({"settings": sid, "values": self.settings[sid]} for sid in sorted(used & self.settings.keys()))
         rows = itertools.chain(settings, (self.latest[key].line(key) for key in sorted(self.latest)))
         atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
@@ -1060,7 +1094,7 @@ class Records:
 
 
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None,
-                finish: dict | None = None) -> bool:
+                finish: dict | None = None, check_values: dict | None = None) -> bool:
     """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it
     (`seen`, the hash of its bytes then; None: absent). A file a person changed or created since is theirs: it
     stays, the text is dropped with no record written, and False says so. The record goes to the journal between
@@ -1070,7 +1104,7 @@ def write_cache(records: Records, path: Path, text: str, record: Record, values:
     def last_look() -> bool:
         if on_disk(path) != seen:
             return False
-        records.write(path, dataclasses.replace(record, sha=digest(data)), values, finish)
+        records.write(path, dataclasses.replace(record, sha=digest(data)), values, finish, check_values)
         return True
 
     try:
@@ -1240,6 +1274,9 @@ class Asking:
 
 
 ASKING: contextvars.ContextVar[Asking | None] = contextvars.ContextVar("asking", default=None)
+# What the requests of this task cost, for the summary: a collections.Counter with "requests" and "tokens" (where the
+# server reports usage); set around the merge and the check, so that each is counted apart.
+SPENDING: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar("spending", default=None)
 
 
 def on_the_wire() -> None:
@@ -1249,6 +1286,9 @@ def on_the_wire() -> None:
         if asking.stopping.is_set():
             raise Stopped  # the wait for the limiter or an endpoint ended just as the stop came
         asking.in_flight = True
+    spending = SPENDING.get()
+    if spending is not None:
+        spending["requests"] += 1
 
 
 class EndpointChat:
@@ -1266,6 +1306,7 @@ class EndpointChat:
         # A local server needs no key, but the client insists on one.
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0,
                                          timeout=timeout)
+        self.structured = True  # takes response_format; False once it refused it (a 400 naming it), for the run
 
     def _estimate(self, messages: list[dict]) -> int:
         """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB of image
@@ -1349,16 +1390,27 @@ class EndpointChat:
                     f"unknown model or wrong {self.settings['url']}")
         return f"the endpoint {url} failed: {self._reason(e)}"
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], temperature: float | None = None,
+                       response_format: dict | None = None) -> Reply:
+        """One chat completion. A `response_format` this endpoint refused once goes as an instruction in the prompt."""
         o = self.openai
+        if response_format is not None and not self.structured:
+            messages, response_format = format_in_prompt(messages, response_format), None
+        options = {"response_format": response_format} if response_format is not None else {}
         entry = await self.limiter.acquire(self._estimate(messages))
         on_the_wire()
         try:
             response = await self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
+                model=self.model, messages=messages, max_tokens=self.max_tokens,
+                temperature=self.temperature if temperature is None else temperature, **options)
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIStatusError as e:
+            if options and e.status_code == 400 and refuses_format(self._reason(e)):
+                self.structured = False
+                warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
+                            "check asks for its JSON in the prompt instead")
+                return await self.complete(messages, temperature, response_format)
             self._pause(e.response)
             if e.status_code == 429:
                 raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
@@ -1376,6 +1428,10 @@ class EndpointChat:
                 entry[1] = int(response.usage.total_tokens)
         if not getattr(response, "choices", None):
             raise RetryableReply("reply has no choices")
+        spending = SPENDING.get()
+        if spending is not None:
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                spending["tokens"] += int(response.usage.total_tokens)
         choice = response.choices[0]
         return Reply(choice.message.content or "", choice.finish_reason)
 
@@ -1432,13 +1488,13 @@ class EndpointPool:
                 raise result
         return model
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], **options) -> Reply:
         """One request, on the endpoint _ready() picks; complete_item() asks again where it fails."""
         member = await self._ready()
         member.in_flight += 1
         member.sent += 1
         try:
-            reply = await self._unless_given_up(member.chat.complete(messages))
+            reply = await self._unless_given_up(member.chat.complete(messages, **options))
         except EndpointDown as e:
             self._failed(member, e)
             if len(self.members) > 1:
@@ -1581,13 +1637,17 @@ class LocalChat:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device, self.batch_size = device, batch_size
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.queue: list[tuple[list[dict], asyncio.Future]] = []
+        self.queue: list[tuple[list[dict], float, asyncio.Future]] = []
         self.busy = False
 
-    async def complete(self, messages: list[dict]) -> Reply:
+    async def complete(self, messages: list[dict], temperature: float | None = None,
+                       response_format: dict | None = None) -> Reply:
+        """Queued for a batch. A local model has no constrained decoding: a response_format goes in the prompt."""
         on_the_wire()  # queued for a batch is in flight: a generation cannot be called back halfway
+        if response_format is not None:
+            messages = format_in_prompt(messages, response_format)
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((messages, future))
+        self.queue.append((messages, self.temperature if temperature is None else temperature, future))
         if not self.busy:
             self.busy = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -1599,28 +1659,30 @@ class LocalChat:
             while self.queue:
                 if len(self.queue) < self.batch_size:
                     await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
-                batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
+                temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
+                batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
+                self.queue = [q for q in self.queue if not any(q is b for b in batch)]
                 try:
-                    replies = await loop.run_in_executor(None, self._generate, [m for m, _ in batch])
+                    replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
                 except Exception as e:  # one broken batch fails its items, not the run
-                    for _, future in batch:
+                    for _, _, future in batch:
                         future.set_exception(ItemError(f"local LLM failed: {e}"))
                     continue
-                for (_, future), reply in zip(batch, replies):
+                for (_, _, future), reply in zip(batch, replies):
                     future.set_result(reply)
         finally:
             self.busy = False
 
-    def _generate(self, conversations: list[list[dict]]) -> list[Reply]:
+    def _generate(self, conversations: list[list[dict]], temperature: float) -> list[Reply]:
         import torch
 
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                  for c in conversations]
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sample = self.temperature > 0
+        sample = temperature > 0
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=sample,
-                                      temperature=self.temperature if sample else None,
+                                      temperature=temperature if sample else None,
                                       pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
@@ -1655,7 +1717,7 @@ class OverBudget(ItemError):
 async def complete_item(backend, messages: list[dict], max_retries: int, manual: str | None = None,
                         must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
                         sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None,
-                        on_cut: Callable[[], None] | None = None) -> str:
+                        on_cut: Callable[[], None] | None = None, options: dict | None = None) -> str:
     """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A request
     that fails on the way (a 5xx, a timeout, a dropped connection, a 429, a broken reply) and a reply that cannot be
     used (empty, refused, cut off) are asked again after a backoff; a pool sends the next try to another endpoint
@@ -1663,7 +1725,7 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
     construction. A reply that `too_long` finds over the token budget is asked again with its count and the limit;
     OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a served
     vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set, and sends
-    nothing after it."""
+    nothing after it. `options` go to the backend with each request (the check's temperature and response_format)."""
     asking = Asking(stopping or asyncio.Event())
     token = ASKING.set(asking)
     try:
@@ -1673,7 +1735,7 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
                 await unless_stopped(sleep(scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))),
                                      asking)
             try:
-                reply = await unless_stopped(backend.complete(messages), asking)
+                reply = await unless_stopped(backend.complete(messages, **(options or {})), asking)
             except (RetryableReply, EndpointDown) as e:
                 problem = str(e)
                 continue
@@ -1719,6 +1781,110 @@ async def unless_stopped(awaitable, asking: Asking):
             await task
         raise Stopped
     return await task
+
+
+# --------------------------------------------------------------------------------------------
+# --verify: a merged caption checked against the captions it was made from
+# --------------------------------------------------------------------------------------------
+
+CHECK_KEYS = ("unsupported", "contradictions", "missing")
+CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", "strict": True, "schema": {
+    "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
+    "required": list(CHECK_KEYS), "additionalProperties": False}}}
+FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)
+
+
+class CheckFailed(ItemError):
+    """The check gave no answer of the asked shape: it counts as failed, never as passed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What the check found in one merged caption."""
+
+    unsupported: tuple[str, ...] = ()     # statements neither source supports
+    contradictions: tuple[str, ...] = ()  # statements that contradict the manual caption
+    missing: tuple[str, ...] = ()         # facts of the manual caption the merged caption lost
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unsupported or self.contradictions or self.missing)
+
+    def recorded(self) -> dict | None:
+        """As the record keeps it: the three lists, or None for a clean caption."""
+        return None if self.clean else {key: list(getattr(self, key)) for key in CHECK_KEYS}
+
+    def lines(self) -> list[str]:
+        """Each finding as the second merge's request names it: what to remove, what to keep."""
+        return [f"remove: {s}" for s in self.unsupported + self.contradictions] + [f"keep: {s}" for s in self.missing]
+
+
+def refuses_format(reason: str) -> bool:
+    """A 400 whose message names the structured-output request: a server without it."""
+    return bool(FORMAT_REFUSED.search(reason))
+
+
+def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
+    """The JSON a response_format asks for, asked in words at the end of the last user turn instead."""
+    schema = response_format.get("json_schema", {}).get("schema", {})
+    keys = ", ".join(f'"{key}"' for key in schema.get("properties", {}))
+    ask = (f"Answer with one JSON object only, no other text, with exactly the keys {keys}, each a list of strings "
+           "(empty when there is nothing to report).")
+    *head, last = messages
+    return [*head, {**last, "content": f"{last['content']}\n\n{ask}"}]
+
+
+def check_messages(prompt: str, manual: str | None, generated: str, caption: str,
+                   fixed: Sequence[str] = ()) -> list[dict]:
+    """The check's request: its instructions, then the two sources and the caption as the trainer will see it."""
+    parts = [f"Manual caption (written by a person):\n{manual}" if manual else "There is no manual caption.",
+             f"Generated caption (from a vision model):\n{generated}",
+             f"Merged caption (to check):\n{caption}"]
+    if fixed:
+        parts.append("Fixed text the person adds to every caption (never a finding): " + "; ".join(fixed))
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def parse_check(text: str) -> Check | None:
+    """The check's answer, strictly: one JSON object (possibly in a code fence) with exactly the three keys, each a
+    list of strings. None for anything else."""
+    text = text.strip()
+    fenced = CODE_FENCE.match(text)
+    try:
+        data = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS):
+        return None
+    lists = [data[key] for key in CHECK_KEYS]
+    if not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in lists):
+        return None
+    return Check(*(tuple(s.strip() for s in v if s.strip()) for v in lists))
+
+
+def with_findings(messages: list[dict], check: Check) -> list[dict]:
+    """The merge's request again, with what the check found: one "remove: ..." or "keep: ..." line each."""
+    *head, last = messages
+    note = "A check of the caption merged from these found:\n" + "\n".join(check.lines()) + \
+           "\nWrite the caption again, following each of these lines."
+    return [*head, {**last, "content": f"{last['content']}\n\n{note}"}]
+
+
+async def check_caption(backend, messages: list[dict], max_retries: int, *,
+                        stopping: asyncio.Event | None = None) -> Check:
+    """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
+    saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
+    options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
+    for asked in range(2):
+        text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
+        check = parse_check(text)
+        if check is not None:
+            return check
+        messages = messages + [{"role": "assistant", "content": text},
+                               {"role": "user", "content": "That is not a JSON object with exactly the keys "
+                                "unsupported, contradictions and missing, each a list of strings. Answer again with "
+                                "that object only."}]
+    raise CheckFailed(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -2422,6 +2588,7 @@ REASON_IMAGE = "image changed"
 REASON_GENERATED = "generated edited"
 REASON_SETTINGS = "settings changed"
 REASON_OVERWRITE = "--overwrite"
+REASON_UNCHECKED = "unchecked"  # --verify: a current caption made without the check
 REFRESH_MODES = ("inputs", "settings", "none")
 
 
@@ -2430,13 +2597,16 @@ class Settings:
     are in two parts: those of the request (`merges`), which only the LLM can apply, and those that turn its reply
     into the file (`finish`), which a run re-applies to the recorded reply without asking again."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None,
+                 check: dict | None = None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
         self.finish = finish or {}
         self.finish_id = settings_id("finish", self.finish)
+        # --verify: the check's own settings, apart from the merge's, so that turning it on re-merges nothing
+        self.check, self.check_id = check, settings_id("verify", check) if check else None
 
 
 def variants_of(cfg: Config) -> list[Variant]:
@@ -2456,7 +2626,9 @@ def run_settings(cfg: Config) -> Settings:
         merge |= {"revision": cfg.revision, "dtype": cfg.dtype}
     finish = {"keep_tokens": cfg.keep_tokens, "prefix": cfg.prefix, "suffix": cfg.suffix,
               "max_caption_tokens": cfg.max_caption_tokens, "caption_tokenizer": cfg.caption_tokenizer}
-    return Settings(vision, merge, variants_of(cfg), finish)
+    check = {"prompt": digest(cfg.verify_prompt.encode("utf-8")), "model": merge["model"],
+             "backend": merge["backend"]} if cfg.verify else None
+    return Settings(vision, merge, variants_of(cfg), finish, check)
 
 
 SETTING_WORDS = {"model_id": "vision model", "served_model": "vision model", "model": "LLM", "backend": "LLM backend",
@@ -2641,7 +2813,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
 def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
     item, settings = merge.item, plan.settings
     found = inspect_cache(plan.records, merge.path)
-    merge.text, merge.sha = found.text, found.sha
+    merge.text, merge.sha, merge.record = found.text, found.sha, found.record
     if found.sha is None:
         merge.reason = REASON_MISSING
     elif cfg.overwrite in ("combined", "all"):
@@ -2655,9 +2827,11 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
                         generated=item.generated_sha)
         merge.record = adopt(plan, item, merge.variant.kind, record)
         stale_merge(record, merge, cfg, plan)  # adopted as it is now; a vision caption made again may change it
+        stale_check(merge, cfg, settings)
     else:
         merge.record = found.record
         stale_merge(found.record, merge, cfg, plan)
+        stale_check(merge, cfg, settings)
 
 
 def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
@@ -2766,6 +2940,24 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
             path.unlink()
 
 
+def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
+    """--verify: a current caption never checked, or (--refresh settings) checked with another --verify_prompt, is
+    checked now without merging it again: a check-only job. Not without its vision caption (deleted, or never
+    cached): the check needs both sources, and making one again would load the vision model for it."""
+    record = merge.record
+    if merge.reason or not settings.check_id or merge.text is None or record.check == settings.check_id:
+        return
+    if merge.item.generated is None:
+        return
+    if record.check is None:
+        merge.reason = REASON_UNCHECKED
+    elif cfg.refresh == "settings":
+        merge.reason = REASON_SETTINGS
+    else:
+        return
+    merge.check_only = True
+
+
 def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     """A cache without a record (an earlier version, another tool) is taken as it is, and recorded as it is now."""
     record = dataclasses.replace(record, adopted=True)
@@ -2780,7 +2972,8 @@ def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
     folder, which each process names."""
     rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
     for item in plan.items:
-        merges = tuple((n, m.sha, m.reason, m.unless, m.record) for n, m in enumerate(item.merges) if m.reason)
+        merges = tuple((n, m.sha, m.reason, m.unless, m.record, m.check_only, m.text if m.check_only else None)
+                       for n, m in enumerate(item.merges) if m.reason)
         if item.vision or merges:
             rows.append((str(item.image)[prefix:], item.stamp, item.manual, item.manual_sha, item.generated,
                          item.generated_sha, item.vision, merges))
@@ -2796,8 +2989,9 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
         image = cfg.dataset_dir / name
         item = Item(image, image.with_suffix(cfg.caption_extension), generated=generated, manual=manual,
                     manual_sha=manual_sha, generated_sha=generated_sha, stamp=stamp, vision=vision)
-        item.merges = [Merge(item, settings.variants[n], sha=sha, reason=reason, unless=unless, record=record)
-                       for n, sha, reason, unless, record in merges]
+        item.merges = [Merge(item, settings.variants[n], text=text, sha=sha, reason=reason, unless=unless,
+                             record=record, check_only=check_only)
+                       for n, sha, reason, unless, record, check_only, text in merges]
         plan.items.append(item)
         plan.to_generate += [item] if vision else []
         plan.to_combine += item.merges
@@ -3069,24 +3263,104 @@ class Merger:
             if job.record is not None:
                 self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
             return "unchanged"
-        cfg, item, manual = self.cfg, job.item, job.item.manual
-        kept = keep_token_parts(manual, cfg.keep_tokens)
-        try:  # the reply as cleaned, before the kept parts and fixed text: recorded, so they can change later
-            reply = await complete_item(self.chat, llm_messages(item, job.variant.system_prompt, manual),
-                                        cfg.max_retries, manual, stopping=self.stopping,
-                                        too_long=lambda t: self.over_budget(t, kept))
-            text = finish_reply(reply, kept, cfg)
+        cfg, item = self.cfg, job.item
+        kept = keep_token_parts(item.manual, cfg.keep_tokens)
+        messages = llm_messages(item, job.variant.system_prompt, item.manual)
+        reply, text = (None, job.text) if job.check_only else await self.ask(job, messages, kept)
+        found = None
+        if self.settings.check_id:
+            try:
+                reply, text, found = await self.checked(job, messages, kept, reply, text)
+            except Stopped:  # stopping before the check was made: the merge is kept, for the next run to check
+                if reply is not None and cfg.verify != "strict":
+                    await self.write(job, reply, text)
+                raise
+        if reply is None:  # a check-only job that kept its caption: only its record changes
+            if found is not None:
+                checked_as = {"check": self.settings.check_id, "findings": found.recorded()}
+                await asyncio.to_thread(self.records.write, job.path, dataclasses.replace(job.record, **checked_as),
+                                        None, None, self.settings.check)
+            self.reporter.detail(f"checked {job.path}")
+            return "checked"
+        return await self.write(job, reply, text, found)
+
+    async def ask(self, job: Merge, messages: list[dict], kept: Sequence[str]) -> tuple[str, str]:
+        """One merge: the LLM's reply as cleaned (recorded, so that the finishing settings can change later), and the
+        caption the trainer will see: the kept parts first, the prefix and suffix, within the budget."""
+        cfg, item = self.cfg, job.item
+        try:
+            reply = await self.spending("merge", complete_item(self.chat, messages, cfg.max_retries, item.manual,
+                                                               stopping=self.stopping,
+                                                               too_long=lambda t: self.over_budget(t, kept)))
+            return reply, finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            reply, text = e.text, finish_reply(e.text, kept, cfg, self.count_tokens)
+            text = finish_reply(e.text, kept, cfg, self.count_tokens)
             self.stats.note(item.image, STAGE_LLM,
                             f"{job.path.name}: {e.problem}; cut to {self.count_tokens(text)} tokens")
-        name, settings = job.variant.name, self.settings
+            return e.text, text
+
+    async def spending(self, purpose: str, awaitable):
+        """Await a merge's or a check's requests, counting what they cost (requests, tokens) under `purpose`."""
+        spent = collections.Counter()
+        token = SPENDING.set(spent)
+        try:
+            return await awaitable
+        finally:
+            SPENDING.reset(token)
+            for what, n in spent.items():
+                self.stats.tally("spent", f"{purpose} {what}", n)
+
+    async def check(self, job: Merge, text: str) -> Check | None:
+        """--verify's check of one caption; None when it failed (which is never a pass)."""
+        cfg = self.cfg
+        fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+        request = check_messages(cfg.verify_prompt, job.item.manual, job.item.generated or "", text, fixed)
+        try:
+            found = await self.spending("check", check_caption(self.chat, request, cfg.max_retries,
+                                                               stopping=self.stopping))
+        except ItemError as e:
+            self.stats.tally("checks", "failed")
+            if cfg.verify == "strict":
+                raise ItemError(f"{job.path.name}: its check failed ({e}); not written (--verify strict)") from e
+            self.stats.fail(job.path, STAGE_VERIFY, f"check failed: {e}")
+            return None
+        for key in CHECK_KEYS:
+            for finding in getattr(found, key):
+                self.reporter.detail(f"check {job.path}: {key} {json.dumps(finding, ensure_ascii=False)}")
+        return found
+
+    async def checked(self, job: Merge, messages: list[dict], kept: Sequence[str], reply: str | None,
+                      text: str) -> tuple[str | None, str, Check | None]:
+        """--verify: the caption checked; one with findings is merged again once, with the findings in the request,
+        and checked again. Returns the reply and caption to keep (reply None: the caption as it was) and the last
+        check (None: the check failed)."""
+        stats = self.stats
+        stats.tally("checks", "checked")
+        found, again = await self.check(job, text), False
+        if found is not None and not found.clean:
+            (reply, text), again = await self.ask(job, with_findings(messages, found), kept), True
+            found = await self.check(job, text)
+        if found is None:  # counted and reported by check()
+            return reply, text, None
+        if found.clean:
+            stats.tally("checks", "fixed" if again else "clean")
+            return reply, text, found
+        stats.tally("checks", "flagged")
+        if self.cfg.verify == "strict":
+            raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
+        stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
+        return reply, text, found
+
+    async def write(self, job: Merge, reply: str, text: str, found: Check | None = None) -> str:
+        """A merged caption written, after a last look, with its record (and its check's, when it had one)."""
+        item, name, settings = job.item, job.variant.name, self.settings
+        checked_as = {"check": settings.check_id, "findings": found.recorded()} if found else {}
         record = Record("", settings.merge_ids[name], image=item.stamp, manual=item.manual_sha,
                         generated=item.generated_sha, finish=settings.finish_id,
-                        reply=reply if reply.strip() != text.strip() else None)
+                        reply=reply if reply.strip() != text.strip() else None, **checked_as)
         # on a thread: an fsync must not stall the loop
         if not await asyncio.to_thread(write_cache, self.records, job.path, text, record, settings.merges[name],
-                                       job.sha, settings.finish):
+                                       job.sha, settings.finish, settings.check):
             return "edited"
         self.reporter.detail(f"merged {job.path} ({job.reason}): {first_words(job.text)} → {first_words(text)}")
         job.text = text
@@ -3331,7 +3605,8 @@ def output_label(kind: str) -> str:
 def plan_lines(plan: Plan) -> list[str]:
     """What planning decided, counted by reason (the dry run)."""
     vision = collections.Counter(i.vision for i in plan.to_generate)
-    merge = collections.Counter(m.reason for m in plan.to_combine)
+    merge = collections.Counter(m.reason for m in plan.to_combine if not m.check_only)
+    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
     stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
                                 if why)  # images, once per reason: not each of their caches
     conditional = sum(m.unless is not None for m in plan.to_combine)
@@ -3339,7 +3614,7 @@ def plan_lines(plan: Plan) -> list[str]:
     refinished = "; ".join(sorted({job.change for job in plan.refinish}))
     lines = [
         f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
-        f"  to merge: {len(plan.to_combine)} ({breakdown(merge)})"
+        f"  to merge: {sum(merge.values())} ({breakdown(merge)})"
         + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
         "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
         *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
@@ -3347,6 +3622,8 @@ def plan_lines(plan: Plan) -> list[str]:
         *kept_lines(plan),
         *settings_lines(plan),
     ]
+    if check_only:  # --verify: current captions that only need their check
+        lines.append(f"  to check without merging again: {sum(check_only.values())} ({breakdown(check_only)})")
     return lines
 
 
@@ -3370,7 +3647,8 @@ def plan_items(plan: Plan) -> Iterable[str]:
             yield f"    caption {item.image}: {item.vision}"
         for merge in item.merges:
             if merge.reason:
-                yield f"    merge {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
+                verb = "check" if merge.check_only else "merge"
+                yield f"    {verb} {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
         for kind in item.kept:
             yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
@@ -3390,7 +3668,8 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
     prompt_tokens = 0
-    for merge in plan.to_combine:
+    merges = [m for m in plan.to_combine if not m.check_only]
+    for merge in merges:
         item = merge.item
         generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
         prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
@@ -3398,31 +3677,24 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
-        f"  LLM calls to make: {len(plan.to_combine)} ({plan.cached_combined} cached)",
+        f"  LLM calls to make: {len(merges)} ({plan.cached_combined} cached)",
+        *([f"  checks to make (--verify): {len(plan.to_combine)} ({len(plan.to_combine) - len(merges)} of them of "
+           "captions made already); each caption with a finding adds a merge and a check"]
+          if plan.settings.check_id else []),
         *plan_lines(plan),
-        *refinish_lines(cfg, plan),
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
-        f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(plan.to_combine) * cfg.max_tokens:,} out",
+        f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
     ]
     lines += [f"    {f.path}: {f.error}" for f in problems]
     return lines
 
 
-def refinish_lines(cfg: Config, plan: Plan) -> list[str]:
-    """The dry run's count of captions a run re-finishes from the recorded reply. A dry run loads no tokenizer, so
-    whether each reply fits a new --max_caption_tokens is known only to the run."""
-    kinds = collections.Counter(job.merge.variant.kind for job in plan.refinish)
-    unsure = " (if the reply fits the new --max_caption_tokens)" if cfg.max_caption_tokens else ""
-    return [f"  {n} {output_label(kind)} to re-finish from the recorded reply, no request{unsure}"
-            for kind, n in kinds.items()]
-
-
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
-    return summary_block(stage_lines(plan, stats), done_lines(plan, stats), left_lines(plan, stats),
-                         problem_lines(stats))
+    return summary_block(stage_lines(plan, stats), done_lines(plan, stats) + verify_lines(stats),
+                         left_lines(plan, stats), problem_lines(stats))
 
 
 def summary_block(stages: list[str], done: list[str], left: list[str], problems: list[str]) -> list[str]:
@@ -3436,7 +3708,8 @@ def stage_lines(plan: Plan, stats: Stats) -> list[str]:
             for stage, c in stats.counts.items() if stage in cached]
 
 
-SUMMARY_COUNTS = (("unchanged", "unchanged (the new vision caption came out the same)"),
+SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
+                  ("unchanged", "unchanged (the new vision caption came out the same)"),
                   ("waiting", "waiting for a vision caption that failed"),
                   ("refinished", "re-finished from the recorded reply, no request"),
                   ("failed", "failed"), ("left", "left for the next run"))
@@ -3450,7 +3723,8 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
         for m in item.merges:
             current[m.variant.kind] += m.text is not None and m.reason is None
     for m in plan.to_combine:
-        planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
+        if not m.check_only:
+            planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
     lines = []
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
@@ -3500,6 +3774,26 @@ def edited_during_run(plan: Plan, stats: Stats) -> int:
     return sum(c["edited"] for c in [*stages, plan.trainer_captions or collections.Counter()])
 
 
+def verify_lines(stats: Stats) -> list[str]:
+    """--verify in the summary: the checks by outcome, the requests (and tokens, where the server reports them) of
+    merging and of checking, and each flagged caption."""
+    checks, spent = stats.checks, stats.spent
+    if not checks["checked"]:
+        return []
+    cost = f"  requests: {spent['merge requests']} merging, {spent['check requests']} checking"
+    if spent["merge tokens"] or spent["check tokens"]:
+        cost += f"; tokens: {spent['merge tokens']:,} merging, {spent['check tokens']:,} checking"
+    return [f"verify: {checks['checked']} checked, {checks['clean']} clean, {checks['fixed']} fixed by a second "
+            f"merge, {checks['flagged']} flagged, {checks['failed']} check failed", cost,
+            *(f"FLAGGED {f.path}: {findings_text(dataclasses.asdict(f))}" for f in stats.flagged)]
+
+
+def findings_text(findings: dict) -> str:
+    """A check's findings on one line: 'unsupported: "a red scarf"; missing: "ohwx"'."""
+    return "; ".join(f"{key}: " + ", ".join(json.dumps(s, ensure_ascii=False) for s in findings[key])
+                     for key in CHECK_KEYS if findings.get(key))
+
+
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
     """--write_captions: each image's combined caption also at {stem}EXT, where the trainer reads it, kept in step
     with _combined.txt on every run. A file there that this script did not write, or that was edited since, is a
@@ -3530,8 +3824,9 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
     return kept
 
 
-def write_report(path: Path, failures: Iterable[Failure | Note | Finding], summary: dict) -> None:
-    """A JSON line per failure (path, stage, error) or note (path, stage, note), then the summary record: the last
+def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Finding], summary: dict) -> None:
+    """A JSON line per failure (path, stage, error), note (path, stage, note) or caption flagged by --verify's check
+    (path, stage, unsupported, contradictions, missing), then the summary record: the last
     line carries the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
     lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
     atomic_write(path, "\n".join(lines))
@@ -3550,6 +3845,10 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)
     summary["left"] = {STAGE_VISION: stats.left.get(STAGE_VISION, 0), STAGE_LLM: stats.left.get(STAGE_LLM, 0)}
+    if stats.checks["checked"]:
+        summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
+        summary["verify"] |= {what: {purpose: stats.spent[f"{purpose} {what}"] for purpose in ("merge", "check")}
+                              for what in ("requests", "tokens")}
     summary["signal"] = signal.Signals(stats.signal).name if stats.signal else None
     summary["error"] = stats.fatal or stats.gave_up
     return summary
@@ -3977,8 +4276,25 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
         if problem:
             findings.append(problem)
     findings += duplicate_findings(cfg, texts)
+    findings += check_findings(plan)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
                  for gram, n in common_phrases([text for _, text in texts], fixed, manual)]
+    return findings
+
+
+STALE_CHECK = "verify_stale"  # a flagged caption edited by hand since: shown, but the person's word stands
+
+
+def check_findings(plan: Plan) -> list[Finding]:
+    """The captions --verify's check flagged, from their records; one edited by hand since shows its old findings,
+    marked stale."""
+    findings = []
+    for item in plan.items:
+        for merge in item.merges:
+            if merge.record is not None and merge.record.findings:
+                stale = merge.variant.kind in item.kept
+                detail = findings_text(merge.record.findings) + (" (stale: edited by hand since)" if stale else "")
+                findings.append(Finding(str(merge.path), STALE_CHECK if stale else "verify", detail))
     return findings
 
 
@@ -4026,7 +4342,7 @@ def run_audit(cfg: Config) -> int:
         print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
-    code = EXIT_FAILED if findings else EXIT_OK
+    code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
     if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
         kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
@@ -4141,7 +4457,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export", help="after the run write the captions for a trainer, the format chosen by the name: "
                                     "metadata.jsonl or metadata.csv (Hugging Face imagefolder, at the dataset root), "
                                     "NAME.json (kohya fine-tuning metadata, keyed by full path)")
-    g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error)")
+    g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error), and every "
+                                               "caption --verify flagged (path, stage, the three lists of findings)")
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
 
@@ -4165,6 +4482,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the finished captions for what would hurt training (kept parts, length, duplicates, "
                         "refusals, phrases in every caption, vision loops); loads no model, calls nothing; exit 1 "
                         "when something is found")
+    g.add_argument("--verify", nargs="?", const="on", choices=("on", "strict"),
+                   help="check each merged caption against the manual and vision captions with one more request: "
+                        "invented details, contradictions and lost facts are merged again once, then flagged; "
+                        "strict: a caption still flagged is not written (the item fails)")
+    g.add_argument("--verify_prompt", type=Path, metavar="FILE",
+                   help="the check's instructions (default: prompts/verify.txt beside the script)")
     return p
 
 
@@ -4223,6 +4546,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
+    if args.verify_prompt and not args.verify:
+        raise UsageError("--verify_prompt needs --verify")
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
@@ -4248,7 +4573,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         prefix=(args.prefix or "").strip(" ,"), suffix=(args.suffix or "").strip(" ,"),
         max_caption_tokens=args.max_caption_tokens,
-        caption_tokenizer=args.caption_tokenizer, audit=args.audit,
+        caption_tokenizer=args.caption_tokenizer, audit=args.audit, verify=args.verify,
+        verify_prompt=read_prompt_file(args.verify_prompt or DEFAULT_VERIFY_PROMPT, "--verify_prompt")
+        if args.verify else "",
     )
 
 
@@ -4404,7 +4731,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if state.is_main_process and cfg.overlap and cfg.local_llm:
             reporter.warn("warning: --overlap has no effect with --local_llm: the local LLM loads once the vision "
                           "model has left the GPU")
-        reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, {len(plan.to_combine)} to merge"
+        check_only = sum(m.check_only for m in plan.to_combine)
+        reporter.info(f"{len(plan.items)} images: {len(plan.to_generate)} to caption, "
+                      f"{len(plan.to_combine) - check_only} to merge"
+                      + (f", {check_only} to check only" if check_only else "")
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
         for line in plan_items(plan):
             reporter.detail(line)
@@ -4474,7 +4804,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
     if cfg.report:
         try:
-            write_report(cfg.report, [*stats.failures, *stats.notes], report_summary(plan, stats))
+            write_report(cfg.report, [*stats.failures, *stats.notes, *stats.flagged], report_summary(plan, stats))
         except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
             print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
             return max(stats.exit_code(), EXIT_USAGE)

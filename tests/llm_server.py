@@ -15,7 +15,8 @@ Usage::
 
 Constructor
 -----------
-``FakeLLMServer(latency=0.0, reply=None, api_key=None, models=("test-model",), unknown_model=None)``
+``FakeLLMServer(latency=0.0, reply=None, api_key=None, models=("test-model",), unknown_model=None,
+structured_outputs=True)``
 
 * ``latency`` -- seconds slept by every chat request before it is answered
   (also before a scripted action is carried out).  Mutable at run time.
@@ -41,6 +42,13 @@ Constructor
   of a ``transformers serve`` pinned to one model, ``{"detail": "Server is
   pinned to 'M'; requested 'X'."}``.  Such requests are recorded but do not
   consume a scripted action.
+* ``structured_outputs`` -- ``True`` (default): a ``response_format`` in a
+  chat request is accepted (and not enforced: the reply is what it would be
+  anyway).  ``False``: a request carrying ``response_format`` gets the 400 of
+  a server without structured outputs, ``{"error": {"message":
+  "response_format is not supported by this server", "param":
+  "response_format", ...}}``; mutable at run time.  Such requests are
+  recorded but do not consume a scripted action.
 
 Attributes
 ----------
@@ -459,8 +467,10 @@ class FakeLLMServer:
     """Scriptable OpenAI chat-completions server on 127.0.0.1 (see module docstring)."""
 
     def __init__(self, latency: float = 0.0, reply: Optional[Callable[[dict], Any]] = None,
-                 api_key: Optional[str] = None, models=("test-model",), unknown_model: Optional[int] = None):
+                 api_key: Optional[str] = None, models=("test-model",), unknown_model: Optional[int] = None,
+                 structured_outputs: bool = True):
         self.latency = float(latency)
+        self.structured_outputs = structured_outputs
         self.unknown_model = unknown_model
         self.reply = reply
         self.api_key = api_key
@@ -588,7 +598,7 @@ class FakeLLMServer:
         if not isinstance(body, dict):
             return h._send_error_json(400, "Request body must be a JSON object.")
         authorised = h._authorised()
-        refused = self._refuses_model(body)
+        refused = self._refuses_model(body) or self._refuses_format(body)  # (status, body) or None
         with self._lock:
             held = not self._gate.is_set() and len(self.requests) >= self._hold_from
             self.requests.append(body)
@@ -606,22 +616,31 @@ class FakeLLMServer:
             if not authorised:
                 return h._send_error_json(401)
             if refused:
-                return h._send(self.unknown_model, refused)
+                return h._send(*refused)
             self._perform(h, body, action)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
-    def _refuses_model(self, body: dict) -> Optional[dict]:
-        """The error body for a model this server does not serve, or None (see ``unknown_model``)."""
+    def _refuses_model(self, body: dict) -> Optional[tuple]:
+        """The status and error body for a model this server does not serve, or None (see ``unknown_model``)."""
         asked = body.get("model")
         if self.unknown_model is None or asked in self.models:
             return None
         if self.unknown_model == 400:
             pinned = self.models[0] if self.models else ""
-            return {"detail": f"Server is pinned to '{pinned}'; requested '{asked}'."}
-        return {"error": {"message": f"The model `{asked}` does not exist.", "type": "invalid_request_error",
-                          "param": "model", "code": "model_not_found"}}
+            return 400, {"detail": f"Server is pinned to '{pinned}'; requested '{asked}'."}
+        return self.unknown_model, {"error": {"message": f"The model `{asked}` does not exist.",
+                                              "type": "invalid_request_error", "param": "model",
+                                              "code": "model_not_found"}}
+
+    def _refuses_format(self, body: dict) -> Optional[tuple]:
+        """The status and error body for a response_format this server does not take, or None (see
+        ``structured_outputs``)."""
+        if self.structured_outputs or "response_format" not in body:
+            return None
+        return 400, {"error": {"message": "response_format is not supported by this server",
+                               "type": "invalid_request_error", "param": "response_format", "code": None}}
 
     def _perform(self, h: _Handler, body: dict, action: Optional[Action]) -> None:
         if isinstance(action, Status):

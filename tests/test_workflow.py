@@ -76,10 +76,10 @@ def test_local_llm_merges_in_process_batched_with_the_system_prompt_cleaned_and_
     batches: list[list[list[dict]]] = []
     original = ec.LocalChat._generate
 
-    def spy(self, conversations):  # the real generate; its replies get a preamble the cleaning must remove
+    def spy(self, conversations, *rest):  # the real generate; its replies get a preamble the cleaning must remove
         batches.append(conversations)
         return [ec.Reply("Here is the combined caption: " + r.text, r.finish_reason)
-                for r in original(self, conversations)]
+                for r in original(self, conversations, *rest)]
 
     monkeypatch.setattr(ec.LocalChat, "_generate", spy)
     args = ["--dataset_dir", tmp_path / "ds", *vision_args(model_dir("florence2")), "--batch_size", "4",
