@@ -6,10 +6,13 @@ import json
 import re
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.conftest import Cli, make_dataset, seed_generated
+import pytest
+
+from tests.conftest import OFFLINE_ENV, SECRET_VARS, Cli, make_dataset, seed_generated
 from tests.llm_server import FakeLLMServer
 
 
@@ -86,12 +89,48 @@ def merged_dataset(folder: Path, n: int = 3) -> list[Path]:
     images = make_dataset(folder, n)
     seed_generated(images)
     with FakeLLMServer() as server:
-        assert ec.main(endpoint_args(folder, server)) == 0
+        assert off_the_loop(ec.main, endpoint_args(folder, server)) == 0
         assert len(server.requests) == n
     return images
+
+
+def off_the_loop(function, *args):
+    """function(*args) on a thread of its own: Playwright's sync API keeps an event loop running on this one, and
+    a run starts its own with asyncio.run."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(function, *args).result()
+
+
+def run_main_off_the_loop(capsys, *args) -> tuple[int, str, str]:
+    """conftest.run_main, off the loop."""
+    import enhance_captions as ec
+
+    capsys.readouterr()
+    code = off_the_loop(ec.main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def copy_dataset(template: Path, target: Path) -> Path:
     """A copy with the same sizes and mtimes, so the records still stand for it."""
     shutil.copytree(template, target, symlinks=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("review-template") / "ds"
+    with pytest.MonkeyPatch.context() as mp:  # the autouse `offline` fixture is per test
+        for key, value in OFFLINE_ENV.items():
+            mp.setenv(key, value)
+        for key in SECRET_VARS:
+            mp.delenv(key, raising=False)
+        mp.chdir(folder.parent)
+        merged_dataset(folder)
+    return folder
+
+
+@pytest.fixture
+def ds(template, tmp_path) -> Path:
+    """Three merged images, img000.jpg ... img002.jpg: every cache current and recorded."""
+    return copy_dataset(template, tmp_path / "ds")

@@ -10,27 +10,8 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import OFFLINE_ENV, SECRET_VARS, caches, make_image, run_main, user_message
-from tests.review_server import ReviewServer, copy_dataset, endpoint_args, merged_dataset
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("review-template") / "ds"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in OFFLINE_ENV.items():
-            mp.setenv(key, value)
-        for key in SECRET_VARS:
-            mp.delenv(key, raising=False)
-        mp.chdir(folder.parent)
-        merged_dataset(folder)
-    return folder
-
-
-@pytest.fixture
-def ds(template, tmp_path) -> Path:
-    """Three merged images, img000.jpg ... img002.jpg: every cache current and recorded."""
-    return copy_dataset(template, tmp_path / "ds")
+from tests.conftest import caches, make_image, run_main, user_message
+from tests.review_server import ReviewServer, ds, endpoint_args, template  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
