@@ -3902,13 +3902,15 @@ const asset = (kind, id) => `/${kind}?id=${encodeURIComponent(id)}&token=${encod
 async function more() {
   if (loading || (total !== null && loaded >= total)) return;
   loading = true;
-  const mine = turn, refresh = first ? "&refresh=1" : "";
+  const mine = turn, refresh = first ? "&refresh=1" : "", help = $("#status").textContent;
+  if (first) say("looking at the dataset folder (each load of the page plans it again)...");
   first = false;
   const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
                                    `&limit=40${refresh}`);
   if (mine !== turn) return;
   loading = false;
   if (status !== 200) return say(data.error || `the server answered ${status}`, true);
+  if (refresh) say(help);
   total = data.total;
   for (const item of data.items) cards.append(card(item));
   loaded += data.items.length;
@@ -3958,7 +3960,6 @@ function caption(c, cap) {
   box.dataset.kind = cap.kind;
   box.append(el("b", "", cap.label + " "), el("span", "file", cap.file));
   if (!cap.text) { text.className = "text none"; text.textContent = cap.note || "none yet"; }
-  else if (cap.note) box.append(el("div", "text none", cap.note));
   box.append(text);
   if (cap.editable) text.onclick = () => edit(c, cap, box);
   return box;
@@ -3969,22 +3970,24 @@ function edit(c, cap, box) {
   area = el("textarea");
   area.value = cap.text;
   let sha = cap.sha;
+  const shown = box.querySelector(".text");
+  shown.hidden = true;  // shown again only to show the file as it is now, after a refused save
   box.append(area);
   area.focus();
   say(`editing ${cap.file}: Ctrl+Enter (Cmd+Enter) saves, Esc cancels`);
   area.onkeydown = async ev => {
     if (ev.key === "Escape") {
       ev.preventDefault(); ev.stopPropagation();
-      area.remove(); say(`cancelled: ${cap.file} is as it was`);
+      area.remove(); shown.hidden = false; say(`cancelled: ${cap.file} is as it was`);
     } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
       ev.preventDefault();
       const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha: sha, text: area.value});
       if (status === 200) { replace(c, data.card); say(data.message); }
       else if (status === 409) {
         sha = data.sha;
-        const shown = box.querySelector(".text");
         shown.textContent = data.text || "none yet";
         shown.className = data.text ? "text" : "text none";
+        shown.hidden = false;
         say(data.error, true);
       } else say(data.error || `not saved: the server answered ${status}`, true);
     }
