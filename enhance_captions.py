@@ -3417,6 +3417,8 @@ PAGE_LIMIT = 200  # cards per request, at most
 REVIEW_FILTERS = ("all", "flagged", "stale", "edited", "failed")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 KIND_MANUAL, KIND_TRAINER = "manual", "trainer"
+REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
+MAX_CHANGE_BYTES = 1 << 20
 
 
 def load_approvals(root: Path) -> dict[str, str]:
@@ -3538,7 +3540,7 @@ class Review:
             return found
         with contextlib.suppress(OSError):
             for line in self.cfg.report.read_text(encoding="utf-8", errors="replace").splitlines():
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                with contextlib.suppress(ValueError, TypeError, KeyError):
                     row = json.loads(line)
                     if "error" in row:
                         found[row["path"]].append(f"[{row.get('stage')}] {row['error']}")
@@ -3756,7 +3758,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
             except (ItemError, OSError) as e:
                 return self.answer(404, {"error": f"cannot show {entry.id}: {e}"})
             return self.answer(200, data, IMAGE_TYPES[entry.item.image.suffix.lower()])
-        if url.path.startswith("/api/"):
+        if url.path in REVIEW_CHANGES:
             return self.answer(405, {"error": "changes are POST requests"}, extra={"Allow": "POST"})
         self.answer(404, {"error": "not found"})
 
@@ -3764,11 +3766,14 @@ class ReviewHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if not self.allowed(None) or url.query:  # the token in the header only, never in the URL
             return self.answer(403, {"error": "a wrong or missing token: reload the page from the printed address"})
-        change = {"/api/save": self.review.save, "/api/approve": self.review.approve}.get(url.path)
+        change = getattr(self.review, REVIEW_CHANGES.get(url.path, ""), None)
         if change is None:
             return self.answer(404, {"error": "not found"})
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
+            return self.answer(413, {"error": f"not a change: send a JSON object of at most {MAX_CHANGE_BYTES} bytes"})
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            body = json.loads(self.rfile.read(int(length)) or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
             self.answer(*change(body))
@@ -3937,7 +3942,7 @@ function card(item) {
   c.item = item;
   c.dataset.id = item.id;
   const img = el("img");
-  img.src = asset("thumb", item.id); img.alt = item.id; img.loading = "lazy";
+  img.loading = "lazy"; img.alt = item.id; img.src = asset("thumb", item.id);
   img.onclick = () => { $("#full img").src = asset("image", item.id); $("#full").style.display = "flex"; };
   img.onerror = () => img.replaceWith(el("div", "text none", "no preview"));
   side.append(img, el("div", "name", item.id));

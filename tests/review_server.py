@@ -39,15 +39,15 @@ class ReviewServer:
         return self.cli.wait(30)
 
     def request(self, method: str, path: str, body: dict | None = None, token: str | None = "header",
-                headers: dict | None = None) -> tuple[int, dict, bytes]:
+                headers: dict | None = None, raw: bytes | None = None) -> tuple[int, dict, bytes]:
         """(status, headers, body). token: "header" sends the right one in X-Token; a string sends that one; None
-        sends none."""
+        sends none. raw: the body's bytes as they are."""
         sent = dict(headers or {})
         if token == "header":
             sent["X-Token"] = self.token
         elif token is not None:
             sent["X-Token"] = token
-        data = None if body is None else json.dumps(body).encode("utf-8")
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode("utf-8")
         connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             connection.request(method, path, body=data, headers=sent)

@@ -73,6 +73,11 @@ def test_changes_are_post_requests_only(review, ds):
             assert status == 405, path
     for method in ("PUT", "DELETE"):
         assert review.request(method, "/api/save", {"id": "img000.jpg", "kind": "manual", "text": "x"})[0] >= 400
+    assert review.request("GET", "/api/nothing")[0] == 404
+    assert review.request("POST", "/api/nothing", {})[0] == 404
+    for body, status in ((b"not json", 400), (b"[1, 2]", 400), (b"x" * (ec.MAX_CHANGE_BYTES + 1), 413)):
+        answer = review.request("POST", "/api/save", headers={"Content-Type": "application/json"}, raw=body)
+        assert answer[0] == status, body[:10]
     assert files_of(ds) == before
     assert not (ds / ".enhance_captions" / "approved.json").exists()
 
