@@ -336,3 +336,23 @@ def test_a_cache_saved_where_no_record_stood_is_a_hand_edit_not_adopted(tmp_path
         assert "edited by hand (kept): 1 (1 combined)" in out
     assert llm_server.requests == []
     assert caches(ds / "img001.jpg")[1].read_text(encoding="utf-8") == "a person's caption where none was recorded\n"
+
+
+def test_cards_show_each_variant_and_the_trainer_copy_and_save_a_variant_as_a_hand_edit(tmp_path, ds):
+    prompt = tmp_path / "short.txt"
+    prompt.write_text("Write a short caption.", encoding="utf-8")
+    (ds / "img000_combined_short.txt").write_text("a short caption\n", encoding="utf-8")
+    (ds / "img000.caption").write_text("the trainer's copy\n", encoding="utf-8")
+    with ReviewServer(tmp_path, ds, "--variant", f"short={prompt}", "--write_captions", ".caption") as review:
+        captions = review.card("img000.jpg")["captions"]
+        assert [(c["kind"], c["file"], c["editable"]) for c in captions] == [
+            ("manual", "img000.txt", True), ("generated", "img000_generated.txt", True),
+            ("combined", "img000_combined.txt", True), ("combined_short", "img000_combined_short.txt", True),
+            ("trainer", "img000.caption", False)]
+        assert [c["text"] for c in captions[3:]] == ["a short caption", "the trainer's copy"]
+        assert review.save("img000.jpg", "trainer", "edited copy")[0] == 404  # the run keeps it in step
+        status, answer = review.save("img000.jpg", "combined_short", "a shorter caption")
+        assert status == 200, answer
+    assert (ds / "img000.caption").read_text(encoding="utf-8") == "the trainer's copy\n"
+    journal = [json.loads(line) for f in (ds / ".enhance_captions" / "journal").glob("*.jsonl") for line in f.open()]
+    assert [r for r in journal if r["cache"] == "img000_combined_short.txt"][-1]["by_hand"] is True
