@@ -356,3 +356,12 @@ def test_cards_show_each_variant_and_the_trainer_copy_and_save_a_variant_as_a_ha
     assert (ds / "img000.caption").read_text(encoding="utf-8") == "the trainer's copy\n"
     journal = [json.loads(line) for f in (ds / ".enhance_captions" / "journal").glob("*.jsonl") for line in f.open()]
     assert [r for r in journal if r["cache"] == "img000_combined_short.txt"][-1]["by_hand"] is True
+
+
+def test_saving_a_caption_unchanged_writes_nothing(review, ds):
+    before = files_of(ds)  # img000.txt has no final newline: rewriting it would change its hash and cost a merge
+    for kind in ("manual", "generated", "combined"):
+        text = review.caption("img000.jpg", kind)["text"]
+        status, answer = review.save("img000.jpg", kind, f"  {text}\n")
+        assert status == 200 and answer["message"].endswith("is unchanged: nothing written"), answer
+    assert files_of(ds) == before

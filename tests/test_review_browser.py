@@ -120,6 +120,13 @@ def test_edit_save_and_rerun_in_a_browser(tmp_path, ds, llm_server, capsys, page
         page.locator("#filters button", has_text="stale").click()
         expect(page.locator("section.card")).to_have_count(1)
         expect(page.locator("section.card")).to_have_attribute("data-id", "img002.jpg")
+        page.locator("#filters button", has_text="all").click()
+        page.locator("#q").fill("TYPED IN THE REVIEW")  # a search over the captions, in any case
+        expect(page.locator("section.card")).to_have_count(1)
+        expect(page.locator("section.card")).to_have_attribute("data-id", "img001.jpg")
+        page.locator("#q").fill("no caption says this")
+        expect(page.locator("#more")).to_have_text("no images match")
+        expect(page.locator("section.card")).to_have_count(0)
 
     code, out, err = run_main_off_the_loop(capsys, *endpoint_args(ds, llm_server))
     assert code == 0, out + err
