@@ -46,6 +46,7 @@ Map of this file, top to bottom:
     around the run             lock, signals, preflight, dry run, the summary block, --write_captions, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
                                (with the captions --verify flagged)
+    review page                --review: each image beside its captions, state and findings; saves hand edits
     CLI                        build_parser(), main(): prepare() (main process) -> run() -> finish(); output into a
                                closed pipe ends quietly
 """
@@ -66,15 +67,19 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import functools
 import gc
 import hashlib
+import hmac
 import io
+import ipaddress
 import itertools
 import json
 import os
 import pickle
 import random
 import re
+import secrets
 import signal
 import socket
 import threading
@@ -82,9 +87,10 @@ import time
 import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 try:
     import fcntl
@@ -926,6 +932,7 @@ class Record:
     #                               --suffix, the budget); set: the reply is recorded, so they can be re-applied
     reply: str | None = None      # the LLM's cleaned reply, where it differs from the file's text
     adopted: bool = False         # found without a record and taken as it is
+    by_hand: bool = False         # saved by a person from the review page: theirs, kept like any hand edit
     made: str | None = None       # when the record was written
     check: str | None = None      # --verify: the settings id of the check the caption passed or was flagged by
     findings: dict | None = None  # --verify: what that check still found ({"unsupported": [...], ...}); None: clean
@@ -1010,9 +1017,9 @@ class Records:
         if latest is None:
             return UNRECORDED, None
         if sha == latest.sha:
-            return OURS, latest
+            return (EDITED if latest.by_hand else OURS), latest
         previous = self.previous.get(key)
-        if previous is not None and sha == previous.sha:
+        if previous is not None and sha == previous.sha and not previous.by_hand:
             return OURS, previous
         return EDITED, latest
 
@@ -3856,8 +3863,10 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
 
 def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
-    metadata.csv (Hugging Face imagefolder, at the dataset root) or *.json (kohya fine-tuning metadata)."""
+    metadata.csv (Hugging Face imagefolder, at the dataset root, with an `approved` column from --review) or *.json
+    (kohya fine-tuning metadata)."""
     target, fmt = export_target(cfg), export_format(cfg.export)
+    approvals = load_approvals(cfg.dataset_dir)
     rows = []
     for item in plan.items:
         captions = export_captions(item, cfg)
@@ -3868,7 +3877,10 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
             warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
                                    "rename it")
             continue
-        rows.append((key, caption_columns(fmt, captions) | extra_columns(item, fmt)))
+        columns = caption_columns(fmt, captions) | extra_columns(item, fmt)
+        if fmt != "kohya":  # a column to filter on: its reader takes caption and tags only
+            columns["approved"] = is_approved(approvals, plan.records, item)
+        rows.append((key, columns))
     atomic_write(target, EXPORT_WRITERS[fmt](rows))
     return len(rows)
 
@@ -4342,12 +4354,652 @@ def run_audit(cfg: Config) -> int:
         print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
+    approved = approved_count(cfg, plan)
     code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
     if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
         kinds = collections.Counter(f.kind for f in findings)
-        write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds)})
-    print("\n".join(audit_lines(cfg, plan, findings)))
+        write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds),
+                                            "approved": approved})
+    lines = audit_lines(cfg, plan, findings)
+    lines.insert(1, f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)")
+    print("\n".join(lines))
     return code
+
+
+# --------------------------------------------------------------------------------------------
+# Review page: each image beside its captions, state and findings; a person's edits saved as hand edits
+# --------------------------------------------------------------------------------------------
+
+APPROVALS_FILE = "approved.json"  # in RECORDS_DIR: {combined caption's key: hash of the bytes a person approved}
+THUMB_SIDE = 320
+PAGE_LIMIT = 200  # cards per request, at most
+REVIEW_FILTERS = ("all", "flagged", "stale", "edited", "failed")
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+KIND_MANUAL, KIND_TRAINER = "manual", "trainer"
+REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
+MAX_CHANGE_BYTES = 1 << 20
+
+
+def load_approvals(root: Path) -> dict[str, str]:
+    try:
+        approvals = json.loads((root / RECORDS_DIR / APPROVALS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return approvals if isinstance(approvals, dict) else {}
+
+
+def file_sha(path: Path) -> str | None:
+    """The hash of a caption file's bytes as read_caption gives it; None when missing, blank or unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return digest(data) if data.strip() else None
+
+
+def is_approved(approvals: dict[str, str], records: Records, item: Item) -> bool:
+    """Approved: a person approved the combined caption exactly as it is now (an edit since un-approves it)."""
+    sha = approvals.get(records.key(item.combined_path))
+    return sha is not None and sha == file_sha(item.combined_path)
+
+
+def approved_count(cfg: Config, plan: Plan) -> int:
+    approvals = load_approvals(cfg.dataset_dir)
+    return sum(is_approved(approvals, plan.records, item) for item in plan.items) if approvals else 0
+
+
+def exposure_warning(host: str) -> str | None:
+    """--host other than loopback: anyone who can reach it and has the address (token included) can edit."""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    if host == "localhost":
+        return None
+    return (f"warning: --host {host}: the review page can be reached from other machines; anyone with its address "
+            "(the token included) can read and change the captions")
+
+
+def thumbnail(path: Path, stamp: str) -> bytes:
+    """A JPEG of the image at most THUMB_SIDE a side, made on the fly; kept in memory by (path, stamp)."""
+    return _thumbnail(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=2048)  # ~20 KB each: a few screens of cards scrolled back and forth
+def _thumbnail(path: str, stamp: str) -> bytes:
+    img = load_image(Path(path), min_side=THUMB_SIDE)
+    img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass
+class ReviewEntry:
+    """One card: the item as planning decided it, and what the audit (and the last run's report) found."""
+
+    id: str                   # the image's path in the dataset, with forward slashes: how the page names it
+    item: Item
+    findings: list[Finding]
+    failures: list[str]       # why planning could not judge it, or why the last run failed it
+    text: str = ""            # its captions in lower case, for the search
+
+    def matches(self, show: str, query: str) -> bool:
+        if query and query not in self.text:
+            return False
+        item = self.item
+        return {"all": True, "flagged": bool(self.findings), "edited": bool(item.kept), "failed": bool(self.failures),
+                "stale": bool(item.vision or any(m.reason for m in item.merges))}[show]
+
+
+class Review:
+    """What the review page shows and changes: one plan of the dataset, made at start and again when the page is
+    loaded, and each item decided again after a save. Saves take the dataset lock for the moment of the write."""
+
+    def __init__(self, cfg: Config, token: str):
+        self.cfg, self.token = cfg, token
+        self.root = os.path.realpath(cfg.dataset_dir)
+        self.count = caption_counter(cfg)  # the trainer's tokenizer (no model), for --max_caption_tokens findings
+        self.busy = threading.Lock()       # one save or planning at a time
+        self.planned_unseen = False        # a plan no page has shown yet: the first page load uses it
+        self.refresh()
+
+    # -- the plan and its cards ---------------------------------------------------------------
+    def refresh(self) -> None:
+        with self.busy:
+            plan = plan_work(dataclasses.replace(self.cfg, limit=None))
+            findings = audit_dataset(self.cfg, plan, self.count)
+            reported = self.reported_failures()
+            entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item, [], [])
+                       for item in plan.items]
+            by_path = {str(p): e for e in entries for p in (e.item.image, *self.files(e.item).values())}
+            notes = []
+            for finding in findings:
+                entry = by_path.get(finding.path)
+                if entry is None:
+                    notes.append(finding)
+                elif finding.kind != "input":  # a failure to plan the item: shown as its state instead
+                    entry.findings.append(finding)
+            for failure in plan.failures:
+                if failure.path in by_path:
+                    by_path[failure.path].failures.append(failure.error)
+            for entry in entries:
+                item = entry.item
+                if item.vision or any(m.reason for m in item.merges):  # a failure since fixed is not shown
+                    entry.failures += [f"the last run: {why}" for why in reported.get(str(item.image), ())]
+                entry.text = self.search_text(item)
+            self.plan, self.entries, self.notes = plan, entries, notes
+            self.by_id = {e.id: e for e in entries}
+            self.approvals = load_approvals(self.cfg.dataset_dir)
+            self.planned_unseen = True
+
+    def reported_failures(self) -> dict[str, list[str]]:
+        """--report FILE with --review: the failures of the run that wrote it, by image."""
+        found = collections.defaultdict(list)
+        if self.cfg.report is None:
+            return found
+        with contextlib.suppress(OSError):
+            for line in self.cfg.report.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    row = json.loads(line)
+                    if "error" in row:
+                        found[row["path"]].append(f"[{row.get('stage')}] {row['error']}")
+        return found
+
+    def search_text(self, item: Item) -> str:
+        return "\n".join(t for t in (item.manual, item.generated, *(m.text for m in item.merges)) if t).casefold()
+
+    def files(self, item: Item) -> dict[str, Path]:
+        """The caption files of one card, by kind: what the page may show, and the only files it may write."""
+        files = {KIND_MANUAL: item.caption_path, KIND_GENERATED: item.generated_path}
+        files |= {v.kind: item.cache_path(v.kind) for v in variants_of(self.cfg)}
+        if self.cfg.write_captions:
+            files[KIND_TRAINER] = item.image.with_suffix(self.cfg.write_captions)
+        return files
+
+    def inside(self, path: Path) -> bool:
+        """In the dataset folder once every symlink is followed."""
+        real = os.path.realpath(path)
+        return real.startswith(self.root + os.sep)
+
+    def listing(self, show: str, query: str, offset: int, limit: int, refresh: bool) -> dict:
+        if refresh and not self.planned_unseen:  # a page loaded again: look at the folder again
+            self.refresh()
+        self.planned_unseen = False
+        entries, query = self.entries, query.casefold().strip()
+        chosen = [e for e in entries if e.matches(show, query)]
+        return {"total": len(chosen), "offset": offset,
+                "counts": {name: sum(e.matches(name, "") for e in entries) for name in REVIEW_FILTERS},
+                "notes": [f"{f.kind}: {f.detail}" for f in self.notes],
+                "items": [self.card(e) for e in chosen[offset:offset + limit]]}
+
+    def card(self, entry: ReviewEntry) -> dict:
+        item = entry.item
+        captions = []
+        for kind, path in self.files(item).items():
+            text, sha, note = self.shown(path)
+            label = {KIND_MANUAL: "manual caption", KIND_GENERATED: "vision caption", KIND_COMBINED: "combined caption",
+                     KIND_TRAINER: "trainer caption (a copy of the combined caption, made by each run)"}.get(
+                kind, f"combined caption, variant {kind.removeprefix(KIND_COMBINED + '_')}")
+            captions.append({"kind": kind, "label": label, "file": path.name, "text": text, "sha": sha,
+                             "note": note, "editable": kind != KIND_TRAINER and note in (None, "none yet")})
+        return {"id": entry.id, "states": self.states(entry), "captions": captions,
+                "findings": [{"kind": f.kind, "detail": f.detail, "file": Path(f.path).name} for f in entry.findings],
+                "approved": is_approved(self.approvals, self.plan.records, item)}
+
+    def shown(self, path: Path) -> tuple[str, str | None, str | None]:
+        """A caption file as the page shows it: (text, hash of its bytes, why it is not shown or not editable)."""
+        if not self.inside(path):
+            return "", None, "outside the dataset folder (a symlink): not shown"
+        try:
+            text, sha = read_caption(path)
+        except ItemError as e:
+            return "", file_sha(path), f"{e}: not shown"
+        return text or "", sha, None if text else "none yet"
+
+    def states(self, entry: ReviewEntry) -> list[dict]:
+        item, states = entry.item, [{"kind": "failed", "text": f"failed: {why}"} for why in entry.failures]
+        if item.vision:
+            states.append({"kind": "stale", "text": f"vision caption: made again next run ({item.vision})"})
+        for merge in item.merges:
+            if merge.reason:
+                name = merge.path.name
+                states.append({"kind": "stale", "text": f"{name}: merged again next run ({merge.reason})"
+                               + (", if the new vision caption differs" if merge.unless else "")})
+        states += [{"kind": "edited", "text": f"{item.cache_path(kind).name}: edited by hand (kept)"}
+                   for kind in item.kept]
+        return states or [{"kind": "ok", "text": "current"}]
+
+    # -- changes ------------------------------------------------------------------------------
+    def entry(self, body: dict) -> ReviewEntry:
+        entry = self.by_id.get(body.get("id")) if isinstance(body.get("id"), str) else None
+        if entry is None or not self.inside(entry.item.image):
+            raise LookupError("no such image in the plan")
+        return entry
+
+    def save(self, body: dict) -> tuple[int, dict]:
+        """Write one caption as a person's words, unless the file changed since the page showed it."""
+        entry = self.entry(body)
+        kind, text, shown = body.get("kind"), body.get("text"), body.get("sha")
+        path = self.files(entry.item).get(kind) if isinstance(kind, str) and kind != KIND_TRAINER else None
+        if path is None or not self.inside(path):
+            raise LookupError("no such caption file in the plan")
+        if not isinstance(text, str):
+            return 400, {"error": "not saved: no text"}
+        if kind != KIND_MANUAL and not text.strip():
+            return 400, {"error": f"not saved: an empty {path.name} would be made again by the next run; "
+                                  "delete the file to have it made again"}
+        with self.busy:
+            lock = DatasetLock(dataset_root(self.cfg.dataset_dir))
+            busy = lock.acquire()
+            if busy:
+                return 423, {"error": f"not saved: {busy}"}
+            try:
+                text_now, sha_now, unreadable = self.shown(path)
+                if file_sha(path) != shown:
+                    return 409, {"error": f"not saved: {path.name} changed on disk since the page showed it; it now "
+                                          "reads as shown, your text is still in the editor",
+                                 "text": text_now, "sha": sha_now, "card": self.card(entry)}
+                if text_now == text.strip() and unreadable in (None, "none yet"):  # a new hash would cost a merge
+                    return 200, {"message": f"{path.name} is unchanged: nothing written", "card": self.card(entry)}
+                self.write(entry.item, kind, path, text)
+            finally:
+                lock.release()
+            self.decide_again(entry)
+        edit = "" if kind == KIND_MANUAL else " as a hand edit"
+        return 200, {"message": f"saved {path.name}{edit}; {self.next_run(entry.item)}",
+                     "card": self.card(entry)}
+
+    def write(self, item: Item, kind: str, path: Path, text: str) -> None:
+        """A manual caption as it is; a cache with a record that says a person wrote it, so a rerun keeps it."""
+        if kind != KIND_MANUAL:
+            records = self.plan.records
+            _, old = records.match(path, file_sha(path))
+            record = Record("", "") if old is None else dataclasses.replace(old, adopted=False)
+            records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text)), by_hand=True))
+            records.close()  # a run folds the journals in, and must not fold one this server still writes to
+        atomic_write(path, text)
+
+    def decide_again(self, entry: ReviewEntry) -> None:
+        """One item planned again after a save: its state, and its own findings (duplicates and the phrases of
+        the whole dataset are found again when the page is loaded again)."""
+        item = Item(entry.item.image, entry.item.caption_path)
+        plan = Plan([item], [], [], [], records=self.plan.records, settings=self.plan.settings)
+        try:
+            decide(item, self.cfg, plan)
+        except ItemError as e:
+            plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
+            for merge in item.merges:
+                merge.reason = None
+        findings = audit_dataset(self.cfg, plan, self.count)
+        entry.item, entry.text = item, self.search_text(item)
+        duplicates = [f for f in entry.findings if f.kind == "duplicate"]
+        entry.findings = [f for f in findings if f.kind != "input"] + duplicates
+        entry.failures = [f.error for f in plan.failures]
+
+    def next_run(self, item: Item) -> str:
+        todo = ([f"makes its vision caption again ({item.vision})"] if item.vision else []) + [
+            f"merges {m.path.name} again ({m.reason})" for m in item.merges if m.reason]
+        kept = [item.cache_path(kind).name for kind in item.kept]
+        return ("the next run " + (", ".join(todo) if todo else "leaves this image as it is")
+                + (f" and keeps {', '.join(kept)} as edited by hand" if kept else ""))
+
+    def approve(self, body: dict) -> tuple[int, dict]:
+        """Mark the combined caption, as the page showed it, approved (or not): an edit since un-approves it."""
+        entry = self.entry(body)
+        path, shown, approved = entry.item.combined_path, body.get("sha"), bool(body.get("approved"))
+        if not self.inside(path):
+            raise LookupError("no such caption file in the plan")
+        with self.busy:
+            now = file_sha(path)
+            if now is None or now != shown:
+                return 409, {"error": f"not {'approved' if approved else 'changed'}: {path.name} "
+                                      f"{'is missing' if now is None else 'changed on disk since the page showed it'}",
+                             "card": self.card(entry)}
+            approvals = load_approvals(self.cfg.dataset_dir)  # another page may have approved others since
+            key = self.plan.records.key(path)
+            if approved:
+                approvals[key] = now
+            else:
+                approvals.pop(key, None)
+            folder = self.cfg.dataset_dir / RECORDS_DIR
+            folder.mkdir(exist_ok=True)
+            atomic_write(folder / APPROVALS_FILE, json.dumps(approvals, ensure_ascii=False, indent=0, sort_keys=True))
+            self.approvals = approvals
+        return 200, {"message": f"{entry.id}: {'approved' if approved else 'no longer approved'}",
+                     "card": self.card(entry)}
+
+
+class ReviewHandler(BaseHTTPRequestHandler):
+    """Every request shows the token: a page's own GETs in the URL (an <img> sends no header), the API's in the
+    X-Token header. A change is a POST with the token in the header, which no other site's page can send."""
+
+    review: Review
+    server_version = "enhance_captions"
+
+    def log_message(self, format: str, *args) -> None:  # the one line printed at start is all the output
+        pass
+
+    def allowed(self, query: dict | None) -> bool:
+        shown = self.headers.get("X-Token") or (query or {}).get("token", [""])[0]
+        return hmac.compare_digest(shown.encode(), self.review.token.encode())
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        if not self.allowed(query):
+            return self.answer(403, {"error": "a wrong or missing token: open the address the review printed"})
+        if url.path == "/":
+            nonce = secrets.token_urlsafe(12)  # only the page's own script and style run, whatever a caption holds
+            policy = (f"default-src 'none'; img-src 'self' data:; connect-src 'self'; script-src 'nonce-{nonce}'; "
+                      f"style-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+            return self.answer(200, REVIEW_PAGE.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
+                               {"Content-Security-Policy": policy})
+        if url.path == "/api/items":
+            show = query.get("filter", ["all"])[0]
+            try:
+                offset, limit = int(query.get("offset", ["0"])[0]), int(query.get("limit", ["50"])[0])
+            except ValueError:
+                offset = limit = -1
+            if show not in REVIEW_FILTERS or offset < 0 or not 0 < limit <= PAGE_LIMIT:
+                return self.answer(400, {"error": f"filter is one of {', '.join(REVIEW_FILTERS)}; offset >= 0; "
+                                                  f"0 < limit <= {PAGE_LIMIT}"})
+            return self.answer(200, self.review.listing(show, query.get("q", [""])[0], offset, limit,
+                                                        "refresh" in query))
+        if url.path in ("/thumb", "/image"):
+            entry = self.review.by_id.get(query.get("id", [""])[0])
+            if entry is None or not self.review.inside(entry.item.image):
+                return self.answer(404, {"error": "no such image in the plan"})
+            try:
+                if url.path == "/thumb":
+                    data = thumbnail(entry.item.image, image_stamp(entry.item.image))
+                    return self.answer(200, data, "image/jpeg", {"Cache-Control": "private, max-age=3600"})
+                data = entry.item.image.read_bytes()
+            except (ItemError, OSError) as e:
+                return self.answer(404, {"error": f"cannot show {entry.id}: {e}"})
+            return self.answer(200, data, IMAGE_TYPES[entry.item.image.suffix.lower()])
+        if url.path in REVIEW_CHANGES:
+            return self.answer(405, {"error": "changes are POST requests"}, extra={"Allow": "POST"})
+        self.answer(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        if not self.allowed(None) or url.query:  # the token in the header only, never in the URL
+            return self.answer(403, {"error": "a wrong or missing token: reload the page from the printed address"})
+        change = getattr(self.review, REVIEW_CHANGES.get(url.path, ""), None)
+        if change is None:
+            return self.answer(404, {"error": "not found"})
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
+            return self.answer(413, {"error": f"not a change: send a JSON object of at most {MAX_CHANGE_BYTES} bytes"})
+        try:
+            body = json.loads(self.rfile.read(int(length)) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            self.answer(*change(body))
+        except LookupError as e:
+            self.answer(404, {"error": f"not found: {e}"})
+        except ValueError as e:
+            self.answer(400, {"error": f"not a change: {e}"})
+        except OSError as e:
+            self.answer(500, {"error": f"not saved: {e.strerror or e}"})
+
+    def answer(self, status: int, body: dict | bytes, kind: str = "application/json", extra: dict | None = None):
+        data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
+        self.send_response(status)
+        for name, value in {"Content-Type": kind, "Content-Length": str(len(data)), "Cache-Control": "no-store",
+                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                            **(extra or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
+    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request."""
+    try:
+        review = Review(cfg, secrets.token_urlsafe(24))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not review.entries:
+        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = type("Handler", (ReviewHandler,), {"review": review})
+    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6 if ":" in host
+                                                          else socket.AF_INET})
+    try:
+        server = server_class((host, port), handler)
+    except OSError as e:
+        print(f"error: cannot serve the review page on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{server.server_address[1]}/?token={review.token}"
+    print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
+          flush=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    stopped_by: list[int] = []
+
+    def stop(signum, frame):
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in EXIT_FOR_SIGNAL}
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        with review.busy:  # a save in flight finishes first
+            server.server_close()
+    return EXIT_FOR_SIGNAL.get(stopped_by[0] if stopped_by else signal.SIGINT, EXIT_OK)
+
+
+REVIEW_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">
+<title>Review: enhance_captions</title>
+<style nonce="NONCE">
+body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f3f3f0;color:#222}
+header{position:sticky;top:0;z-index:1;background:#fff;border-bottom:1px solid #ccc;padding:8px 12px;display:flex;
+ flex-wrap:wrap;gap:6px;align-items:center}
+header button{border:1px solid #bbb;background:#fff;border-radius:4px;padding:3px 9px;cursor:pointer}
+header button.on{background:#333;color:#fff}
+#q{flex:1;min-width:12em;padding:4px}
+#status{flex-basis:100%;color:#444;min-height:1.4em}#status.bad{color:#b00}
+#notes{flex-basis:100%;color:#a40;font-size:13px}
+main{padding:12px;display:grid;gap:12px}
+.card{background:#fff;border:2px solid #ddd;border-radius:6px;padding:10px;display:grid;
+ grid-template-columns:minmax(120px,260px) 1fr;gap:14px}
+.card.current{border-color:#2a6ad6}
+.card img{max-width:100%;max-height:260px;cursor:zoom-in;display:block}
+.name{font-size:12px;color:#555;word-break:break-all;margin-top:4px}
+.tags span{display:inline-block;padding:1px 7px;margin:0 4px 4px 0;border-radius:3px;font-size:12px;background:#eee}
+.tags .stale{background:#fbe3a5}.tags .edited{background:#d5e5ff}.tags .failed{background:#f6c2c2}
+.tags .ok{background:#d0efd0}.tags .approved{background:#2e8b3e;color:#fff}
+.finding{color:#a33d00;font-size:13px}
+.cap{margin:8px 0 0}.cap b{font-size:12px;color:#555;font-weight:600}.cap .file{font-size:11px;color:#888}
+.text{white-space:pre-wrap;padding:2px 5px;border:1px solid transparent;border-radius:3px}
+.editable .text{cursor:text}.editable .text:hover{border-color:#ccc}
+.text.none{color:#999;font-style:italic}
+textarea{width:100%;box-sizing:border-box;min-height:6em;font:inherit;padding:4px}
+.approve{margin-top:8px}
+#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:none;align-items:center;
+ justify-content:center;cursor:zoom-out}#full img{max-width:98vw;max-height:98vh}
+</style></head><body>
+<header><b>Review</b><span id="filters"></span><input id="q" type="search" placeholder="search the captions">
+<span id="count"></span><div id="notes"></div>
+<div id="status" role="status" aria-live="polite">j/k move, e edits the combined caption (or click a caption),
+Ctrl+Enter or Cmd+Enter saves, Esc cancels, a approves</div></header>
+<main id="cards"></main><p id="more"></p><div id="full"><img alt="the whole image"></div>
+<script nonce="NONCE">
+"use strict";
+const token = new URLSearchParams(location.search).get("token") || "";
+const $ = s => document.querySelector(s), cards = $("#cards"), names = ["all", "flagged", "stale", "edited", "failed"];
+let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null, first = true;
+
+function el(tag, cls, text) {  // captions go in as text only, never as HTML
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function say(text, bad) { const s = $("#status"); s.textContent = text; s.className = bad ? "bad" : ""; }
+async function api(path, body) {
+  const options = {headers: {"X-Token": token}};
+  if (body) Object.assign(options, {method: "POST", body: JSON.stringify(body)});
+  options.headers["Content-Type"] = "application/json";
+  try {
+    const r = await fetch(path, options);
+    return [r.status, await r.json()];
+  } catch (e) { return [0, {error: "the review server does not answer: " + e.message}]; }
+}
+const asset = (kind, id) => `/${kind}?id=${encodeURIComponent(id)}&token=${encodeURIComponent(token)}`;
+
+async function more() {
+  if (loading || (total !== null && loaded >= total)) return;
+  loading = true;
+  const mine = turn, refresh = first ? "&refresh=1" : "", help = $("#status").textContent;
+  if (first) say("looking at the dataset folder (each load of the page plans it again)...");
+  first = false;
+  const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
+                                   `&limit=40${refresh}`);
+  if (mine !== turn) return;
+  loading = false;
+  if (status !== 200) return say(data.error || `the server answered ${status}`, true);
+  if (refresh) say(help);
+  total = data.total;
+  for (const item of data.items) cards.append(card(item));
+  loaded += data.items.length;
+  $("#filters").replaceChildren(...names.map(name => {
+    const b = el("button", name === show ? "on" : "", `${name} ${data.counts[name]}`);
+    b.onclick = () => { show = name; restart(); say(`showing ${name} images`); };
+    return b;
+  }));
+  $("#notes").replaceChildren(...data.notes.map(n => el("div", "", n)));
+  $("#count").textContent = `${total} shown`;
+  $("#more").textContent = loaded < total ? "loading more..." : total ? "" : "no images match";
+  if (current === null && cards.firstChild) select(cards.firstChild, false);
+  if (loaded < total && $("#more").getBoundingClientRect().top < innerHeight + 800) more();
+}
+function restart() {
+  turn++; loading = false; loaded = 0; total = null; current = null;
+  cards.replaceChildren();
+  more();
+}
+new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
+
+function card(item) {
+  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags");
+  c.item = item;
+  c.dataset.id = item.id;
+  const img = el("img");
+  img.loading = "lazy"; img.alt = item.id; img.src = asset("thumb", item.id);
+  img.onclick = () => { $("#full img").src = asset("image", item.id); $("#full").style.display = "flex"; };
+  img.onerror = () => img.replaceWith(el("div", "text none", "no preview"));
+  side.append(img, el("div", "name", item.id));
+  for (const s of item.states) tags.append(el("span", s.kind, s.text));
+  if (item.approved) tags.append(el("span", "approved", "approved"));
+  body.append(tags);
+  for (const f of item.findings) body.append(el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`));
+  for (const cap of item.captions) body.append(caption(c, cap));
+  const combined = item.captions.find(cap => cap.kind === "combined");
+  const a = el("button", "approve", item.approved ? "approved: undo" : "approve the combined caption");
+  a.disabled = !combined || !combined.sha;
+  a.onclick = () => approve(c);
+  body.append(a);
+  c.append(side, body);
+  c.onclick = () => select(c, false);
+  return c;
+}
+function caption(c, cap) {
+  const box = el("div", "cap" + (cap.editable ? " editable" : "")), text = el("div", "text", cap.text);
+  box.dataset.kind = cap.kind;
+  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file));
+  if (!cap.text) { text.className = "text none"; text.textContent = cap.note || "none yet"; }
+  box.append(text);
+  if (cap.editable) text.onclick = () => edit(c, cap, box);
+  return box;
+}
+function edit(c, cap, box) {
+  let area = box.querySelector("textarea");
+  if (area) return area.focus();
+  area = el("textarea");
+  area.value = cap.text;
+  let sha = cap.sha;
+  const shown = box.querySelector(".text");
+  shown.hidden = true;  // shown again only to show the file as it is now, after a refused save
+  box.append(area);
+  area.focus();
+  say(`editing ${cap.file}: Ctrl+Enter (Cmd+Enter) saves, Esc cancels`);
+  area.onkeydown = async ev => {
+    if (ev.key === "Escape") {
+      ev.preventDefault(); ev.stopPropagation();
+      area.remove(); shown.hidden = false; say(`cancelled: ${cap.file} is as it was`);
+    } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha: sha, text: area.value});
+      if (status === 200) { replace(c, data.card); say(data.message); }
+      else if (status === 409) {
+        sha = data.sha;
+        shown.textContent = data.text || "none yet";
+        shown.className = data.text ? "text" : "text none";
+        shown.hidden = false;
+        say(data.error, true);
+      } else say(data.error || `not saved: the server answered ${status}`, true);
+    }
+  };
+}
+async function approve(c) {
+  const combined = c.item.captions.find(cap => cap.kind === "combined");
+  const [status, data] = await api("/api/approve", {id: c.item.id, sha: combined && combined.sha,
+                                                     approved: !c.item.approved});
+  if (data.card) replace(c, data.card);
+  say(data.message || data.error || `the server answered ${status}`, status !== 200);
+}
+function replace(c, item) {
+  const n = card(item);
+  c.replaceWith(n);
+  if (current === c) select(n, false);
+}
+function select(c, scroll) {
+  if (current) current.classList.remove("current");
+  current = c;
+  c.classList.add("current");
+  if (scroll) c.scrollIntoView({block: "nearest"});
+}
+document.addEventListener("keydown", ev => {
+  if (ev.key === "Escape" && $("#full").style.display === "flex") { $("#full").style.display = "none"; return; }
+  if (ev.target.matches("textarea, input") || ev.ctrlKey || ev.metaKey || ev.altKey || !current) return;
+  if (ev.key === "j" && current.nextElementSibling) select(current.nextElementSibling, true);
+  else if (ev.key === "k" && current.previousElementSibling) select(current.previousElementSibling, true);
+  else if (ev.key === "e") {
+    const box = current.querySelector('.cap.editable[data-kind="combined"]');
+    if (box) { ev.preventDefault(); edit(current, current.item.captions.find(x => x.kind === "combined"), box); }
+  } else if (ev.key === "a") approve(current);
+  else return;
+  if (ev.key === "j" && !current.nextElementSibling) more();
+});
+$("#full").onclick = () => { $("#full").style.display = "none"; };
+let typing;
+$("#q").oninput = () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => {
+    query = $("#q").value;
+    restart();
+    say(query ? `searching for "${query}"` : "showing all");
+  }, 250);
+};
+more();
+</script></body></html>
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -4458,7 +5110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "metadata.jsonl or metadata.csv (Hugging Face imagefolder, at the dataset root), "
                                     "NAME.json (kohya fine-tuning metadata, keyed by full path)")
     g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error), and every "
-                                               "caption --verify flagged (path, stage, the three lists of findings)")
+                                               "caption --verify flagged (path, stage, the three lists of findings); "
+                                               "with --review, read it")
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
 
@@ -4488,6 +5141,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "strict: a caption still flagged is not written (the item fails)")
     g.add_argument("--verify_prompt", type=Path, metavar="FILE",
                    help="the check's instructions (default: prompts/verify.txt beside the script)")
+
+    g = p.add_argument_group("review")
+    g.add_argument("--review", action="store_true",
+                   help="serve a page of each image beside its captions, state and findings, to edit (saved as hand "
+                        "edits) and approve; give it the flags of your run; with --report FILE it shows that run's "
+                        "failures; loads no model, calls nothing; runs until Ctrl-C")
+    g.add_argument("--port", type=int, default=0, help="the review page's port (default: a free one)")
+    g.add_argument("--host", default="127.0.0.1", help="the address the review page listens on; another than "
+                                                      "loopback lets other machines reach it")
+    g.add_argument("--open", action="store_true", help="open the review page in the default browser")
     return p
 
 
@@ -4548,6 +5211,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     check_training_args(args, folder)
     if args.verify_prompt and not args.verify:
         raise UsageError("--verify_prompt needs --verify")
+    check_review_args(args)
     return Config(
         dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
@@ -4641,6 +5305,17 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              f"folder; give the name only")
 
 
+def check_review_args(args: argparse.Namespace) -> None:
+    if args.review:
+        for flag in ("dry_run", "audit", "export"):
+            if getattr(args, flag):
+                raise UsageError(f"--review and --{flag} both given: run them one after the other")
+        if not 0 <= args.port < 65536:
+            raise UsageError(f"--port {args.port}: give a port from 1 to 65535 (or 0 for a free one)")
+    elif args.port or args.open or args.host != "127.0.0.1":
+        raise UsageError("--port, --host and --open are for --review")
+
+
 def run_description(cfg: Config) -> str:
     """The vision model and the LLM a run uses (URLs redacted), for the first info line and the dry run."""
     if cfg.vlm_base_url:
@@ -4699,6 +5374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
         return run_audit(cfg)
+    if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
+        return run_review(cfg, args.host, args.port, args.open)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(dataset_root(cfg.dataset_dir))
