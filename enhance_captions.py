@@ -4730,6 +4730,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(404, {"error": "not found"})
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
+            self.discard(length)
             return self.answer(413, {"error": f"not a change: send a JSON object of at most {MAX_CHANGE_BYTES} bytes"})
         try:
             body = json.loads(self.rfile.read(int(length)) or b"{}")
@@ -4742,6 +4743,13 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self.answer(400, {"error": f"not a change: {e}"})
         except OSError as e:
             self.answer(500, {"error": f"not saved: {e.strerror or e}"})
+
+    def discard(self, length: str) -> None:
+        """Read a refused body of up to 16 MiB, so the client sees the 413 rather than a reset connection."""
+        self.close_connection = True
+        left = int(length) if length.isdigit() and int(length) <= 16 * MAX_CHANGE_BYTES else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
 
     def answer(self, status: int, body: dict | bytes, kind: str = "application/json", extra: dict | None = None):
         data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")

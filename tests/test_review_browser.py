@@ -15,9 +15,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 EVIL = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> & <b>bold</b>'
 
 
-@pytest.fixture(scope="session")
+pytestmark = pytest.mark.xdist_group("browser")
+
+
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session: Debian's, since Playwright's own download host is out of reach."""
+    """One headless Chromium for this module: Debian's, since Playwright's own download host is out of reach.
+    Module-scoped because Playwright's sync API keeps an event loop running on this thread until it stops, and
+    the tests that run after this module on the same worker start their own with asyncio.run."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
