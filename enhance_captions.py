@@ -5207,14 +5207,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     llm_urls = args.base_url or url_list(env_base_url) or (DEFAULT_OPENAI_URL,)
     vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
-    extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
     if args.verify_prompt and not args.verify:
         raise UsageError("--verify_prompt needs --verify")
     check_review_args(args)
-    return Config(
-        dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
+    derived = dict(  # every other field is the flag of its name, as given
+        dataset_dir=folder.resolve(),
         system_prompt=read_prompt_file(args.system_prompt or DEFAULT_SYSTEM_PROMPT, "--system_prompt"),
         variants=parse_variants(args.variant),
         write_captions=caption_extension_of(args.write_captions) if args.write_captions else None,
@@ -5223,24 +5221,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         base_url=base_url, model=args.model or os.environ.get("OPENAI_MODEL") or None, api_key=api_key,
         local_llm=local_llm, local_llm_by_default=local_llm is not None and not args.local_llm,
         set_aside_base_url=env_base_url if args.local_llm else None,
-        vlm_base_url=vlm_base_url, vlm_model=args.vlm_model, vlm_api_keys=vlm_api_keys,
-        vlm_max_side=args.vlm_max_side,
-        vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
-        caption_extension=extension, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
-        batch_size=args.batch_size, num_workers=args.num_workers, overlap=args.overlap,
-        max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty, dtype=args.dtype, attn_implementation=args.attn_implementation,
-        device_map=args.device_map, quantization=args.quantization, max_retries=args.max_retries,
-        timeout=args.timeout, give_up_after=args.give_up_after, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
-        refresh=args.refresh,
-        dry_run=args.dry_run, export=args.export, report=args.report,
+        vlm_base_url=vlm_base_url, vlm_api_keys=vlm_api_keys, cache_generated=args.cache_generated_captions_to_disk,
+        caption_extension=caption_extension_of(args.caption_extension),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         prefix=(args.prefix or "").strip(" ,"), suffix=(args.suffix or "").strip(" ,"),
-        max_caption_tokens=args.max_caption_tokens,
-        caption_tokenizer=args.caption_tokenizer, audit=args.audit, verify=args.verify,
         verify_prompt=read_prompt_file(args.verify_prompt or DEFAULT_VERIFY_PROMPT, "--verify_prompt")
         if args.verify else "",
     )
+    flags = {f.name for f in dataclasses.fields(Config)} & vars(args).keys() - derived.keys()
+    return Config(**{name: getattr(args, name) for name in flags}, **derived)
 
 
 def url_list(text: str | None) -> tuple[str, ...]:
