@@ -396,10 +396,8 @@ class Stats:
         with self.lock:
             for stage, counter in other.counts.items():
                 self.counts.setdefault(stage, collections.Counter()).update(counter)
-            self.failures.extend(other.failures)
-            self.notes.extend(other.notes)
-            self.bad.extend(other.bad)
-            self.flagged.extend(other.flagged)
+            for name in ("failures", "notes", "bad", "flagged"):
+                getattr(self, name).extend(getattr(other, name))
             self.checks.update(other.checks)
             self.spent.update(other.spent)
             self.fatal = self.fatal or other.fatal
@@ -5277,9 +5275,8 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              f"{manual}) that the next run reads: keep the manual captions as .caption and write "
                              ".txt, or the reverse")
     if args.export:
-        fmt = export_format(args.export)
         target = Path(args.export).expanduser()
-        if fmt != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
+        if export_format(args.export) != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
             raise UsageError(f"--export {args.export}: Hugging Face imagefolder reads {target.name} from the dataset "
                              f"folder; give the name only")
 
