@@ -28,7 +28,7 @@ cron while the captions are being edited) redoes exactly what changed, and never
         --base_url http://127.0.0.1:11434/v1/ --model llama3.1
 
 Map of this file, top to bottom:
-    constants and types        Config, Item, Variant, Merge, Failure, Note, Stats
+    constants and types        Config, Item, Variant, Merge, Failure, Note, Flagged, Stats
     pure functions             discovery, caption and cache files, images, prompts, reply cleaning, --keep_tokens
     records                    what made each cache: per-process journals folded into records.jsonl, kept by the
                                dataset root (dataset_root); write_cache(): the one writer, with a last look
@@ -122,7 +122,7 @@ DEFAULT_CHAT_PROMPT = (
 MAX_IMAGE_PIXELS = 89_478_485
 INLINE_TENSOR_BYTES = 1 << 20  # smaller tensors travel from the decoding workers inside the pickle
 ORIENTATION_TAG = 0x0112  # EXIF: values 5-8 turn the image a quarter
-SENDABLE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}  # sent to a served model as they are
+SENDABLE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}  # sent to a served model as is
 WINDOW_SECONDS = 60.0
 PREFLIGHT_TIMEOUT = 15.0
 HUB_CHECK_TIMEOUT = 5.0  # one look at the Hub before a download, instead of huggingface_hub's minutes of retries
@@ -396,10 +396,8 @@ class Stats:
         with self.lock:
             for stage, counter in other.counts.items():
                 self.counts.setdefault(stage, collections.Counter()).update(counter)
-            self.failures.extend(other.failures)
-            self.notes.extend(other.notes)
-            self.bad.extend(other.bad)
-            self.flagged.extend(other.flagged)
+            for name in ("failures", "notes", "bad", "flagged"):
+                getattr(self, name).extend(getattr(other, name))
             self.checks.update(other.checks)
             self.spent.update(other.spent)
             self.fatal = self.fatal or other.fatal
@@ -423,17 +421,13 @@ class Stats:
         """Every planned item is done, from cache, failed, kept as edited, or else left for the next run (a stop, a
         stage that gave up, a process lost, a vision caption that failed before its merge)."""
         planned = {STAGE_VISION: len(plan.to_generate), STAGE_LLM: len(plan.to_combine)}
-        self.left = {stage: max(0, n - sum(self.counts[stage][k] for k in ("done", "checked", "unchanged", "failed", "edited")))
-                     for stage, n in planned.items()}
+        settled = ("done", "checked", "unchanged", "failed", "edited")
+        self.left = {stage: max(0, n - sum(self.counts[stage][k] for k in settled)) for stage, n in planned.items()}
 
 
 # --------------------------------------------------------------------------------------------
 # Pure functions: discovery, caches, images, prompts, reply cleaning, sharding
 # --------------------------------------------------------------------------------------------
-
-
-def is_hidden(name: str) -> bool:
-    return name.startswith(".")  # also AppleDouble "._x.jpg" and our own temporary files
 
 
 STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[a-z0-9_]+\.tmp$")
@@ -456,7 +450,7 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path]
             problems.append(Failure(str(folder), STAGE_INPUT, f"cannot list folder: {e.strerror or e}"))
             return
         for entry in entries:
-            if is_hidden(entry.name):
+            if entry.name.startswith("."):  # also AppleDouble "._x.jpg" and our own temporary files
                 if stale is not None and STALE_TEMPORARY.match(entry.name):
                     stale.append(Path(entry.path))
                 continue
@@ -485,7 +479,8 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
         if len(group) > 1:
             names = ", ".join(i.image.name for i in group)
             for item in group:
-                bad[item.image] = f"shares its stem with another image ({names}): their caches would collide; rename one"
+                bad[item.image] = (f"shares its stem with another image ({names}): their caches would collide; "
+                                   "rename one")
     for item in items:
         other = outputs.get(item.caption_path)
         if other is not None and other is not item:
@@ -600,7 +595,8 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
         with Image.open(path) as img:
             width, height = img.size  # header only: a bomb is refused before its pixels exist
             if width * height > max_pixels:
-                raise BadInput(f"refused as a decompression bomb: {width}x{height} pixels, over the {max_pixels:,} limit")
+                raise BadInput(f"refused as a decompression bomb: {width}x{height} pixels, "
+                               f"over the {max_pixels:,} limit")
             if min_side:
                 img.draft(None, (min_side, min_side))  # a no-op for formats other than JPEG
             img.load()
@@ -693,22 +689,16 @@ def looks_whole(data: bytes, fmt: str) -> bool:
 
 def build_user_message(manual: str | None, generated: str) -> str:
     """The LLM's user turn: each caption once, clearly labelled; says so when there is no manual caption."""
-    parts = []
-    if manual:
-        parts.append(f"Manual caption (written by a person; keep every fact, name and trigger word):\n{manual}")
-    else:
-        parts.append("There is no manual caption for this image; write the caption from the generated one.")
-    parts.append(f"Generated caption (from a vision model; use it for visual detail):\n{generated}")
-    return "\n\n".join(parts)
+    first = (f"Manual caption (written by a person; keep every fact, name and trigger word):\n{manual}" if manual
+             else "There is no manual caption for this image; write the caption from the generated one.")
+    return f"{first}\n\nGenerated caption (from a vision model; use it for visual detail):\n{generated}"
 
 
 def keep_token_parts(manual: str | None, keep_tokens: int) -> list[str]:
     """The first N comma-separated parts of the manual caption: trigger words and names that must survive.
     As in kohya's keep_tokens, a caption without a comma is one part, and one with fewer parts keeps them all."""
-    if not manual or keep_tokens <= 0:
-        return []
-    parts = [p.strip() for p in manual.split(",")]
-    return [p for p in parts if p][:keep_tokens]
+    parts = [p.strip() for p in (manual or "").split(",")]
+    return [p for p in parts if p][:max(keep_tokens, 0)]
 
 
 def keep_tokens_first(text: str, parts: Sequence[str]) -> str:
@@ -5076,7 +5066,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vlm_model", help="the served vision model's name (with --vlm_base_url)")
     g.add_argument("--vlm_api_key", help="the vision endpoints' key (default: $VLM_API_KEY; $OPENAI_API_KEY only to a "
                                          "--vlm_base_url with the scheme, host and port of a --base_url)")
-    g.add_argument("--vlm_max_side", type=int, default=1024, help="downscale images to this longest side before sending")
+    g.add_argument("--vlm_max_side", type=int, default=1024,
+                   help="downscale images to this longest side before sending")
     g.add_argument("--vlm_rpm", type=int, default=0, help="requests per minute to each vision endpoint (0: no limit)")
 
     g = p.add_argument_group("LLM")
@@ -5095,7 +5086,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "processes (0: none)")
     g.add_argument("--tpm", type=int, default=0, help="tokens per minute to each endpoint, for the whole run, all "
                                                       "processes (0: none)")
-    g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport retries included (backoff, honours Retry-After)")
+    g.add_argument("--max_retries", type=int, default=5, help="at most N+1 requests per item in all, transport "
+                                                               "retries included (backoff, honours Retry-After)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--give_up_after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
                    help="stop a stage (LLM or served vision) whose every endpoint is set aside and none has answered "
@@ -5162,17 +5154,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prompt_path(path: Path) -> Path:
-    """A prompt file named by a relative path: in the working folder, else beside the script (the bundled prompts/),
-    so `--variant short=prompts/short.txt` works from wherever the script is run."""
-    path = path.expanduser()
-    if path.is_absolute() or path.exists() or not (SCRIPT_DIR / path).exists():
-        return path
-    return SCRIPT_DIR / path
-
-
 def read_prompt_file(path: Path, what: str) -> str:
-    path = prompt_path(path)
+    """A prompt file named by a relative path is read from the working folder, else from beside the script (the
+    bundled prompts/), so `--variant short=prompts/short.txt` works from wherever the script is run."""
+    path = path.expanduser()
+    if not (path.is_absolute() or path.exists()) and (SCRIPT_DIR / path).exists():
+        path = SCRIPT_DIR / path
     try:
         text = read_text(path)
     except ItemError as e:
@@ -5215,14 +5202,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     llm_urls = args.base_url or url_list(env_base_url) or (DEFAULT_OPENAI_URL,)
     vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
-    extension = caption_extension_of(args.caption_extension)
     check_training_args(args, folder)
     if args.verify_prompt and not args.verify:
         raise UsageError("--verify_prompt needs --verify")
     check_review_args(args)
-    return Config(
-        dataset_dir=folder.resolve(), model_id=args.model_id, prompt=args.prompt, revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
+    derived = dict(  # every other field is the flag of its name, as given
+        dataset_dir=folder.resolve(),
         system_prompt=read_prompt_file(args.system_prompt or DEFAULT_SYSTEM_PROMPT, "--system_prompt"),
         variants=parse_variants(args.variant),
         write_captions=caption_extension_of(args.write_captions) if args.write_captions else None,
@@ -5231,24 +5216,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         base_url=base_url, model=args.model or os.environ.get("OPENAI_MODEL") or None, api_key=api_key,
         local_llm=local_llm, local_llm_by_default=local_llm is not None and not args.local_llm,
         set_aside_base_url=env_base_url if args.local_llm else None,
-        vlm_base_url=vlm_base_url, vlm_model=args.vlm_model, vlm_api_keys=vlm_api_keys,
-        vlm_max_side=args.vlm_max_side,
-        vlm_rpm=args.vlm_rpm, cache_generated=args.cache_generated_captions_to_disk,
-        caption_extension=extension, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
-        batch_size=args.batch_size, num_workers=args.num_workers, overlap=args.overlap,
-        max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty, dtype=args.dtype, attn_implementation=args.attn_implementation,
-        device_map=args.device_map, quantization=args.quantization, max_retries=args.max_retries,
-        timeout=args.timeout, give_up_after=args.give_up_after, keep_tokens=args.keep_tokens, limit=args.limit, overwrite=args.overwrite,
-        refresh=args.refresh,
-        dry_run=args.dry_run, export=args.export, report=args.report,
+        vlm_base_url=vlm_base_url, vlm_api_keys=vlm_api_keys, cache_generated=args.cache_generated_captions_to_disk,
+        caption_extension=caption_extension_of(args.caption_extension),
         verbosity=0 if args.quiet else 2 if args.verbose else 1,
         prefix=(args.prefix or "").strip(" ,"), suffix=(args.suffix or "").strip(" ,"),
-        max_caption_tokens=args.max_caption_tokens,
-        caption_tokenizer=args.caption_tokenizer, audit=args.audit, verify=args.verify,
         verify_prompt=read_prompt_file(args.verify_prompt or DEFAULT_VERIFY_PROMPT, "--verify_prompt")
         if args.verify else "",
     )
+    flags = {f.name for f in dataclasses.fields(Config)} & vars(args).keys() - derived.keys()
+    return Config(**{name: getattr(args, name) for name in flags}, **derived)
 
 
 def url_list(text: str | None) -> tuple[str, ...]:
@@ -5275,10 +5251,11 @@ def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     for value in values:
         name, _, file = value.partition("=")
         if not VARIANT_NAME.match(name) or not file:
-            raise UsageError(f"--variant {value}: give NAME=FILE, NAME of letters, digits and dashes (e.g. short=prompts/short.txt)")
+            raise UsageError(f"--variant {value}: give NAME=FILE, NAME of letters, digits and dashes "
+                             "(e.g. short=prompts/short.txt)")
         if name in variants:
             raise UsageError(f"--variant {name} is given twice")
-        variants[name] = read_prompt_file(Path(file).expanduser(), f"--variant {name}")
+        variants[name] = read_prompt_file(Path(file), f"--variant {name}")
     return tuple(variants.items())
 
 
@@ -5306,9 +5283,8 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              f"{manual}) that the next run reads: keep the manual captions as .caption and write "
                              ".txt, or the reverse")
     if args.export:
-        fmt = export_format(args.export)
         target = Path(args.export).expanduser()
-        if fmt != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
+        if export_format(args.export) != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
             raise UsageError(f"--export {args.export}: Hugging Face imagefolder reads {target.name} from the dataset "
                              f"folder; give the name only")
 
