@@ -1233,8 +1233,7 @@ class RateLimiter:
         if self.requests and len(self.sent) >= self.requests:
             waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
         if self.tokens and self.sent:
-            used, excess = sum(t for _, t in self.sent), 0
-            excess = used + tokens - self.tokens
+            excess = sum(t for _, t in self.sent) + tokens - self.tokens
             for when, spent in self.sent:  # wait until enough old tokens leave the window
                 if excess <= 0:
                     break
@@ -1247,9 +1246,8 @@ class RateLimiter:
             now = self.clock()
             wait = self._wait(now, tokens)
             if wait <= 0:
-                entry = [now, tokens]
-                self.sent.append(entry)
-                return entry
+                self.sent.append([now, tokens])
+                return self.sent[-1]
             await self.sleep(wait)
 
 
@@ -1324,7 +1322,7 @@ class EndpointChat:
 
     def _pause(self, response) -> None:
         """A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this."""
-        retry_after = response.headers.get("retry-after") if response is not None else None
+        retry_after = response.headers.get("retry-after")
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
                 self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
@@ -1413,7 +1411,8 @@ class EndpointChat:
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIStatusError as e:
-            if options and e.status_code == 400 and refuses_format(self._reason(e)):
+            if options and e.status_code == 400 and FORMAT_REFUSED.search(self._reason(e)):
+                # Not a retry: the same attempt, sent in the form this endpoint takes, once for the run.
                 self.structured = False
                 warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
                             "check asks for its JSON in the prompt instead")
@@ -1430,15 +1429,12 @@ class EndpointChat:
                                refused=type(e.__cause__).__name__ == "ConnectError") from e
         except (o.APIResponseValidationError, ValueError) as e:
             raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
-        if self.limiter.tokens:  # what the request really cost, where the server says
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                entry[1] = int(response.usage.total_tokens)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):  # what it really cost, where the server says
+            entry[1] = int(response.usage.total_tokens)
+            if (spending := SPENDING.get()) is not None:
+                spending["tokens"] += entry[1]
         if not getattr(response, "choices", None):
             raise RetryableReply("reply has no choices")
-        spending = SPENDING.get()
-        if spending is not None:
-            with contextlib.suppress(AttributeError, TypeError, ValueError):
-                spending["tokens"] += int(response.usage.total_tokens)
         choice = response.choices[0]
         return Reply(choice.message.content or "", choice.finish_reason)
 
@@ -1559,17 +1555,9 @@ class EndpointPool:
 
     async def _unless_given_up(self, awaitable):
         """Await a request unless the stage gives up first: then abandon it, and raise GaveUp."""
-        task = asyncio.ensure_future(awaitable)
-        over = asyncio.ensure_future(self.over.wait())
-        try:
-            await asyncio.wait({task, over}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            over.cancel()
-            if not task.done():
-                task.cancel()
-        if task.cancelled() or not task.done():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        task = await done_or_set(awaitable, self.over)
+        if not task.done():
+            await abandon(task)
             raise GaveUp(self.gave_up)
         return task.result()
 
@@ -1694,12 +1682,9 @@ class LocalChat:
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
-        replies = []
-        for row in new.tolist():
-            stopped = any(t in eos for t in row)
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            replies.append(Reply(text, "stop" if stopped or len(row) < self.max_tokens else "length"))
-        return replies
+        return [Reply(self.tokenizer.decode(row, skip_special_tokens=True),
+                      "stop" if eos.intersection(row) or len(row) < self.max_tokens else "length")
+                for row in new.tolist()]
 
     async def check(self) -> None:
         pass
@@ -1773,21 +1758,33 @@ async def unless_stopped(awaitable, asking: Asking):
     """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter, for an
     endpoint to come back or in a backoff at once, and raise Stopped. A request on the wire (asking.in_flight) is
     let finish: its reply is saved."""
+    task = await done_or_set(awaitable, asking.stopping)
+    if not task.done() and not asking.in_flight:
+        await abandon(task)
+        raise Stopped
+    return await task
+
+
+async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
+    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
+    the task too."""
     task = asyncio.ensure_future(awaitable)
-    stop = asyncio.ensure_future(asking.stopping.wait())
+    waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
         raise
     finally:
-        stop.cancel()
-    if not task.done() and not asking.in_flight:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
-            await task
-        raise Stopped
-    return await task
+        waiter.cancel()
+    return task
+
+
+async def abandon(task: asyncio.Task) -> None:
+    """Cancel a task and wait for it to end, whatever it raises."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+        await task
 
 
 # --------------------------------------------------------------------------------------------
@@ -1798,7 +1795,7 @@ CHECK_KEYS = ("unsupported", "contradictions", "missing")
 CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", "strict": True, "schema": {
     "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
     "required": list(CHECK_KEYS), "additionalProperties": False}}}
-FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)
+FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)  # in a 400: a server without them
 
 
 class CheckFailed(ItemError):
@@ -1824,11 +1821,6 @@ class Check:
     def lines(self) -> list[str]:
         """Each finding as the second merge's request names it: what to remove, what to keep."""
         return [f"remove: {s}" for s in self.unsupported + self.contradictions] + [f"keep: {s}" for s in self.missing]
-
-
-def refuses_format(reason: str) -> bool:
-    """A 400 whose message names the structured-output request: a server without it."""
-    return bool(FORMAT_REFUSED.search(reason))
 
 
 def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
@@ -1882,7 +1874,7 @@ async def check_caption(backend, messages: list[dict], max_retries: int, *,
     """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
     saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
     options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
-    for asked in range(2):
+    for _ in range(2):
         text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
         check = parse_check(text)
         if check is not None:
