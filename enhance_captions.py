@@ -1286,14 +1286,34 @@ SPENDING: contextvars.ContextVar[collections.Counter | None] = contextvars.Conte
 
 def on_the_wire() -> None:
     """A request goes out for this task's item: from now on its reply is awaited even when stopping."""
-    asking = ASKING.get()
-    if asking is not None:
+    if (asking := ASKING.get()) is not None:
         if asking.stopping.is_set():
             raise Stopped  # the wait for the limiter or an endpoint ended just as the stop came
         asking.in_flight = True
-    spending = SPENDING.get()
-    if spending is not None:
+    if (spending := SPENDING.get()) is not None:
         spending["requests"] += 1
+
+
+async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
+    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
+    the task too."""
+    task = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    return task
+
+
+async def abandon(task: asyncio.Task) -> None:
+    """Cancel a task and wait for it to end, whatever it raises."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+        await task
 
 
 class EndpointChat:
@@ -1763,28 +1783,6 @@ async def unless_stopped(awaitable, asking: Asking):
         await abandon(task)
         raise Stopped
     return await task
-
-
-async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
-    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
-    the task too."""
-    task = asyncio.ensure_future(awaitable)
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    return task
-
-
-async def abandon(task: asyncio.Task) -> None:
-    """Cancel a task and wait for it to end, whatever it raises."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
-        await task
 
 
 # --------------------------------------------------------------------------------------------
