@@ -1156,20 +1156,16 @@ def scaled_wait(seconds: float) -> float:
     """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
     sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
     never needs it."""
-    raw = os.environ.get(WAIT_SCALE_VARIABLE, "")
-    if raw not in WAIT_SCALES:
-        try:
-            scale = float(raw or 1)
-        except ValueError:
-            scale = -1.0
-        if not 0 <= scale < float("inf"):
-            warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
-            scale = 1.0
-        WAIT_SCALES[raw] = scale
-    return seconds * WAIT_SCALES[raw]
+    return seconds * wait_scale(os.environ.get(WAIT_SCALE_VARIABLE, ""))
 
 
-WAIT_SCALES: dict[str, float] = {}  # each value of the variable read once, so a bad one warns once
+@functools.cache  # each value of the variable read once, so a bad one warns once
+def wait_scale(raw: str) -> float:
+    with contextlib.suppress(ValueError):
+        if 0 <= (scale := float(raw or 1)) < float("inf"):
+            return scale
+    warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
+    return 1.0
 
 
 class SharedPause:
