@@ -1649,7 +1649,7 @@ class LocalChat:
         self.device, self.batch_size = device, batch_size
         self.max_tokens, self.temperature = max_tokens, temperature
         self.queue: list[tuple[list[dict], float, asyncio.Future]] = []
-        self.busy = False
+        self.draining: asyncio.Task | None = None  # held, so that the loop cannot drop it halfway
 
     async def complete(self, messages: list[dict], temperature: float | None = None,
                        response_format: dict | None = None) -> Reply:
@@ -1659,30 +1659,26 @@ class LocalChat:
             messages = format_in_prompt(messages, response_format)
         future = asyncio.get_running_loop().create_future()
         self.queue.append((messages, self.temperature if temperature is None else temperature, future))
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while self.queue:
-                if len(self.queue) < self.batch_size:
-                    await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
-                temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
-                batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
-                self.queue = [q for q in self.queue if not any(q is b for b in batch)]
-                try:
-                    replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
-                except Exception as e:  # one broken batch fails its items, not the run
-                    for _, _, future in batch:
-                        future.set_exception(ItemError(f"local LLM failed: {e}"))
-                    continue
-                for (_, _, future), reply in zip(batch, replies):
-                    future.set_result(reply)
-        finally:
-            self.busy = False
+        while self.queue:
+            if len(self.queue) < self.batch_size:
+                await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
+            temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
+            batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
+            self.queue = [q for q in self.queue if not any(q is b for b in batch)]
+            try:
+                replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
+            except Exception as e:  # one broken batch fails its items, not the run
+                for _, _, future in batch:
+                    future.set_exception(ItemError(f"local LLM failed: {e}"))
+                continue
+            for (_, _, future), reply in zip(batch, replies):
+                future.set_result(reply)
 
     def _generate(self, conversations: list[list[dict]], temperature: float) -> list[Reply]:
         import torch
