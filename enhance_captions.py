@@ -1146,20 +1146,16 @@ def scaled_wait(seconds: float) -> float:
     """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
     sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
     never needs it."""
-    raw = os.environ.get(WAIT_SCALE_VARIABLE, "")
-    if raw not in WAIT_SCALES:
-        try:
-            scale = float(raw or 1)
-        except ValueError:
-            scale = -1.0
-        if not 0 <= scale < float("inf"):
-            warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
-            scale = 1.0
-        WAIT_SCALES[raw] = scale
-    return seconds * WAIT_SCALES[raw]
+    return seconds * wait_scale(os.environ.get(WAIT_SCALE_VARIABLE, ""))
 
 
-WAIT_SCALES: dict[str, float] = {}  # each value of the variable read once, so a bad one warns once
+@functools.cache  # each value of the variable read once, so a bad one warns once
+def wait_scale(raw: str) -> float:
+    with contextlib.suppress(ValueError):
+        if 0 <= (scale := float(raw or 1)) < float("inf"):
+            return scale
+    warn_stderr(f"warning: {WAIT_SCALE_VARIABLE}={raw!r} is not a number of 0 or more; waits are not scaled")
+    return 1.0
 
 
 class SharedPause:
@@ -1223,8 +1219,7 @@ class RateLimiter:
         if self.requests and len(self.sent) >= self.requests:
             waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
         if self.tokens and self.sent:
-            used, excess = sum(t for _, t in self.sent), 0
-            excess = used + tokens - self.tokens
+            excess = sum(t for _, t in self.sent) + tokens - self.tokens
             for when, spent in self.sent:  # wait until enough old tokens leave the window
                 if excess <= 0:
                     break
@@ -1237,9 +1232,8 @@ class RateLimiter:
             now = self.clock()
             wait = self._wait(now, tokens)
             if wait <= 0:
-                entry = [now, tokens]
-                self.sent.append(entry)
-                return entry
+                self.sent.append([now, tokens])
+                return self.sent[-1]
             await self.sleep(wait)
 
 
@@ -1278,14 +1272,34 @@ SPENDING: contextvars.ContextVar[collections.Counter | None] = contextvars.Conte
 
 def on_the_wire() -> None:
     """A request goes out for this task's item: from now on its reply is awaited even when stopping."""
-    asking = ASKING.get()
-    if asking is not None:
+    if (asking := ASKING.get()) is not None:
         if asking.stopping.is_set():
             raise Stopped  # the wait for the limiter or an endpoint ended just as the stop came
         asking.in_flight = True
-    spending = SPENDING.get()
-    if spending is not None:
+    if (spending := SPENDING.get()) is not None:
         spending["requests"] += 1
+
+
+async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
+    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
+    the task too."""
+    task = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    return task
+
+
+async def abandon(task: asyncio.Task) -> None:
+    """Cancel a task and wait for it to end, whatever it raises."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+        await task
 
 
 class EndpointChat:
@@ -1314,7 +1328,7 @@ class EndpointChat:
 
     def _pause(self, response) -> None:
         """A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this."""
-        retry_after = response.headers.get("retry-after") if response is not None else None
+        retry_after = response.headers.get("retry-after")
         if response.status_code in (429, 503) and retry_after:
             with contextlib.suppress(ValueError):
                 self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
@@ -1403,7 +1417,8 @@ class EndpointChat:
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIStatusError as e:
-            if options and e.status_code == 400 and refuses_format(self._reason(e)):
+            if options and e.status_code == 400 and FORMAT_REFUSED.search(self._reason(e)):
+                # Not a retry: the same attempt, sent in the form this endpoint takes, once for the run.
                 self.structured = False
                 warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
                             "check asks for its JSON in the prompt instead")
@@ -1420,15 +1435,12 @@ class EndpointChat:
                                refused=type(e.__cause__).__name__ == "ConnectError") from e
         except (o.APIResponseValidationError, ValueError) as e:
             raise RetryableReply(f"invalid reply from the endpoint: {type(e).__name__}") from e
-        if self.limiter.tokens:  # what the request really cost, where the server says
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                entry[1] = int(response.usage.total_tokens)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):  # what it really cost, where the server says
+            entry[1] = int(response.usage.total_tokens)
+            if (spending := SPENDING.get()) is not None:
+                spending["tokens"] += entry[1]
         if not getattr(response, "choices", None):
             raise RetryableReply("reply has no choices")
-        spending = SPENDING.get()
-        if spending is not None:
-            with contextlib.suppress(AttributeError, TypeError, ValueError):
-                spending["tokens"] += int(response.usage.total_tokens)
         choice = response.choices[0]
         return Reply(choice.message.content or "", choice.finish_reason)
 
@@ -1549,17 +1561,9 @@ class EndpointPool:
 
     async def _unless_given_up(self, awaitable):
         """Await a request unless the stage gives up first: then abandon it, and raise GaveUp."""
-        task = asyncio.ensure_future(awaitable)
-        over = asyncio.ensure_future(self.over.wait())
-        try:
-            await asyncio.wait({task, over}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            over.cancel()
-            if not task.done():
-                task.cancel()
-        if task.cancelled() or not task.done():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        task = await done_or_set(awaitable, self.over)
+        if not task.done():
+            await abandon(task)
             raise GaveUp(self.gave_up)
         return task.result()
 
@@ -1635,7 +1639,7 @@ class LocalChat:
         self.device, self.batch_size = device, batch_size
         self.max_tokens, self.temperature = max_tokens, temperature
         self.queue: list[tuple[list[dict], float, asyncio.Future]] = []
-        self.busy = False
+        self.draining: asyncio.Task | None = None  # held, so that the loop cannot drop it halfway
 
     async def complete(self, messages: list[dict], temperature: float | None = None,
                        response_format: dict | None = None) -> Reply:
@@ -1645,30 +1649,26 @@ class LocalChat:
             messages = format_in_prompt(messages, response_format)
         future = asyncio.get_running_loop().create_future()
         self.queue.append((messages, self.temperature if temperature is None else temperature, future))
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while self.queue:
-                if len(self.queue) < self.batch_size:
-                    await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
-                temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
-                batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
-                self.queue = [q for q in self.queue if not any(q is b for b in batch)]
-                try:
-                    replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
-                except Exception as e:  # one broken batch fails its items, not the run
-                    for _, _, future in batch:
-                        future.set_exception(ItemError(f"local LLM failed: {e}"))
-                    continue
-                for (_, _, future), reply in zip(batch, replies):
-                    future.set_result(reply)
-        finally:
-            self.busy = False
+        while self.queue:
+            if len(self.queue) < self.batch_size:
+                await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
+            temperature = self.queue[0][1]  # one generate call samples at one temperature (a check's is 0)
+            batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
+            self.queue = [q for q in self.queue if not any(q is b for b in batch)]
+            try:
+                replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
+            except Exception as e:  # one broken batch fails its items, not the run
+                for _, _, future in batch:
+                    future.set_exception(ItemError(f"local LLM failed: {e}"))
+                continue
+            for (_, _, future), reply in zip(batch, replies):
+                future.set_result(reply)
 
     def _generate(self, conversations: list[list[dict]], temperature: float) -> list[Reply]:
         import torch
@@ -1684,12 +1684,9 @@ class LocalChat:
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
-        replies = []
-        for row in new.tolist():
-            stopped = any(t in eos for t in row)
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            replies.append(Reply(text, "stop" if stopped or len(row) < self.max_tokens else "length"))
-        return replies
+        return [Reply(self.tokenizer.decode(row, skip_special_tokens=True),
+                      "stop" if eos.intersection(row) or len(row) < self.max_tokens else "length")
+                for row in new.tolist()]
 
     async def check(self) -> None:
         pass
@@ -1763,19 +1760,9 @@ async def unless_stopped(awaitable, asking: Asking):
     """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter, for an
     endpoint to come back or in a backoff at once, and raise Stopped. A request on the wire (asking.in_flight) is
     let finish: its reply is saved."""
-    task = asyncio.ensure_future(awaitable)
-    stop = asyncio.ensure_future(asking.stopping.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        stop.cancel()
+    task = await done_or_set(awaitable, asking.stopping)
     if not task.done() and not asking.in_flight:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
-            await task
+        await abandon(task)
         raise Stopped
     return await task
 
@@ -1788,7 +1775,7 @@ CHECK_KEYS = ("unsupported", "contradictions", "missing")
 CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", "strict": True, "schema": {
     "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
     "required": list(CHECK_KEYS), "additionalProperties": False}}}
-FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)
+FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)  # in a 400: a server without them
 
 
 class CheckFailed(ItemError):
@@ -1814,11 +1801,6 @@ class Check:
     def lines(self) -> list[str]:
         """Each finding as the second merge's request names it: what to remove, what to keep."""
         return [f"remove: {s}" for s in self.unsupported + self.contradictions] + [f"keep: {s}" for s in self.missing]
-
-
-def refuses_format(reason: str) -> bool:
-    """A 400 whose message names the structured-output request: a server without it."""
-    return bool(FORMAT_REFUSED.search(reason))
 
 
 def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
@@ -1872,7 +1854,7 @@ async def check_caption(backend, messages: list[dict], max_retries: int, *,
     """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
     saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
     options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
-    for asked in range(2):
+    for _ in range(2):
         text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
         check = parse_check(text)
         if check is not None:

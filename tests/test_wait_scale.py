@@ -18,7 +18,7 @@ def test_the_scale_comes_from_the_environment_and_a_bad_value_warns_once_and_sca
     monkeypatch.setenv(ec.WAIT_SCALE_VARIABLE, "0")
     assert ec.scaled_wait(30.0) == 0.0
     for bad in ("soon", "-1", "inf"):
-        monkeypatch.setattr(ec, "WAIT_SCALES", {})
+        ec.wait_scale.cache_clear()
         monkeypatch.setenv(ec.WAIT_SCALE_VARIABLE, bad)
         assert ec.scaled_wait(30.0) == ec.scaled_wait(30.0) == 30.0
         warned = [line for line in capsys.readouterr().err.splitlines() if ec.WAIT_SCALE_VARIABLE in line]
