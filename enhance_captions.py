@@ -2117,12 +2117,10 @@ def check_model_source(name: str, flag: str, revision: str = "main") -> None:
     """Fail in seconds where loading would fail slowly or obscurely: a path that is no folder, or a Hub id that is
     not in the cache while the Hub cannot be reached (huggingface_hub tries each missing file six times over about
     25 s, and a model has several). A local folder or a cached model costs no request."""
+    if Path(name).expanduser().is_dir():
+        return
     if name.startswith((".", "/", "~")):
-        if not Path(name).expanduser().is_dir():
-            raise UsageError(f"{flag}: no such folder: {name}")
-        return
-    if Path(name).is_dir():
-        return
+        raise UsageError(f"{flag}: no such folder: {name}")
     import huggingface_hub
     from huggingface_hub import constants, errors
 
@@ -2288,8 +2286,10 @@ class Progress:
     """One stage's count. It starts with its stage (begin(), or the first update): the rate and the ETA count from
     there, and the bar appears then, not above another stage's from the start of the run."""
 
-    def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool, every: float = 5.0):
-        self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
+    every = 5.0  # seconds between lines where there is no terminal
+
+    def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool):
+        self.reporter, self.name, self.total, self.enabled = reporter, name, total, enabled
         self.done, self.start, self.last = 0, None, time.monotonic()
         self.lock = threading.Lock()
         self.bar = None
@@ -2402,8 +2402,8 @@ class AsyncStage:
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
-                if not self.stats.fatal:
-                    self.stats.fatal = str(e)
+                with self.stats.lock:
+                    self.stats.fatal = self.stats.fatal or str(e)
                 self.stop.set()
             except Exception as e:  # a bug or an unexpected library error: fail the item, keep its reason
                 self.stats.fail(item.image, self.name, f"{type(e).__name__}: {e}")
@@ -2487,15 +2487,14 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
             stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
             reporter.detail(f"failed {items[index].image}: {error}")
-        captions = []
-        if indices:
-            try:
-                captions = captioner.caption(prepared)
-            except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
-                if worker_died(e):
-                    raise
-                for index in indices:
-                    stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
+        try:
+            captions = captioner.caption(prepared) if indices else []
+        except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
+            if worker_died(e):
+                raise
+            captions = []
+            for index in indices:
+                stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
         for index, text in zip(indices, captions):
             item, text = items[index], " ".join(text.split())
             if not text:
