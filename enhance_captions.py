@@ -1934,7 +1934,8 @@ class LocalCaptioner:
         self.processor, self.model = processor, model
         self.kind = self.kind_of(processor)
         self.decode_side = decode_side(processor.image_processor)
-        self.prompt = prompt if prompt is not None else self.default_prompt(self.kind)
+        self.prompt = prompt if prompt is not None else \
+            {"task": DEFAULT_TASK_PROMPT, "chat": DEFAULT_CHAT_PROMPT, "plain": ""}[self.kind]
         self.system_prompt = system_prompt
         self.generate_kwargs = generate_kwargs
         tokenizer = getattr(processor, "tokenizer", None)
@@ -1957,19 +1958,12 @@ class LocalCaptioner:
             return "plain"
         raise UsageError(f"{type(processor).__name__} fits no supported kind; supported: {LocalCaptioner.KINDS}")
 
-    @staticmethod
-    def default_prompt(kind: str) -> str:
-        return {"task": DEFAULT_TASK_PROMPT, "chat": DEFAULT_CHAT_PROMPT, "plain": ""}[kind]
-
     def prepare(self, images: list) -> Any:
-        if self.kind == "task":
-            inputs = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt")
-        elif self.kind == "chat":
+        if self.kind == "chat":
             inputs = self.processor.apply_chat_template(
                 [self.conversation(img) for img in images], add_generation_prompt=True, tokenize=True,
                 return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
-        else:
-            # Always pass text, even empty: processors that insert image tokens into it (PaliGemma) need it.
+        else:  # text always, even empty: processors that insert image tokens into it (PaliGemma) need it
             inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt",
                                     padding=True)
         return inputs, [img.info.get("full_size", img.size) for img in images]
@@ -2009,14 +2003,9 @@ class LocalCaptioner:
                     for t, s in zip(texts, sizes)]
         if self.kind == "chat" and not self.model.config.is_encoder_decoder:
             out = out[:, inputs["input_ids"].shape[1]:]  # decoder-only models return the prompt too
-        # plain captioners (BLIP, PaliGemma) echo a prompt with their own token edits: strip_prompt removes it
-        texts = self.processor.batch_decode(out, skip_special_tokens=True)
-        return [self.strip_prompt(t) for t in texts]
-
-    def strip_prompt(self, text: str) -> str:
-        """The caption without an echo of the prompt, for every kind that decodes text: plain captioners return
-        the prompt before the caption, and a chat model may open its answer by repeating the instruction."""
-        return strip_echo(text, self.prompt)
+        # Without the prompt's echo: plain captioners (BLIP, PaliGemma) return it, with their own token edits,
+        # before the caption, and a chat model may open its answer by repeating the instruction.
+        return [strip_echo(t, self.prompt) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
 def quiet_transformers(verbosity: int) -> None:
@@ -2068,25 +2057,23 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise UsageError(f"--quantization {cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from e
-        bits = {"load_in_4bit": True} if cfg.quantization == "4bit" else {"load_in_8bit": True}
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**bits, bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            **{f"load_in_{cfg.quantization}": True}, bnb_4bit_compute_dtype=dtype)  # load_in_4bit or load_in_8bit
         kwargs.setdefault("device_map", {"": device})
-    model = None
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):  # remote-code models may register only the latter
         try:
             model = auto.from_pretrained(cfg.model_id, **kwargs)
             break
-        except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
-                raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
-        except OSError as e:
+        except (ValueError, OSError) as e:
+            if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
+                continue  # not this auto class: try the next
             raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
         except Exception as e:  # a damaged weights file (safetensors' own error) or a broken checkpoint
             if not is_damaged_weights(e):
                 raise
             raise UsageError(f"cannot load {cfg.model_id}: its weights are damaged ({first_line(e)}); download "
                              "it again") from e
-    if model is None:
+    else:  # no auto class took its configuration
         raise UsageError(f"{cfg.model_id} is not an image-to-text model; supported: {LocalCaptioner.KINDS}")
     if "device_map" not in kwargs:
         model = model.to(device)
@@ -2102,12 +2089,10 @@ def check_model_source(name: str, flag: str, revision: str = "main") -> None:
     """Fail in seconds where loading would fail slowly or obscurely: a path that is no folder, or a Hub id that is
     not in the cache while the Hub cannot be reached (huggingface_hub tries each missing file six times over about
     25 s, and a model has several). A local folder or a cached model costs no request."""
+    if Path(name).expanduser().is_dir():
+        return
     if name.startswith((".", "/", "~")):
-        if not Path(name).expanduser().is_dir():
-            raise UsageError(f"{flag}: no such folder: {name}")
-        return
-    if Path(name).is_dir():
-        return
+        raise UsageError(f"{flag}: no such folder: {name}")
     import huggingface_hub
     from huggingface_hub import constants, errors
 
@@ -2273,8 +2258,10 @@ class Progress:
     """One stage's count. It starts with its stage (begin(), or the first update): the rate and the ETA count from
     there, and the bar appears then, not above another stage's from the start of the run."""
 
-    def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool, every: float = 5.0):
-        self.reporter, self.name, self.total, self.enabled, self.every = reporter, name, total, enabled, every
+    every = 5.0  # seconds between lines where there is no terminal
+
+    def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool):
+        self.reporter, self.name, self.total, self.enabled = reporter, name, total, enabled
         self.done, self.start, self.last = 0, None, time.monotonic()
         self.lock = threading.Lock()
         self.bar = None
@@ -2310,9 +2297,8 @@ class Progress:
         rate = self.done / elapsed
         if self.total is None:
             return f"{self.name}: {self.done} done ({rate:.2f}/s)"
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return f"{self.name}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta_text})"
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
+        return f"{self.name}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta})"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -2341,12 +2327,13 @@ class AsyncStage:
         self.loop, self.name, self.handle, self.concurrency = loop, name, handle, concurrency
         self.stats, self.progress, self.stop = stats, progress, stop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.taking = asyncio.Lock()  # one worker at a time draws from the source
         self.source: Iterator | None = iter(source)
         self.gave_up = False
         self.done: concurrent.futures.Future | None = None
 
     def start(self) -> AsyncStage:
-        self.done = asyncio.run_coroutine_threadsafe(self._run(self.concurrency), self.loop)
+        self.done = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
         return self
 
     def submit(self, item: Item | None) -> None:
@@ -2355,13 +2342,11 @@ class AsyncStage:
     def close(self) -> None:
         self.submit(None)
 
-    async def _run(self, concurrency: int) -> None:
-        self.taking = asyncio.Lock()
-        workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
-        await asyncio.gather(*workers)
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._work() for _ in range(self.concurrency)))
 
     async def _next(self) -> Item | None:
-        async with self.taking:  # one worker at a time draws from the source
+        async with self.taking:
             if self.source is not None and not self.stop.is_set() and not self.gave_up:  # claim nothing more
                 item = await asyncio.to_thread(next, self.source, None)  # a claim is a store round trip
                 if item is not None:
@@ -2389,8 +2374,8 @@ class AsyncStage:
             except ItemError as e:
                 self.stats.fail(item.image, self.name, str(e))
             except FatalEndpointError as e:
-                if not self.stats.fatal:
-                    self.stats.fatal = str(e)
+                with self.stats.lock:
+                    self.stats.fatal = self.stats.fatal or str(e)
                 self.stop.set()
             except Exception as e:  # a bug or an unexpected library error: fail the item, keep its reason
                 self.stats.fail(item.image, self.name, f"{type(e).__name__}: {e}")
@@ -2447,13 +2432,10 @@ class EventLoopThread:
 
 def wait_future(future, every_slice: Callable[[], None] = lambda: None) -> None:
     """Wait for a stage in slices, so signal handlers keep running in the main thread, which calls `every_slice`."""
-    while True:
+    every_slice()
+    while not concurrent.futures.wait([future], timeout=0.2).done:  # not result(timeout): a stage may raise a timeout
         every_slice()
-        try:
-            future.result(timeout=0.2)
-            return
-        except concurrent.futures.TimeoutError:  # not yet the builtin TimeoutError before Python 3.11
-            continue
+    future.result()
 
 
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
@@ -2477,15 +2459,14 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
             stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
             reporter.detail(f"failed {items[index].image}: {error}")
-        captions = []
-        if indices:
-            try:
-                captions = captioner.caption(prepared)
-            except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
-                if worker_died(e):
-                    raise
-                for index in indices:
-                    stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
+        try:
+            captions = captioner.caption(prepared) if indices else []
+        except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
+            if worker_died(e):
+                raise
+            captions = []
+            for index in indices:
+                stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
         for index, text in zip(indices, captions):
             item, text = items[index], " ".join(text.split())
             if not text:
