@@ -2604,14 +2604,12 @@ class Settings:
     are in two parts: those of the request (`merges`), which only the LLM can apply, and those that turn its reply
     into the file (`finish`), which a run re-applies to the recorded reply without asking again."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None,
-                 check: dict | None = None):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict, check: dict | None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
-        self.finish = finish or {}
-        self.finish_id = settings_id("finish", self.finish)
+        self.finish, self.finish_id = finish, settings_id("finish", finish)
         # --verify: the check's own settings, apart from the merge's, so that turning it on re-merges nothing
         self.check, self.check_id = check, settings_id("verify", check) if check else None
 
@@ -2620,22 +2618,29 @@ def variants_of(cfg: Config) -> list[Variant]:
     return [Variant("", cfg.system_prompt)] + [Variant(name, prompt) for name, prompt in cfg.variants]
 
 
+# The Config fields that change each kind of cache's text. A new flag that changes what is generated joins one of
+# these, and with it the cache settings: tests/test_settings.py fails until every Config field is placed. (The
+# backend, the LLM, the system prompts and --verify's are added by run_settings itself.)
+VISION_SETTINGS = ("model_id", "revision", "dtype", "quantization", "repetition_penalty", "prompt",
+                   "vlm_system_prompt", "max_new_tokens")
+SERVED_VISION_SETTINGS = ("vlm_model", "vlm_max_side", "prompt", "vlm_system_prompt", "max_new_tokens")
+MERGE_SETTINGS = ("temperature", "max_tokens")
+LOCAL_LLM_SETTINGS = ("revision", "dtype")
+FINISH_SETTINGS = ("keep_tokens", "prefix", "suffix", "max_caption_tokens", "caption_tokenizer")
+RECORDED_AS = {"vlm_model": "served_model", "vlm_max_side": "max_side"}  # the names records have always used
+
+
+def settings_of(cfg: Config, names: Sequence[str]) -> dict:
+    return {RECORDED_AS.get(name, name): getattr(cfg, name) for name in names}
+
+
 def run_settings(cfg: Config) -> Settings:
-    if cfg.vlm_base_url:
-        vision = {"served_model": cfg.vlm_model, "max_side": cfg.vlm_max_side}
-    else:
-        vision = {"model_id": cfg.model_id, "revision": cfg.revision, "quantization": cfg.quantization,
-                  "repetition_penalty": cfg.repetition_penalty, "dtype": cfg.dtype}
-    vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
-    merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-    if cfg.local_llm:
-        merge |= {"revision": cfg.revision, "dtype": cfg.dtype}
-    finish = {"keep_tokens": cfg.keep_tokens, "prefix": cfg.prefix, "suffix": cfg.suffix,
-              "max_caption_tokens": cfg.max_caption_tokens, "caption_tokenizer": cfg.caption_tokenizer}
+    vision = settings_of(cfg, SERVED_VISION_SETTINGS if cfg.vlm_base_url else VISION_SETTINGS)
+    merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model}
+    merge |= settings_of(cfg, MERGE_SETTINGS + (LOCAL_LLM_SETTINGS if cfg.local_llm else ()))
     check = {"prompt": digest(cfg.verify_prompt.encode("utf-8")), "model": merge["model"],
              "backend": merge["backend"]} if cfg.verify else None
-    return Settings(vision, merge, variants_of(cfg), finish, check)
+    return Settings(vision, merge, variants_of(cfg), settings_of(cfg, FINISH_SETTINGS), check)
 
 
 SETTING_WORDS = {"model_id": "vision model", "served_model": "vision model", "model": "LLM", "backend": "LLM backend",
