@@ -2957,9 +2957,8 @@ def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
     checked now without merging it again: a check-only job. Not without its vision caption (deleted, or never
     cached): the check needs both sources, and making one again would load the vision model for it."""
     record = merge.record
-    if merge.reason or not settings.check_id or merge.text is None or record.check == settings.check_id:
-        return
-    if merge.item.generated is None:
+    if merge.reason or not settings.check_id or merge.text is None or merge.item.generated is None or \
+            record.check == settings.check_id:
         return
     if record.check is None:
         merge.reason = REASON_UNCHECKED
@@ -3120,24 +3119,17 @@ def make_chat(cfg: Config, state):
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
                   model: str | None, rpm: int, tpm: int, max_tokens: int, temperature: float):
     """The one place that builds endpoint clients: each (url, key) gets its own limiter with this process's share of
-    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering."""
-    pooled = len(endpoints) > 1
+    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering.
+    Where several processes call one endpoint, a 429's pause reaches all of them through a file (one process keeps it
+    in memory); in a pool each endpoint has its own, named with a short hash of its URL."""
     chats = []
     for url, key in endpoints:
+        name = stage if len(endpoints) == 1 else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
+        shared = SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name)) if state.num_processes > 1 else None
         limiter = RateLimiter(requests=process_share(rpm, state.process_index, state.num_processes),
-                              tokens=process_share(tpm, state.process_index, state.num_processes),
-                              shared=shared_pause(cfg, state, stage, url if pooled else None))
+                              tokens=process_share(tpm, state.process_index, state.num_processes), shared=shared)
         chats.append(EndpointChat(url, key, model, limiter, cfg.timeout, max_tokens, temperature, stage=stage))
     return EndpointPool(chats, give_up_after=cfg.give_up_after)
-
-
-def shared_pause(cfg: Config, state, stage: str, url: str | None = None) -> SharedPause | None:
-    """Where several processes call one endpoint, a 429's pause reaches all of them; one process keeps it in memory.
-    In a pool each endpoint has its own pause, its file named with a short hash of its URL."""
-    if state.num_processes == 1:
-        return None
-    name = stage if url is None else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
-    return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name))
 
 
 def make_vision_chat(cfg: Config, state) -> EndpointPool:
@@ -3241,8 +3233,7 @@ class Merger:
     def __init__(self, cfg: Config, plan: Plan, stats: Stats, reporter: Reporter, stopping: asyncio.Event,
                  count_tokens: Callable[[str], int] | None):
         self.cfg, self.records, self.settings, self.stats = cfg, plan.records, plan.settings, stats
-        self.reporter = reporter
-        self.stopping, self.count_tokens = stopping, count_tokens
+        self.reporter, self.stopping, self.count_tokens = reporter, stopping, count_tokens
         self.chat = None  # made when the stage starts
 
     def start(self, state, stage: AsyncStage) -> None:
@@ -3251,11 +3242,6 @@ class Merger:
         self.chat = make_chat(self.cfg, state)
         stage.progress.begin()
         stage.start()
-
-    def over_budget(self, text: str, kept: Sequence[str]) -> str | None:
-        if self.count_tokens is None:
-            return None
-        return budget_problem(finish_reply(text, kept, self.cfg), self.cfg.max_caption_tokens, self.count_tokens)
 
     async def __call__(self, job: Merge) -> str:
         """Counted per kind of output as well as for the stage, so the summary can say what each kind got."""
@@ -3299,11 +3285,11 @@ class Merger:
     async def ask(self, job: Merge, messages: list[dict], kept: Sequence[str]) -> tuple[str, str]:
         """One merge: the LLM's reply as cleaned (recorded, so that the finishing settings can change later), and the
         caption the trainer will see: the kept parts first, the prefix and suffix, within the budget."""
-        cfg, item = self.cfg, job.item
+        cfg, item, count = self.cfg, job.item, self.count_tokens
+        too_long = count and (lambda t: budget_problem(finish_reply(t, kept, cfg), cfg.max_caption_tokens, count))
         try:
             reply = await self.spending("merge", complete_item(self.chat, messages, cfg.max_retries, item.manual,
-                                                               stopping=self.stopping,
-                                                               too_long=lambda t: self.over_budget(t, kept)))
+                                                               stopping=self.stopping, too_long=too_long))
             return reply, finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
             text = finish_reply(e.text, kept, cfg, self.count_tokens)
