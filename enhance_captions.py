@@ -2921,14 +2921,12 @@ def input_stamp(item: Item) -> str:
 def read_failing(records: Records) -> dict[str, dict]:
     """The bad inputs of earlier runs, by image key."""
     failing = {}
-    try:
-        with open(records.folder / FAILURES_FILE, encoding="utf-8", errors="surrogateescape") as handle:
-            for line in handle:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    row = json.loads(line)
-                    failing[row["failing"]] = row
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(records.folder / FAILURES_FILE, encoding="utf-8",
+                                            errors="surrogateescape") as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                failing[row["failing"]] = row
     return failing
 
 
@@ -2948,8 +2946,7 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
         records.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, "\n".join(json_line(rows[k]) for k in sorted(rows)))
     else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
@@ -3012,16 +3009,13 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
 class SharedWork:
     """How the processes of one run share its work, through the key-value store that torch.distributed already
     runs for the process group. Every process has the main process's plan (plan_rows), so a chunk number names the
-    same items everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
-    takes the next chunk when it is done with its last, so one that drew slow images or slow merges takes fewer,
-    and all finish close together. A process that dies leaves only its claimed chunks undone, for the rerun.
-    At the end each process leaves its Stats in the store, and the main process waits for them as long as their
-    process is alive: a collective there times out (NCCL's default is 10 minutes) when one process finishes long
-    after the others, and takes the summary, the report and the export with it. Each process bumps a heartbeat key
-    every HEARTBEAT_SECONDS from a thread; one silent for HEARTBEAT_LOST (dead, or hung) is given up on, and the run
-    ends with the others' work. The others exit only once the main process has finished (finished()). The keys
-    carry the run's id, so a rerun in the same store never sees old counts.
-    One process has no store, and takes every chunk in order."""
+    same items everywhere; each stage hands out chunk numbers from its own counter (the store's atomic add), so a
+    process that drew slow work takes fewer and all finish close together. One that dies leaves only its claimed
+    chunks undone. At the end each process leaves its Stats in the store, and the main process waits for them while
+    their process's heartbeat goes on (silent for HEARTBEAT_LOST: dead or hung, given up on): a collective there
+    times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the summary,
+    the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees old
+    counts. One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -3152,9 +3146,8 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     merges = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merger, stats,
                         reporter.progress("llm", len(plan.to_combine) if work.store is None else None), stop,
                         work.items(STAGE_LLM, llm_only, min(REQUEST_CHUNK, cfg.concurrency)))
-    early = cfg.overlap and not cfg.local_llm  # a local LLM waits for the vision model to leave the GPU
     try:
-        if plan.to_combine and early:
+        if plan.to_combine and cfg.overlap and not cfg.local_llm:  # a local LLM waits for the GPU to be free
             merger.start(state, merges)
         if plan.to_generate:
             caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges, reporter))
