@@ -3285,9 +3285,8 @@ class Merger:
                                                                stopping=self.stopping, too_long=too_long))
             return reply, finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = finish_reply(e.text, kept, cfg, self.count_tokens)
-            self.stats.note(item.image, STAGE_LLM,
-                            f"{job.path.name}: {e.problem}; cut to {self.count_tokens(text)} tokens")
+            text = finish_reply(e.text, kept, cfg, count)
+            self.stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count(text)} tokens")
             return e.text, text
 
     async def spending(self, purpose: str, awaitable):
