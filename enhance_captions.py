@@ -2557,14 +2557,12 @@ class Settings:
     are in two parts: those of the request (`merges`), which only the LLM can apply, and those that turn its reply
     into the file (`finish`), which a run re-applies to the recorded reply without asking again."""
 
-    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict | None = None,
-                 check: dict | None = None):
+    def __init__(self, vision: dict, merge: dict, variants: Sequence[Variant], finish: dict, check: dict | None):
         self.variants = list(variants)
         self.vision, self.vision_id = vision, settings_id(KIND_GENERATED, vision)
         self.merges = {v.name: merge | {"system_prompt": digest(v.system_prompt.encode("utf-8"))} for v in variants}
         self.merge_ids = {name: settings_id(KIND_COMBINED, values) for name, values in self.merges.items()}
-        self.finish = finish or {}
-        self.finish_id = settings_id("finish", self.finish)
+        self.finish, self.finish_id = finish, settings_id("finish", finish)
         # --verify: the check's own settings, apart from the merge's, so that turning it on re-merges nothing
         self.check, self.check_id = check, settings_id("verify", check) if check else None
 
@@ -2573,22 +2571,29 @@ def variants_of(cfg: Config) -> list[Variant]:
     return [Variant("", cfg.system_prompt)] + [Variant(name, prompt) for name, prompt in cfg.variants]
 
 
+# The Config fields that change each kind of cache's text. A new flag that changes what is generated joins one of
+# these, and with it the cache settings: tests/test_settings.py fails until every Config field is placed. (The
+# backend, the LLM, the system prompts and --verify's are added by run_settings itself.)
+VISION_SETTINGS = ("model_id", "revision", "dtype", "quantization", "repetition_penalty", "prompt",
+                   "vlm_system_prompt", "max_new_tokens")
+SERVED_VISION_SETTINGS = ("vlm_model", "vlm_max_side", "prompt", "vlm_system_prompt", "max_new_tokens")
+MERGE_SETTINGS = ("temperature", "max_tokens")
+LOCAL_LLM_SETTINGS = ("revision", "dtype")
+FINISH_SETTINGS = ("keep_tokens", "prefix", "suffix", "max_caption_tokens", "caption_tokenizer")
+RECORDED_AS = {"vlm_model": "served_model", "vlm_max_side": "max_side"}  # the names records have always used
+
+
+def settings_of(cfg: Config, names: Sequence[str]) -> dict:
+    return {RECORDED_AS.get(name, name): getattr(cfg, name) for name in names}
+
+
 def run_settings(cfg: Config) -> Settings:
-    if cfg.vlm_base_url:
-        vision = {"served_model": cfg.vlm_model, "max_side": cfg.vlm_max_side}
-    else:
-        vision = {"model_id": cfg.model_id, "revision": cfg.revision, "quantization": cfg.quantization,
-                  "repetition_penalty": cfg.repetition_penalty, "dtype": cfg.dtype}
-    vision |= {"prompt": cfg.prompt, "vlm_system_prompt": cfg.vlm_system_prompt, "max_new_tokens": cfg.max_new_tokens}
-    merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model,
-             "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-    if cfg.local_llm:
-        merge |= {"revision": cfg.revision, "dtype": cfg.dtype}
-    finish = {"keep_tokens": cfg.keep_tokens, "prefix": cfg.prefix, "suffix": cfg.suffix,
-              "max_caption_tokens": cfg.max_caption_tokens, "caption_tokenizer": cfg.caption_tokenizer}
+    vision = settings_of(cfg, SERVED_VISION_SETTINGS if cfg.vlm_base_url else VISION_SETTINGS)
+    merge = {"backend": "local" if cfg.local_llm else "endpoint", "model": cfg.local_llm or cfg.model}
+    merge |= settings_of(cfg, MERGE_SETTINGS + (LOCAL_LLM_SETTINGS if cfg.local_llm else ()))
     check = {"prompt": digest(cfg.verify_prompt.encode("utf-8")), "model": merge["model"],
              "backend": merge["backend"]} if cfg.verify else None
-    return Settings(vision, merge, variants_of(cfg), finish, check)
+    return Settings(vision, merge, variants_of(cfg), settings_of(cfg, FINISH_SETTINGS), check)
 
 
 SETTING_WORDS = {"model_id": "vision model", "served_model": "vision model", "model": "LLM", "backend": "LLM backend",
@@ -2869,14 +2874,12 @@ def input_stamp(item: Item) -> str:
 def read_failing(records: Records) -> dict[str, dict]:
     """The bad inputs of earlier runs, by image key."""
     failing = {}
-    try:
-        with open(records.folder / FAILURES_FILE, encoding="utf-8", errors="surrogateescape") as handle:
-            for line in handle:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    row = json.loads(line)
-                    failing[row["failing"]] = row
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(records.folder / FAILURES_FILE, encoding="utf-8",
+                                            errors="surrogateescape") as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                failing[row["failing"]] = row
     return failing
 
 
@@ -2896,8 +2899,7 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
         records.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, "\n".join(json_line(rows[k]) for k in sorted(rows)))
     else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
@@ -2905,9 +2907,8 @@ def stale_check(merge: Merge, cfg: Config, settings: Settings) -> None:
     checked now without merging it again: a check-only job. Not without its vision caption (deleted, or never
     cached): the check needs both sources, and making one again would load the vision model for it."""
     record = merge.record
-    if merge.reason or not settings.check_id or merge.text is None or record.check == settings.check_id:
-        return
-    if merge.item.generated is None:
+    if merge.reason or not settings.check_id or merge.text is None or merge.item.generated is None or \
+            record.check == settings.check_id:
         return
     if record.check is None:
         merge.reason = REASON_UNCHECKED
@@ -2961,16 +2962,13 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
 class SharedWork:
     """How the processes of one run share its work, through the key-value store that torch.distributed already
     runs for the process group. Every process has the main process's plan (plan_rows), so a chunk number names the
-    same items everywhere. Each stage hands out its chunk numbers from its own counter (the store's atomic add): a process
-    takes the next chunk when it is done with its last, so one that drew slow images or slow merges takes fewer,
-    and all finish close together. A process that dies leaves only its claimed chunks undone, for the rerun.
-    At the end each process leaves its Stats in the store, and the main process waits for them as long as their
-    process is alive: a collective there times out (NCCL's default is 10 minutes) when one process finishes long
-    after the others, and takes the summary, the report and the export with it. Each process bumps a heartbeat key
-    every HEARTBEAT_SECONDS from a thread; one silent for HEARTBEAT_LOST (dead, or hung) is given up on, and the run
-    ends with the others' work. The others exit only once the main process has finished (finished()). The keys
-    carry the run's id, so a rerun in the same store never sees old counts.
-    One process has no store, and takes every chunk in order."""
+    same items everywhere; each stage hands out chunk numbers from its own counter (the store's atomic add), so a
+    process that drew slow work takes fewer and all finish close together. One that dies leaves only its claimed
+    chunks undone. At the end each process leaves its Stats in the store, and the main process waits for them while
+    their process's heartbeat goes on (silent for HEARTBEAT_LOST: dead or hung, given up on): a collective there
+    times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the summary,
+    the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees old
+    counts. One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -3068,24 +3066,17 @@ def make_chat(cfg: Config, state):
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
                   model: str | None, rpm: int, tpm: int, max_tokens: int, temperature: float):
     """The one place that builds endpoint clients: each (url, key) gets its own limiter with this process's share of
-    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering."""
-    pooled = len(endpoints) > 1
+    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering.
+    Where several processes call one endpoint, a 429's pause reaches all of them through a file (one process keeps it
+    in memory); in a pool each endpoint has its own, named with a short hash of its URL."""
     chats = []
     for url, key in endpoints:
+        name = stage if len(endpoints) == 1 else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
+        shared = SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name)) if state.num_processes > 1 else None
         limiter = RateLimiter(requests=process_share(rpm, state.process_index, state.num_processes),
-                              tokens=process_share(tpm, state.process_index, state.num_processes),
-                              shared=shared_pause(cfg, state, stage, url if pooled else None))
+                              tokens=process_share(tpm, state.process_index, state.num_processes), shared=shared)
         chats.append(EndpointChat(url, key, model, limiter, cfg.timeout, max_tokens, temperature, stage=stage))
     return EndpointPool(chats, give_up_after=cfg.give_up_after)
-
-
-def shared_pause(cfg: Config, state, stage: str, url: str | None = None) -> SharedPause | None:
-    """Where several processes call one endpoint, a 429's pause reaches all of them; one process keeps it in memory.
-    In a pool each endpoint has its own pause, its file named with a short hash of its URL."""
-    if state.num_processes == 1:
-        return None
-    name = stage if url is None else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
-    return SharedPause(cfg.dataset_dir / PAUSE_NAME.format(stage=name))
 
 
 def make_vision_chat(cfg: Config, state) -> EndpointPool:
@@ -3108,9 +3099,8 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     merges = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merger, stats,
                         reporter.progress("llm", len(plan.to_combine) if work.store is None else None), stop,
                         work.items(STAGE_LLM, llm_only, min(REQUEST_CHUNK, cfg.concurrency)))
-    early = cfg.overlap and not cfg.local_llm  # a local LLM waits for the vision model to leave the GPU
     try:
-        if plan.to_combine and early:
+        if plan.to_combine and cfg.overlap and not cfg.local_llm:  # a local LLM waits for the GPU to be free
             merger.start(state, merges)
         if plan.to_generate:
             caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges, reporter))
@@ -3189,8 +3179,7 @@ class Merger:
     def __init__(self, cfg: Config, plan: Plan, stats: Stats, reporter: Reporter, stopping: asyncio.Event,
                  count_tokens: Callable[[str], int] | None):
         self.cfg, self.records, self.settings, self.stats = cfg, plan.records, plan.settings, stats
-        self.reporter = reporter
-        self.stopping, self.count_tokens = stopping, count_tokens
+        self.reporter, self.stopping, self.count_tokens = reporter, stopping, count_tokens
         self.chat = None  # made when the stage starts
 
     def start(self, state, stage: AsyncStage) -> None:
@@ -3199,11 +3188,6 @@ class Merger:
         self.chat = make_chat(self.cfg, state)
         stage.progress.begin()
         stage.start()
-
-    def over_budget(self, text: str, kept: Sequence[str]) -> str | None:
-        if self.count_tokens is None:
-            return None
-        return budget_problem(finish_reply(text, kept, self.cfg), self.cfg.max_caption_tokens, self.count_tokens)
 
     async def __call__(self, job: Merge) -> str:
         """Counted per kind of output as well as for the stage, so the summary can say what each kind got."""
@@ -3247,16 +3231,15 @@ class Merger:
     async def ask(self, job: Merge, messages: list[dict], kept: Sequence[str]) -> tuple[str, str]:
         """One merge: the LLM's reply as cleaned (recorded, so that the finishing settings can change later), and the
         caption the trainer will see: the kept parts first, the prefix and suffix, within the budget."""
-        cfg, item = self.cfg, job.item
+        cfg, item, count = self.cfg, job.item, self.count_tokens
+        too_long = count and (lambda t: budget_problem(finish_reply(t, kept, cfg), cfg.max_caption_tokens, count))
         try:
             reply = await self.spending("merge", complete_item(self.chat, messages, cfg.max_retries, item.manual,
-                                                               stopping=self.stopping,
-                                                               too_long=lambda t: self.over_budget(t, kept)))
+                                                               stopping=self.stopping, too_long=too_long))
             return reply, finish_reply(reply, kept, cfg)
         except OverBudget as e:  # cut at a sentence or comma boundary, the fixed and kept parts intact
-            text = finish_reply(e.text, kept, cfg, self.count_tokens)
-            self.stats.note(item.image, STAGE_LLM,
-                            f"{job.path.name}: {e.problem}; cut to {self.count_tokens(text)} tokens")
+            text = finish_reply(e.text, kept, cfg, count)
+            self.stats.note(item.image, STAGE_LLM, f"{job.path.name}: {e.problem}; cut to {count(text)} tokens")
             return e.text, text
 
     async def spending(self, purpose: str, awaitable):
