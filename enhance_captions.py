@@ -3700,19 +3700,20 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
-    return summary_block(stage_lines(plan, stats), done_lines(plan, stats) + verify_lines(stats),
-                         left_lines(plan, stats), problem_lines(stats))
+    return [*stage_lines(plan, stats), *done_lines(plan, stats), *verify_lines(stats), *left_lines(plan, stats),
+            *problem_lines(stats)]
 
 
-def summary_block(stages: list[str], done: list[str], left: list[str], problems: list[str]) -> list[str]:
-    """Where each part of the summary goes: another count joins the part it belongs to."""
-    return [*stages, *done, *left, *problems]
+def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
+    """Per stage: made, taken from cache (found current, or made again the same), failed."""
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    return {stage: {"done": stats.counts[stage]["done"], "cached": n + stats.counts[stage]["unchanged"],
+                    "failed": stats.counts[stage]["failed"]} for stage, n in cached.items()}
 
 
 def stage_lines(plan: Plan, stats: Stats) -> list[str]:
-    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    return [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
-            for stage, c in stats.counts.items() if stage in cached]
+    return [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
+            for stage, c in stage_counts(plan, stats).items()]
 
 
 SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
@@ -3724,26 +3725,25 @@ SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
 
 def done_lines(plan: Plan, stats: Stats) -> list[str]:
     """Per kind of output: how many were made and why, kept as they were, re-finished, failed, left."""
-    planned = {KIND_GENERATED: collections.Counter(i.vision for i in plan.to_generate)}
-    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
-    for item in plan.items:
-        for m in item.merges:
-            current[m.variant.kind] += m.text is not None and m.reason is None
+    planned = collections.defaultdict(collections.Counter)
+    planned[KIND_GENERATED].update(i.vision for i in plan.to_generate)
     for m in plan.to_combine:
         if not m.check_only:
-            planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
+            planned[m.variant.kind][m.reason] += 1
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
+    current.update(m.variant.kind for i in plan.items for m in i.merges if m.text is not None and m.reason is None)
     lines = []
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
-        reasons = planned.get(kind, collections.Counter())
-        planned_n = sum(reasons.values())
-        parts = [f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "")
-                 + (f" ({breakdown(reasons)})" if reasons else "")]
-        parts += [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
-        if current[kind] - counts["refinished"]:
-            parts.append(f"{current[kind] - counts['refinished']} already current")
-        if counts["done"] or any(counts[w] for w, _ in SUMMARY_COUNTS) or reasons:
-            lines.append(f"  {output_label(kind)}: " + ", ".join(parts))
+        reasons, planned_n = planned[kind], planned[kind].total()
+        others = [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
+        if not (counts["done"] or others or reasons):
+            continue
+        made = f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "") \
+            + (f" ({breakdown(reasons)})" if reasons else "")
+        if already := current[kind] - counts["refinished"]:
+            others.append(f"{already} already current")
+        lines.append(f"  {output_label(kind)}: " + ", ".join([made, *others]))
     if plan.trainer_captions is not None:
         c = plan.trainer_captions
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
@@ -3754,15 +3754,14 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
 def left_lines(plan: Plan, stats: Stats) -> list[str]:
     """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
     lines = kept_lines(plan)
-    if edited_during_run(plan, stats):
-        lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
+    if edited := edited_during_run(plan, stats):
+        lines.append(f"  edited during the run (kept): {edited}")
     if any(stats.left.values()):
         lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, {stats.left[STAGE_LLM]} to merge")
     if plan.limited:
         lines.append(f"  left by --limit: {plan.limited} images, for the next run")
     lines += settings_lines(plan)
-    inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
-    if inputs:
+    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
         lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
     return lines
 
@@ -3777,8 +3776,8 @@ def problem_lines(stats: Stats) -> list[str]:
 
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
-    stages = [stats.counts[STAGE_VISION], stats.counts[STAGE_LLM]]
-    return sum(c["edited"] for c in [*stages, plan.trainer_captions or collections.Counter()])
+    trainer = plan.trainer_captions or collections.Counter()
+    return stats.counts[STAGE_VISION]["edited"] + stats.counts[STAGE_LLM]["edited"] + trainer["edited"]
 
 
 def verify_lines(stats: Stats) -> list[str]:
@@ -3841,17 +3840,12 @@ def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Findi
 
 def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
-    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    summary: dict[str, Any] = {"exit_code": stats.exit_code()}
-    for stage in cached:
-        counts = stats.counts[stage]
-        summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
-                          "failed": counts["failed"]}
+    summary: dict[str, Any] = {"exit_code": stats.exit_code(), **stage_counts(plan, stats)}
     summary["edited_during_run"] = edited_during_run(plan, stats)
     summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
     summary["failed"] = len(stats.failures)
     summary["notes"] = len(stats.notes)
-    summary["left"] = {STAGE_VISION: stats.left.get(STAGE_VISION, 0), STAGE_LLM: stats.left.get(STAGE_LLM, 0)}
+    summary["left"] = {stage: stats.left.get(stage, 0) for stage in (STAGE_VISION, STAGE_LLM)}
     if stats.checks["checked"]:
         summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
         summary["verify"] |= {what: {purpose: stats.spent[f"{purpose} {what}"] for purpose in ("merge", "check")}
