@@ -3559,6 +3559,8 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
         stats.count(merge.variant.kind, "refinished")
         reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
         merge.text = job.text
+
+
 def backend_switch(cfg: Config, plan: Plan) -> str | None:
     """Why this run must not merge, if it must not: the local LLM it would use came by default, only because this
     environment names no endpoint (cron runs without the shell's variables), while the combined captions on record
@@ -3654,8 +3656,8 @@ def plan_items(plan: Plan) -> Iterable[str]:
             yield f"    caption {item.image}: {item.vision}"
         for merge in item.merges:
             if merge.reason:
-                verb = "check" if merge.check_only else "merge"
-                yield f"    {verb} {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
+                verb, name = "check" if merge.check_only else "merge", merge.variant.name
+                yield f"    {verb} {item.image}{f' ({name})' if name else ''}: {merge.reason}"
         for kind in item.kept:
             yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
@@ -3757,7 +3759,8 @@ def left_lines(plan: Plan, stats: Stats) -> list[str]:
     if edited := edited_during_run(plan, stats):
         lines.append(f"  edited during the run (kept): {edited}")
     if any(stats.left.values()):
-        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, {stats.left[STAGE_LLM]} to merge")
+        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
+                     f"{stats.left[STAGE_LLM]} to merge")
     if plan.limited:
         lines.append(f"  left by --limit: {plan.limited} images, for the next run")
     lines += settings_lines(plan)
@@ -3810,18 +3813,19 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
         try:
             text, sha = read_caption(item.combined_path)
         except ItemError:
-            text = None
+            continue
         if text is None:
             continue
         target = item.image.with_suffix(cfg.write_captions)
         found = inspect_cache(records, target)
+        theirs = found.sha is not None and found.status != OURS
         if found.sha is not None and found.status == OURS and found.record.combined == sha:
             counts["current"] += 1
-        elif found.sha is not None and found.status != OURS and found.text != text and cfg.overwrite != "all":
+        elif theirs and found.text != text and cfg.overwrite != "all":
             counts["kept"] += 1
             kept.append(f"    kept {target}: not written by this script, or edited since")
         else:
-            record = Record("", settings, combined=sha, adopted=found.sha is not None and found.status != OURS)
+            record = Record("", settings, combined=sha, adopted=theirs)
             try:
                 counts["written" if write_cache(records, target, text, record, None, found.sha) else "edited"] += 1
             except ItemError as e:
@@ -3868,8 +3872,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
             continue
         key = export_key(item, cfg, fmt)
         if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
-            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
-                                   "rename it")
+            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
         columns = caption_columns(fmt, captions) | extra_columns(item, fmt)
         if fmt != "kohya":  # a column to filter on: its reader takes caption and tags only
@@ -3945,8 +3948,8 @@ def starts_with(text: str, part: str) -> bool:
 def ends_with(text: str, part: str) -> bool:
     """At the end, in any case; a closing full stop does not count."""
     text = text.rstrip(" .")
-    return len(text) >= len(part) and same_text(text[-len(part):], part) and word_at(text, len(text) - len(part),
-                                                                                      len(text))
+    start = len(text) - len(part)
+    return start >= 0 and same_text(text[start:], part) and word_at(text, start, len(text))
 
 
 def without_comma_part(text: str, part: str) -> str:
@@ -3976,8 +3979,8 @@ def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str]
 def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
     """What leads every caption and is never cut: the prefix, then the kept parts, each once."""
     head: list[str] = []
-    for part in ([prefix] if prefix else []) + list(kept_parts):
-        if part and not any(same_text(part, h) for h in head):
+    for part in filter(None, [prefix, *kept_parts]):
+        if not any(same_text(part, h) for h in head):
             head.append(part)
     return head
 
@@ -4138,8 +4141,9 @@ def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
 def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
     """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
     suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
-    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
-    overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a watercolor")."""
+    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases
+    inside it, and overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a
+    watercolor")."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
@@ -4192,9 +4196,8 @@ def find_loop(text: str) -> str | None:
     words = WORD.findall(text.casefold())
     for i in range(len(words)):
         for n in range(1, 5):
-            seq = words[i:i + n]
-            repeats = 1
-            while len(seq) == n and words[i + repeats * n:i + (repeats + 1) * n] == seq:
+            seq, repeats = words[i:i + n], 1
+            while words[i + repeats * n:i + (repeats + 1) * n] == seq:
                 repeats += 1
             if repeats >= LOOP_REPEATS:
                 return f'"{" ".join(seq)}" {repeats} times in a row'
@@ -4231,7 +4234,7 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
     else:
         for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
             found = parts[i] if i < len(parts) else None
-            if found is None or found.casefold() != part.casefold():
+            if found is None or not same_text(found, part):
                 findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
                                                              f"not {found!r}; the caption starts {', '.join(lead)!r} "
                                                              "for the trainer to keep"))
