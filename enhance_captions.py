@@ -3429,7 +3429,9 @@ class DatasetLock:
         if fcntl is None:
             return None
         try:
-            check_writable(self.path)  # the caches are written beside the images: find out now, not once per image
+            fd, tmp = create_temporary(self.path)  # caches are written beside the images: find out now, not per image
+            os.close(fd)
+            os.unlink(tmp)
             handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
         except OSError as e:
             return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
@@ -3454,13 +3456,6 @@ class DatasetLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
-
-
-def check_writable(path: Path) -> None:
-    """Raise OSError unless a file can be created beside path (a read-only folder or file system)."""
-    fd, tmp = create_temporary(path)
-    os.close(fd)
-    os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -4043,12 +4038,12 @@ def export_target(cfg: Config) -> Path:
     return target if target.is_absolute() else cfg.dataset_dir / target
 
 
-def export_captions(item: Item, cfg: Config | None = None) -> dict[str, str] | None:
+def export_captions(item: Item, cfg: Config) -> dict[str, str] | None:
     """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
     file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
     processes made some of them."""
     captions = {m.variant.name: read_cache(m.path) for m in item.merges}
-    if cfg is not None and cfg.write_captions and captions.get("") is not None:
+    if cfg.write_captions and captions.get("") is not None:
         captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
     if captions.get("") is None:
         return None
@@ -4220,10 +4215,9 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None,
-               path: Path | None = None) -> list[Finding]:
-    """One finished caption against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(path or item.combined_path)
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: Path) -> list[Finding]:
+    """One finished caption (at path) against the trainer's settings: kept parts first, and within the token budget."""
+    findings, path = [], str(path)
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
     missing = [part for part in kept if part not in text]
@@ -4331,14 +4325,6 @@ def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[F
     return findings
 
 
-def audit_lines(cfg: Config, plan: Plan, findings: Sequence[Finding]) -> list[str]:
-    kinds = collections.Counter(f.kind for f in findings)
-    lines = [f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings"]
-    lines += [f"  {kind}: {n}" for kind, n in sorted(kinds.items())]
-    lines += [f"{f.kind} {f.path}: {f.detail}" for f in findings]
-    return lines
-
-
 def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
@@ -4353,13 +4339,14 @@ def run_audit(cfg: Config) -> int:
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)
     code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
+    kinds = collections.Counter(f.kind for f in findings)
     if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
-        kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds),
                                             "approved": approved})
-    lines = audit_lines(cfg, plan, findings)
-    lines.insert(1, f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)")
-    print("\n".join(lines))
+    print("\n".join([f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings",
+                     f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)",
+                     *(f"  {kind}: {n}" for kind, n in sorted(kinds.items())),
+                     *(f"{f.kind} {f.path}: {f.detail}" for f in findings)]))
     return code
 
 
