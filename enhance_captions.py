@@ -3865,13 +3865,18 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
         captions = export_captions(item, cfg)
         if captions is None:
             continue
-        key = export_key(item, cfg, fmt)
+        # kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py
+        # --full_path); a bare stem would be searched for in one image_dir only, so images in subfolders would not be
+        # found. imagefolder: the path from the metadata file's folder, the dataset root, with forward slashes.
+        key = str(item.image) if fmt == "kohya" else item.image.relative_to(cfg.dataset_dir).as_posix()
         if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
             warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
-        columns = caption_columns(fmt, captions) | extra_columns(item, fmt)
-        if fmt != "kohya":  # a column to filter on: its reader takes caption and tags only
-            columns["approved"] = is_approved(approvals, plan.records, item)
+        columns = caption_columns(fmt, captions)
+        if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
+            columns |= {"manual": item.manual or "",
+                        "generated": read_cache(item.generated_path) or item.generated or "",
+                        "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
     atomic_write(target, EXPORT_WRITERS[fmt](rows))
     return len(rows)
@@ -4056,22 +4061,6 @@ def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
     return {base + (f"_{name}" if name else ""): text for name, text in captions.items()}
 
 
-def extra_columns(item: Item, fmt: str) -> dict[str, str]:
-    """imagefolder rows also carry both inputs of the merge; kohya reads "caption" (and would append "tags")."""
-    if fmt == "kohya":
-        return {}
-    return {"manual": item.manual or "", "generated": read_cache(item.generated_path) or item.generated or ""}
-
-
-def export_key(item: Item, cfg: Config, fmt: str) -> str:
-    """imagefolder: the path relative to the metadata file's folder, the dataset root, with forward slashes.
-    kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py --full_path);
-    a bare stem would be searched for in one image_dir only, so images in subfolders would not be found."""
-    if fmt == "kohya":
-        return str(item.image)
-    return item.image.relative_to(cfg.dataset_dir).as_posix()
-
-
 def is_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
@@ -4250,12 +4239,6 @@ def finished_path(item: Item, cfg: Config) -> Path:
     return item.combined_path
 
 
-def bad_input_finding(item: Item, problem: Finding, error: str) -> Finding:
-    """No caption because the input is bad: name the file to fix, not a run that cannot make it."""
-    culprit = item.caption_path if item.caption_path.name in error else item.image
-    return Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
-
-
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
     """Everything in the finished captions that would hurt training; reads files only, calls nothing."""
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
@@ -4266,8 +4249,10 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
     for item in plan.items:
         path = finished_path(item, cfg)
         text, problem = read_finished(path)
-        if problem and problem.kind == "missing" and str(item.image) in bad:
-            problem = bad_input_finding(item, problem, bad[str(item.image)])
+        if problem and problem.kind == "missing" and str(item.image) in bad:  # bad input: name the file to fix
+            error = bad[str(item.image)]
+            culprit = item.caption_path if item.caption_path.name in error else item.image
+            problem = Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
         if problem:
             findings.append(problem)
         else:
