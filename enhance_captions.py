@@ -3830,21 +3830,19 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
 
 
 def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Finding], summary: dict) -> None:
-    """A JSON line per failure (path, stage, error), note (path, stage, note) or caption flagged by --verify's check
-    (path, stage, unsupported, contradictions, missing), then the summary record: the last
-    line carries the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
+    """A JSON line per failure, note, flagged caption or audit finding, then the summary record: the last line carries
+    the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
     lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
     atomic_write(path, "\n".join(lines))
 
 
 def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
-    summary: dict[str, Any] = {"exit_code": stats.exit_code(), **stage_counts(plan, stats)}
-    summary["edited_during_run"] = edited_during_run(plan, stats)
-    summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
-    summary["failed"] = len(stats.failures)
-    summary["notes"] = len(stats.notes)
-    summary["left"] = {stage: stats.left.get(stage, 0) for stage in (STAGE_VISION, STAGE_LLM)}
+    summary: dict[str, Any] = {"exit_code": stats.exit_code(), **stage_counts(plan, stats),
+                               "edited_during_run": edited_during_run(plan, stats),
+                               "skipped": sum(f.stage == STAGE_INPUT for f in stats.failures),
+                               "failed": len(stats.failures), "notes": len(stats.notes),
+                               "left": {stage: stats.left.get(stage, 0) for stage in (STAGE_VISION, STAGE_LLM)}}
     if stats.checks["checked"]:
         summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
         summary["verify"] |= {what: {purpose: stats.spent[f"{purpose} {what}"] for purpose in ("merge", "check")}
@@ -3858,7 +3856,8 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
     metadata.csv (Hugging Face imagefolder, at the dataset root, with an `approved` column from --review) or *.json
     (kohya fine-tuning metadata)."""
-    target, fmt = export_target(cfg), export_format(cfg.export)
+    fmt = export_format(cfg.export)
+    target = cfg.dataset_dir / Path(cfg.export).expanduser()  # an absolute --export path replaces the root
     approvals = load_approvals(cfg.dataset_dir)
     rows = []
     for item in plan.items:
@@ -4036,11 +4035,6 @@ def export_format(path: str) -> str:
         return "kohya"
     raise UsageError(f"--export {path}: unknown format; name it metadata.jsonl or metadata.csv (Hugging Face "
                      "imagefolder) or NAME.json (kohya fine-tuning metadata)")
-
-
-def export_target(cfg: Config) -> Path:
-    target = Path(cfg.export).expanduser()
-    return target if target.is_absolute() else cfg.dataset_dir / target
 
 
 def export_captions(item: Item, cfg: Config) -> dict[str, str] | None:
