@@ -3671,13 +3671,11 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
                     problems.append(Failure(str(item.image), STAGE_INPUT, f"image is {img.width}x{img.height} pixels"))
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
-    prompt_tokens = 0
     merges = [m for m in plan.to_combine if not m.check_only]
-    for merge in merges:
-        item = merge.item
-        generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
-        prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
-    lines = [
+    prompt_tokens = sum(estimate_tokens(m.variant.system_prompt + build_user_message(m.item.manual, ""))
+                        + (estimate_tokens(m.item.generated) if m.item.generated else cfg.max_new_tokens)
+                        for m in merges)
+    return [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
@@ -3689,9 +3687,8 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
+        *(f"    {f.path}: {f.error}" for f in problems),
     ]
-    lines += [f"    {f.path}: {f.error}" for f in problems]
-    return lines
 
 
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
