@@ -4151,19 +4151,18 @@ def chain_phrases(grams: list[str]) -> list[str]:
     for size in sorted({len(g.split()) for g in grams}, reverse=True):
         group = [g.split() for g in grams if len(g.split()) == size]
         while group:
-            chain, grown = group.pop(0), True
-            while grown:
-                grown = False
-                for other in group:
-                    if chain[1 - size:] == other[:size - 1]:
-                        chain, grown = chain + other[size - 1:], True
-                    elif other[1 - size:] == chain[:size - 1]:
-                        chain, grown = other + chain[size - 1:], True
-                    if grown:
-                        group.remove(other)
-                        break
+            chain = group.pop(0)
+            while other := next((o for o in group if goes_on(chain, o) or goes_on(o, chain)), None):
+                group.remove(other)
+                chain = chain + other[size - 1:] if goes_on(chain, other) else other + chain[size - 1:]
             chains.append(" ".join(chain))
     return chains
+
+
+def goes_on(a: list[str], b: list[str]) -> bool:
+    """Phrase b goes on where a ends: they overlap in all but one word of the shorter (a phrase, or a chain of them)."""
+    n = min(len(a), len(b)) - 1
+    return a[-n:] == b[:n]
 
 
 def find_loop(text: str) -> str | None:
