@@ -3365,7 +3365,9 @@ class DatasetLock:
         if fcntl is None:
             return None
         try:
-            check_writable(self.path)  # the caches are written beside the images: find out now, not once per image
+            fd, tmp = create_temporary(self.path)  # caches are written beside the images: find out now, not per image
+            os.close(fd)
+            os.unlink(tmp)
             handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
         except OSError as e:
             return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
@@ -3390,13 +3392,6 @@ class DatasetLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
-
-
-def check_writable(path: Path) -> None:
-    """Raise OSError unless a file can be created beside path (a read-only folder or file system)."""
-    fd, tmp = create_temporary(path)
-    os.close(fd)
-    os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -3495,6 +3490,8 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
         stats.count(merge.variant.kind, "refinished")
         reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
         merge.text = job.text
+
+
 def backend_switch(cfg: Config, plan: Plan) -> str | None:
     """Why this run must not merge, if it must not: the local LLM it would use came by default, only because this
     environment names no endpoint (cron runs without the shell's variables), while the combined captions on record
@@ -3590,8 +3587,8 @@ def plan_items(plan: Plan) -> Iterable[str]:
             yield f"    caption {item.image}: {item.vision}"
         for merge in item.merges:
             if merge.reason:
-                verb = "check" if merge.check_only else "merge"
-                yield f"    {verb} {item.image}{f' ({merge.variant.name})' if merge.variant.name else ''}: {merge.reason}"
+                verb, name = "check" if merge.check_only else "merge", merge.variant.name
+                yield f"    {verb} {item.image}{f' ({name})' if name else ''}: {merge.reason}"
         for kind in item.kept:
             yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
@@ -3610,13 +3607,11 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
                     problems.append(Failure(str(item.image), STAGE_INPUT, f"image is {img.width}x{img.height} pixels"))
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(Failure(str(item.image), STAGE_INPUT, f"not a readable image: {type(e).__name__}"))
-    prompt_tokens = 0
     merges = [m for m in plan.to_combine if not m.check_only]
-    for merge in merges:
-        item = merge.item
-        generated = estimate_tokens(item.generated) if item.generated else cfg.max_new_tokens
-        prompt_tokens += estimate_tokens(merge.variant.system_prompt + build_user_message(item.manual, "")) + generated
-    lines = [
+    prompt_tokens = sum(estimate_tokens(m.variant.system_prompt + build_user_message(m.item.manual, ""))
+                        + (estimate_tokens(m.item.generated) if m.item.generated else cfg.max_new_tokens)
+                        for m in merges)
+    return [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
@@ -3628,27 +3623,27 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
+        *(f"    {f.path}: {f.error}" for f in problems),
     ]
-    lines += [f"    {f.path}: {f.error}" for f in problems]
-    return lines
 
 
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
-    return summary_block(stage_lines(plan, stats), done_lines(plan, stats) + verify_lines(stats),
-                         left_lines(plan, stats), problem_lines(stats))
+    return [*stage_lines(plan, stats), *done_lines(plan, stats), *verify_lines(stats), *left_lines(plan, stats),
+            *problem_lines(stats)]
 
 
-def summary_block(stages: list[str], done: list[str], left: list[str], problems: list[str]) -> list[str]:
-    """Where each part of the summary goes: another count joins the part it belongs to."""
-    return [*stages, *done, *left, *problems]
+def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
+    """Per stage: made, taken from cache (found current, or made again the same), failed."""
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    return {stage: {"done": stats.counts[stage]["done"], "cached": n + stats.counts[stage]["unchanged"],
+                    "failed": stats.counts[stage]["failed"]} for stage, n in cached.items()}
 
 
 def stage_lines(plan: Plan, stats: Stats) -> list[str]:
-    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    return [f"{stage}: {c['done']} done, {cached[stage] + c['unchanged']} from cache, {c['failed']} failed"
-            for stage, c in stats.counts.items() if stage in cached]
+    return [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
+            for stage, c in stage_counts(plan, stats).items()]
 
 
 SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
@@ -3660,26 +3655,25 @@ SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
 
 def done_lines(plan: Plan, stats: Stats) -> list[str]:
     """Per kind of output: how many were made and why, kept as they were, re-finished, failed, left."""
-    planned = {KIND_GENERATED: collections.Counter(i.vision for i in plan.to_generate)}
-    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
-    for item in plan.items:
-        for m in item.merges:
-            current[m.variant.kind] += m.text is not None and m.reason is None
+    planned = collections.defaultdict(collections.Counter)
+    planned[KIND_GENERATED].update(i.vision for i in plan.to_generate)
     for m in plan.to_combine:
         if not m.check_only:
-            planned.setdefault(m.variant.kind, collections.Counter())[m.reason] += 1
+            planned[m.variant.kind][m.reason] += 1
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
+    current.update(m.variant.kind for i in plan.items for m in i.merges if m.text is not None and m.reason is None)
     lines = []
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
-        reasons = planned.get(kind, collections.Counter())
-        planned_n = sum(reasons.values())
-        parts = [f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "")
-                 + (f" ({breakdown(reasons)})" if reasons else "")]
-        parts += [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
-        if current[kind] - counts["refinished"]:
-            parts.append(f"{current[kind] - counts['refinished']} already current")
-        if counts["done"] or any(counts[w] for w, _ in SUMMARY_COUNTS) or reasons:
-            lines.append(f"  {output_label(kind)}: " + ", ".join(parts))
+        reasons, planned_n = planned[kind], planned[kind].total()
+        others = [f"{counts[what]} {words}" for what, words in SUMMARY_COUNTS if counts[what]]
+        if not (counts["done"] or others or reasons):
+            continue
+        made = f"{counts['done']} made" + (f" of {planned_n}" if planned_n != counts["done"] else "") \
+            + (f" ({breakdown(reasons)})" if reasons else "")
+        if already := current[kind] - counts["refinished"]:
+            others.append(f"{already} already current")
+        lines.append(f"  {output_label(kind)}: " + ", ".join([made, *others]))
     if plan.trainer_captions is not None:
         c = plan.trainer_captions
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
@@ -3690,15 +3684,15 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
 def left_lines(plan: Plan, stats: Stats) -> list[str]:
     """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
     lines = kept_lines(plan)
-    if edited_during_run(plan, stats):
-        lines.append(f"  edited during the run (kept): {edited_during_run(plan, stats)}")
+    if edited := edited_during_run(plan, stats):
+        lines.append(f"  edited during the run (kept): {edited}")
     if any(stats.left.values()):
-        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, {stats.left[STAGE_LLM]} to merge")
+        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
+                     f"{stats.left[STAGE_LLM]} to merge")
     if plan.limited:
         lines.append(f"  left by --limit: {plan.limited} images, for the next run")
     lines += settings_lines(plan)
-    inputs = sum(f.stage == STAGE_INPUT for f in stats.failures)
-    if inputs:
+    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
         lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
     return lines
 
@@ -3713,8 +3707,8 @@ def problem_lines(stats: Stats) -> list[str]:
 
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
-    stages = [stats.counts[STAGE_VISION], stats.counts[STAGE_LLM]]
-    return sum(c["edited"] for c in [*stages, plan.trainer_captions or collections.Counter()])
+    trainer = plan.trainer_captions or collections.Counter()
+    return stats.counts[STAGE_VISION]["edited"] + stats.counts[STAGE_LLM]["edited"] + trainer["edited"]
 
 
 def verify_lines(stats: Stats) -> list[str]:
@@ -3747,18 +3741,19 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
         try:
             text, sha = read_caption(item.combined_path)
         except ItemError:
-            text = None
+            continue
         if text is None:
             continue
         target = item.image.with_suffix(cfg.write_captions)
         found = inspect_cache(records, target)
+        theirs = found.sha is not None and found.status != OURS
         if found.sha is not None and found.status == OURS and found.record.combined == sha:
             counts["current"] += 1
-        elif found.sha is not None and found.status != OURS and found.text != text and cfg.overwrite != "all":
+        elif theirs and found.text != text and cfg.overwrite != "all":
             counts["kept"] += 1
             kept.append(f"    kept {target}: not written by this script, or edited since")
         else:
-            record = Record("", settings, combined=sha, adopted=found.sha is not None and found.status != OURS)
+            record = Record("", settings, combined=sha, adopted=theirs)
             try:
                 counts["written" if write_cache(records, target, text, record, None, found.sha) else "edited"] += 1
             except ItemError as e:
@@ -3768,26 +3763,19 @@ def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
 
 
 def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Finding], summary: dict) -> None:
-    """A JSON line per failure (path, stage, error), note (path, stage, note) or caption flagged by --verify's check
-    (path, stage, unsupported, contradictions, missing), then the summary record: the last
-    line carries the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
+    """A JSON line per failure, note, flagged caption or audit finding, then the summary record: the last line carries
+    the run's exit code, which `accelerate launch` does not pass on (it exits 1 for any failure)."""
     lines = [json_line(dataclasses.asdict(f)) for f in failures] + [json_line({"summary": summary})]
     atomic_write(path, "\n".join(lines))
 
 
 def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
-    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
-    summary: dict[str, Any] = {"exit_code": stats.exit_code()}
-    for stage in cached:
-        counts = stats.counts[stage]
-        summary[stage] = {"done": counts["done"], "cached": cached[stage] + counts["unchanged"],
-                          "failed": counts["failed"]}
-    summary["edited_during_run"] = edited_during_run(plan, stats)
-    summary["skipped"] = sum(f.stage == STAGE_INPUT for f in stats.failures)
-    summary["failed"] = len(stats.failures)
-    summary["notes"] = len(stats.notes)
-    summary["left"] = {STAGE_VISION: stats.left.get(STAGE_VISION, 0), STAGE_LLM: stats.left.get(STAGE_LLM, 0)}
+    summary: dict[str, Any] = {"exit_code": stats.exit_code(), **stage_counts(plan, stats),
+                               "edited_during_run": edited_during_run(plan, stats),
+                               "skipped": sum(f.stage == STAGE_INPUT for f in stats.failures),
+                               "failed": len(stats.failures), "notes": len(stats.notes),
+                               "left": {stage: stats.left.get(stage, 0) for stage in (STAGE_VISION, STAGE_LLM)}}
     if stats.checks["checked"]:
         summary["verify"] = {what: stats.checks[what] for what in ("checked", "clean", "fixed", "flagged", "failed")}
         summary["verify"] |= {what: {purpose: stats.spent[f"{purpose} {what}"] for purpose in ("merge", "check")}
@@ -3801,21 +3789,26 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
     metadata.csv (Hugging Face imagefolder, at the dataset root, with an `approved` column from --review) or *.json
     (kohya fine-tuning metadata)."""
-    target, fmt = export_target(cfg), export_format(cfg.export)
+    fmt = export_format(cfg.export)
+    target = cfg.dataset_dir / Path(cfg.export).expanduser()  # an absolute --export path replaces the root
     approvals = load_approvals(cfg.dataset_dir)
     rows = []
     for item in plan.items:
         captions = export_captions(item, cfg)
         if captions is None:
             continue
-        key = export_key(item, cfg, fmt)
+        # kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py
+        # --full_path); a bare stem would be searched for in one image_dir only, so images in subfolders would not be
+        # found. imagefolder: the path from the metadata file's folder, the dataset root, with forward slashes.
+        key = str(item.image) if fmt == "kohya" else item.image.relative_to(cfg.dataset_dir).as_posix()
         if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
-            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; "
-                                   "rename it")
+            warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
-        columns = caption_columns(fmt, captions) | extra_columns(item, fmt)
-        if fmt != "kohya":  # a column to filter on: its reader takes caption and tags only
-            columns["approved"] = is_approved(approvals, plan.records, item)
+        columns = caption_columns(fmt, captions)
+        if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
+            columns |= {"manual": item.manual or "",
+                        "generated": read_cache(item.generated_path) or item.generated or "",
+                        "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
     atomic_write(target, EXPORT_WRITERS[fmt](rows))
     return len(rows)
@@ -3887,8 +3880,8 @@ def starts_with(text: str, part: str) -> bool:
 def ends_with(text: str, part: str) -> bool:
     """At the end, in any case; a closing full stop does not count."""
     text = text.rstrip(" .")
-    return len(text) >= len(part) and same_text(text[-len(part):], part) and word_at(text, len(text) - len(part),
-                                                                                      len(text))
+    start = len(text) - len(part)
+    return start >= 0 and same_text(text[start:], part) and word_at(text, start, len(text))
 
 
 def without_comma_part(text: str, part: str) -> str:
@@ -3918,8 +3911,8 @@ def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str]
 def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
     """What leads every caption and is never cut: the prefix, then the kept parts, each once."""
     head: list[str] = []
-    for part in ([prefix] if prefix else []) + list(kept_parts):
-        if part and not any(same_text(part, h) for h in head):
+    for part in filter(None, [prefix, *kept_parts]):
+        if not any(same_text(part, h) for h in head):
             head.append(part)
     return head
 
@@ -3977,17 +3970,12 @@ def export_format(path: str) -> str:
                      "imagefolder) or NAME.json (kohya fine-tuning metadata)")
 
 
-def export_target(cfg: Config) -> Path:
-    target = Path(cfg.export).expanduser()
-    return target if target.is_absolute() else cfg.dataset_dir / target
-
-
-def export_captions(item: Item, cfg: Config | None = None) -> dict[str, str] | None:
+def export_captions(item: Item, cfg: Config) -> dict[str, str] | None:
     """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
     file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
     processes made some of them."""
     captions = {m.variant.name: read_cache(m.path) for m in item.merges}
-    if cfg is not None and cfg.write_captions and captions.get("") is not None:
+    if cfg.write_captions and captions.get("") is not None:
         captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
     if captions.get("") is None:
         return None
@@ -3998,22 +3986,6 @@ def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
     """Variant names as the format's columns: text, text_short for imagefolder; caption, caption_short for kohya."""
     base = "caption" if fmt == "kohya" else "text"
     return {base + (f"_{name}" if name else ""): text for name, text in captions.items()}
-
-
-def extra_columns(item: Item, fmt: str) -> dict[str, str]:
-    """imagefolder rows also carry both inputs of the merge; kohya reads "caption" (and would append "tags")."""
-    if fmt == "kohya":
-        return {}
-    return {"manual": item.manual or "", "generated": read_cache(item.generated_path) or item.generated or ""}
-
-
-def export_key(item: Item, cfg: Config, fmt: str) -> str:
-    """imagefolder: the path relative to the metadata file's folder, the dataset root, with forward slashes.
-    kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py --full_path);
-    a bare stem would be searched for in one image_dir only, so images in subfolders would not be found."""
-    if fmt == "kohya":
-        return str(item.image)
-    return item.image.relative_to(cfg.dataset_dir).as_posix()
 
 
 def is_utf8(name: str) -> bool:
@@ -4080,8 +4052,9 @@ def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
 def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
     """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
     suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
-    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases inside it, and
-    overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a watercolor")."""
+    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases
+    inside it, and overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a
+    watercolor")."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
@@ -4114,19 +4087,18 @@ def chain_phrases(grams: list[str]) -> list[str]:
     for size in sorted({len(g.split()) for g in grams}, reverse=True):
         group = [g.split() for g in grams if len(g.split()) == size]
         while group:
-            chain, grown = group.pop(0), True
-            while grown:
-                grown = False
-                for other in group:
-                    if chain[1 - size:] == other[:size - 1]:
-                        chain, grown = chain + other[size - 1:], True
-                    elif other[1 - size:] == chain[:size - 1]:
-                        chain, grown = other + chain[size - 1:], True
-                    if grown:
-                        group.remove(other)
-                        break
+            chain = group.pop(0)
+            while other := next((o for o in group if goes_on(chain, o) or goes_on(o, chain)), None):
+                group.remove(other)
+                chain = chain + other[size - 1:] if goes_on(chain, other) else other + chain[size - 1:]
             chains.append(" ".join(chain))
     return chains
+
+
+def goes_on(a: list[str], b: list[str]) -> bool:
+    """Phrase b goes on where a ends: they overlap in all but one word of the shorter (a phrase, or a chain of them)."""
+    n = min(len(a), len(b)) - 1
+    return a[-n:] == b[:n]
 
 
 def find_loop(text: str) -> str | None:
@@ -4134,9 +4106,8 @@ def find_loop(text: str) -> str | None:
     words = WORD.findall(text.casefold())
     for i in range(len(words)):
         for n in range(1, 5):
-            seq = words[i:i + n]
-            repeats = 1
-            while len(seq) == n and words[i + repeats * n:i + (repeats + 1) * n] == seq:
+            seq, repeats = words[i:i + n], 1
+            while words[i + repeats * n:i + (repeats + 1) * n] == seq:
                 repeats += 1
             if repeats >= LOOP_REPEATS:
                 return f'"{" ".join(seq)}" {repeats} times in a row'
@@ -4159,10 +4130,9 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None,
-               path: Path | None = None) -> list[Finding]:
-    """One finished caption against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(path or item.combined_path)
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: Path) -> list[Finding]:
+    """One finished caption (at path) against the trainer's settings: kept parts first, and within the token budget."""
+    findings, path = [], str(path)
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
     missing = [part for part in kept if part not in text]
@@ -4173,7 +4143,7 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
     else:
         for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
             found = parts[i] if i < len(parts) else None
-            if found is None or found.casefold() != part.casefold():
+            if found is None or not same_text(found, part):
                 findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
                                                              f"not {found!r}; the caption starts {', '.join(lead)!r} "
                                                              "for the trainer to keep"))
@@ -4195,12 +4165,6 @@ def finished_path(item: Item, cfg: Config) -> Path:
     return item.combined_path
 
 
-def bad_input_finding(item: Item, problem: Finding, error: str) -> Finding:
-    """No caption because the input is bad: name the file to fix, not a run that cannot make it."""
-    culprit = item.caption_path if item.caption_path.name in error else item.image
-    return Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
-
-
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
     """Everything in the finished captions that would hurt training; reads files only, calls nothing."""
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
@@ -4211,8 +4175,10 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
     for item in plan.items:
         path = finished_path(item, cfg)
         text, problem = read_finished(path)
-        if problem and problem.kind == "missing" and str(item.image) in bad:
-            problem = bad_input_finding(item, problem, bad[str(item.image)])
+        if problem and problem.kind == "missing" and str(item.image) in bad:  # bad input: name the file to fix
+            error = bad[str(item.image)]
+            culprit = item.caption_path if item.caption_path.name in error else item.image
+            problem = Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
         if problem:
             findings.append(problem)
         else:
@@ -4270,14 +4236,6 @@ def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[F
     return findings
 
 
-def audit_lines(cfg: Config, plan: Plan, findings: Sequence[Finding]) -> list[str]:
-    kinds = collections.Counter(f.kind for f in findings)
-    lines = [f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings"]
-    lines += [f"  {kind}: {n}" for kind, n in sorted(kinds.items())]
-    lines += [f"{f.kind} {f.path}: {f.detail}" for f in findings]
-    return lines
-
-
 def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
@@ -4292,13 +4250,14 @@ def run_audit(cfg: Config) -> int:
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)
     code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
+    kinds = collections.Counter(f.kind for f in findings)
     if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
-        kinds = collections.Counter(f.kind for f in findings)
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds),
                                             "approved": approved})
-    lines = audit_lines(cfg, plan, findings)
-    lines.insert(1, f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)")
-    print("\n".join(lines))
+    print("\n".join([f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings",
+                     f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)",
+                     *(f"  {kind}: {n}" for kind, n in sorted(kinds.items())),
+                     *(f"{f.kind} {f.path}: {f.detail}" for f in findings)]))
     return code
 
 
