@@ -4803,19 +4803,19 @@ main{padding:12px;display:grid;gap:12px}
 .text.none{color:#999;font-style:italic}
 textarea{width:100%;box-sizing:border-box;min-height:6em;font:inherit;padding:4px}
 .approve{margin-top:8px}
-#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:none;align-items:center;
- justify-content:center;cursor:zoom-out}#full img{max-width:98vw;max-height:98vh}
+#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:flex;align-items:center;
+ justify-content:center;cursor:zoom-out}#full[hidden]{display:none}#full img{max-width:98vw;max-height:98vh}
 </style></head><body>
 <header><b>Review</b><span id="filters"></span><input id="q" type="search" placeholder="search the captions">
 <span id="count"></span><div id="notes"></div>
 <div id="status" role="status" aria-live="polite">j/k move, e edits the combined caption (or click a caption),
 Ctrl+Enter or Cmd+Enter saves, Esc cancels, a approves</div></header>
-<main id="cards"></main><p id="more"></p><div id="full"><img alt="the whole image"></div>
+<main id="cards"></main><p id="more"></p><div id="full" hidden><img alt="the whole image"></div>
 <script nonce="NONCE">
 "use strict";
 const token = new URLSearchParams(location.search).get("token") || "";
-const $ = s => document.querySelector(s), cards = $("#cards"), names = ["all", "flagged", "stale", "edited", "failed"];
-let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null, first = true;
+const $ = s => document.querySelector(s), cards = $("#cards"), full = $("#full");
+let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null;
 
 function el(tag, cls, text) {  // captions go in as text only, never as HTML
   const e = document.createElement(tag);
@@ -4823,42 +4823,41 @@ function el(tag, cls, text) {  // captions go in as text only, never as HTML
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function say(text, bad) { const s = $("#status"); s.textContent = text; s.className = bad ? "bad" : ""; }
+function say(text, bad) { $("#status").textContent = text; $("#status").className = bad ? "bad" : ""; }
 async function api(path, body) {
-  const options = {headers: {"X-Token": token}};
+  const options = {headers: {"X-Token": token, "Content-Type": "application/json"}};
   if (body) Object.assign(options, {method: "POST", body: JSON.stringify(body)});
-  options.headers["Content-Type"] = "application/json";
   try {
     const r = await fetch(path, options);
     return [r.status, await r.json()];
   } catch (e) { return [0, {error: "the review server does not answer: " + e.message}]; }
 }
 const asset = (kind, id) => `/${kind}?id=${encodeURIComponent(id)}&token=${encodeURIComponent(token)}`;
+const combined = item => item.captions.find(cap => cap.kind === "combined");
 
 async function more() {
   if (loading || (total !== null && loaded >= total)) return;
   loading = true;
-  const mine = turn, refresh = first ? "&refresh=1" : "", help = $("#status").textContent;
+  const mine = turn, first = turn === 0 && !loaded, help = $("#status").textContent;
   if (first) say("looking at the dataset folder (each load of the page plans it again)...");
-  first = false;
   const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
-                                   `&limit=40${refresh}`);
+                                   `&limit=40${first ? "&refresh=1" : ""}`);
   if (mine !== turn) return;
   loading = false;
   if (status !== 200) return say(data.error || `the server answered ${status}`, true);
-  if (refresh) say(help);
+  if (first) say(help);
   total = data.total;
-  for (const item of data.items) cards.append(card(item));
   loaded += data.items.length;
-  $("#filters").replaceChildren(...names.map(name => {
-    const b = el("button", name === show ? "on" : "", `${name} ${data.counts[name]}`);
+  cards.append(...data.items.map(card));
+  $("#filters").replaceChildren(...Object.entries(data.counts).map(([name, count]) => {
+    const b = el("button", name === show ? "on" : "", `${name} ${count}`);
     b.onclick = () => { show = name; restart(); say(`showing ${name} images`); };
     return b;
   }));
   $("#notes").replaceChildren(...data.notes.map(n => el("div", "", n)));
   $("#count").textContent = `${total} shown`;
   $("#more").textContent = loaded < total ? "loading more..." : total ? "" : "no images match";
-  if (current === null && cards.firstChild) select(cards.firstChild, false);
+  if (!current && cards.firstChild) select(cards.firstChild);
   if (loaded < total && $("#more").getBoundingClientRect().top < innerHeight + 800) more();
 }
 function restart() {
@@ -4866,49 +4865,41 @@ function restart() {
   cards.replaceChildren();
   more();
 }
-new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
 
 function card(item) {
-  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags");
+  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags"), img = el("img");
   c.item = item;
   c.dataset.id = item.id;
-  const img = el("img");
-  img.loading = "lazy"; img.alt = item.id; img.src = asset("thumb", item.id);
-  img.onclick = () => { $("#full img").src = asset("image", item.id); $("#full").style.display = "flex"; };
+  Object.assign(img, {loading: "lazy", alt: item.id, src: asset("thumb", item.id)});
+  img.onclick = () => { full.firstChild.src = asset("image", item.id); full.hidden = false; };
   img.onerror = () => img.replaceWith(el("div", "text none", "no preview"));
   side.append(img, el("div", "name", item.id));
-  for (const s of item.states) tags.append(el("span", s.kind, s.text));
+  tags.append(...item.states.map(s => el("span", s.kind, s.text)));
   if (item.approved) tags.append(el("span", "approved", "approved"));
-  body.append(tags);
-  for (const f of item.findings) body.append(el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`));
-  for (const cap of item.captions) body.append(caption(c, cap));
-  const combined = item.captions.find(cap => cap.kind === "combined");
   const a = el("button", "approve", item.approved ? "approved: undo" : "approve the combined caption");
-  a.disabled = !combined || !combined.sha;
+  a.disabled = !(combined(item) || {}).sha;
   a.onclick = () => approve(c);
-  body.append(a);
+  body.append(tags, ...item.findings.map(f => el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`)),
+              ...item.captions.map(cap => caption(c, cap)), a);
   c.append(side, body);
-  c.onclick = () => select(c, false);
+  c.onclick = () => select(c);
   return c;
 }
 function caption(c, cap) {
-  const box = el("div", "cap" + (cap.editable ? " editable" : "")), text = el("div", "text", cap.text);
+  const box = el("div", cap.editable ? "cap editable" : "cap");
+  const text = el("div", cap.text ? "text" : "text none", cap.text || cap.note || "none yet");
   box.dataset.kind = cap.kind;
-  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file));
-  if (!cap.text) { text.className = "text none"; text.textContent = cap.note || "none yet"; }
-  box.append(text);
+  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file), text);
   if (cap.editable) text.onclick = () => edit(c, cap, box);
   return box;
 }
 function edit(c, cap, box) {
-  let area = box.querySelector("textarea");
+  let area = box.querySelector("textarea"), sha = cap.sha;
   if (area) return area.focus();
-  area = el("textarea");
-  area.value = cap.text;
-  let sha = cap.sha;
   const shown = box.querySelector(".text");
   shown.hidden = true;  // shown again only to show the file as it is now, after a refused save
-  box.append(area);
+  box.append(area = el("textarea"));
+  area.value = cap.text;
   area.focus();
   say(`editing ${cap.file}: Ctrl+Enter (Cmd+Enter) saves, Esc cancels`);
   area.onkeydown = async ev => {
@@ -4917,21 +4908,19 @@ function edit(c, cap, box) {
       area.remove(); shown.hidden = false; say(`cancelled: ${cap.file} is as it was`);
     } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
       ev.preventDefault();
-      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha: sha, text: area.value});
-      if (status === 200) { replace(c, data.card); say(data.message); }
-      else if (status === 409) {
+      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha, text: area.value});
+      if (status === 200) { replace(c, data.card); return say(data.message); }
+      if (status === 409) {
         sha = data.sha;
-        shown.textContent = data.text || "none yet";
-        shown.className = data.text ? "text" : "text none";
-        shown.hidden = false;
-        say(data.error, true);
-      } else say(data.error || `not saved: the server answered ${status}`, true);
+        Object.assign(shown, {textContent: data.text || "none yet", className: data.text ? "text" : "text none",
+                              hidden: false});
+      }
+      say(data.error || `not saved: the server answered ${status}`, true);
     }
   };
 }
 async function approve(c) {
-  const combined = c.item.captions.find(cap => cap.kind === "combined");
-  const [status, data] = await api("/api/approve", {id: c.item.id, sha: combined && combined.sha,
+  const [status, data] = await api("/api/approve", {id: c.item.id, sha: (combined(c.item) || {}).sha,
                                                      approved: !c.item.approved});
   if (data.card) replace(c, data.card);
   say(data.message || data.error || `the server answered ${status}`, status !== 200);
@@ -4939,27 +4928,24 @@ async function approve(c) {
 function replace(c, item) {
   const n = card(item);
   c.replaceWith(n);
-  if (current === c) select(n, false);
+  if (current === c) select(n);
 }
 function select(c, scroll) {
   if (current) current.classList.remove("current");
-  current = c;
-  c.classList.add("current");
+  (current = c).classList.add("current");
   if (scroll) c.scrollIntoView({block: "nearest"});
+  if (!c.nextElementSibling) more();  // at the last card: the next ones
 }
 document.addEventListener("keydown", ev => {
-  if (ev.key === "Escape" && $("#full").style.display === "flex") { $("#full").style.display = "none"; return; }
+  if (ev.key === "Escape" && !full.hidden) { full.hidden = true; return; }
   if (ev.target.matches("textarea, input") || ev.ctrlKey || ev.metaKey || ev.altKey || !current) return;
+  const box = current.querySelector('.cap.editable[data-kind="combined"]');
   if (ev.key === "j" && current.nextElementSibling) select(current.nextElementSibling, true);
   else if (ev.key === "k" && current.previousElementSibling) select(current.previousElementSibling, true);
-  else if (ev.key === "e") {
-    const box = current.querySelector('.cap.editable[data-kind="combined"]');
-    if (box) { ev.preventDefault(); edit(current, current.item.captions.find(x => x.kind === "combined"), box); }
-  } else if (ev.key === "a") approve(current);
-  else return;
-  if (ev.key === "j" && !current.nextElementSibling) more();
+  else if (ev.key === "e" && box) { ev.preventDefault(); edit(current, combined(current.item), box); }
+  else if (ev.key === "a") approve(current);
 });
-$("#full").onclick = () => { $("#full").style.display = "none"; };
+full.onclick = () => { full.hidden = true; };
 let typing;
 $("#q").oninput = () => {
   clearTimeout(typing);
@@ -4969,6 +4955,7 @@ $("#q").oninput = () => {
     say(query ? `searching for "${query}"` : "showing all");
   }, 250);
 };
+new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
 more();
 </script></body></html>
 """
