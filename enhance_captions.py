@@ -4409,10 +4409,8 @@ def approved_count(cfg: Config, plan: Plan) -> int:
 def exposure_warning(host: str) -> str | None:
     """--host other than loopback: anyone who can reach it and has the address (token included) can edit."""
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_loopback:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
             return None
-    if host == "localhost":
-        return None
     return (f"warning: --host {host}: the review page can be reached from other machines; anyone with its address "
             "(the token included) can read and change the captions")
 
@@ -4581,8 +4579,7 @@ class Review:
                                   "delete the file to have it made again"}
         with self.busy:
             lock = DatasetLock(dataset_root(self.cfg.dataset_dir))
-            busy = lock.acquire()
-            if busy:
+            if busy := lock.acquire():
                 return 423, {"error": f"not saved: {busy}"}
             try:
                 text_now, sha_now, unreadable = self.shown(path)
@@ -4753,8 +4750,7 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     except OSError as e:
         print(f"error: cannot serve the review page on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
-    warning = exposure_warning(host)
-    if warning:
+    if warning := exposure_warning(host):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}/?token={review.token}"
