@@ -4810,7 +4810,7 @@ Ctrl+Enter or Cmd+Enter saves, Esc cancels, a approves</div></header>
 <script nonce="NONCE">
 "use strict";
 const token = new URLSearchParams(location.search).get("token") || "";
-const $ = s => document.querySelector(s), cards = $("#cards"), full = $("#full");
+const $ = s => document.querySelector(s), cards = $("#cards"), full = $("#full"), help = $("#status").textContent;
 let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null;
 
 function el(tag, cls, text) {  // captions go in as text only, never as HTML
@@ -4834,7 +4834,7 @@ const combined = item => item.captions.find(cap => cap.kind === "combined");
 async function more() {
   if (loading || (total !== null && loaded >= total)) return;
   loading = true;
-  const mine = turn, first = turn === 0 && !loaded, help = $("#status").textContent;
+  const mine = turn, first = turn === 0 && !loaded;  // the page's first request: the folder looked at again
   if (first) say("looking at the dataset folder (each load of the page plans it again)...");
   const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
                                    `&limit=40${first ? "&refresh=1" : ""}`);
