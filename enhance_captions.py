@@ -4736,33 +4736,30 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request."""
     try:
         review = Review(cfg, secrets.token_urlsafe(24))
+        if not review.entries:
+            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+        handler = type("Handler", (ReviewHandler,), {"review": review})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
+        except OSError as e:
+            raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if not review.entries:
-        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
-        return EXIT_USAGE
-    handler = type("Handler", (ReviewHandler,), {"review": review})
-    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6 if ":" in host
-                                                          else socket.AF_INET})
-    try:
-        server = server_class((host, port), handler)
-    except OSError as e:
-        print(f"error: cannot serve the review page on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     if warning := exposure_warning(host):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}/?token={review.token}"
-    print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
-          flush=True)
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(url)
     stop = StopEvent()
-    with stop_on_signals(stop):  # the server in a thread of its own: the main thread waits for a signal
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    with stop_on_signals(stop):  # before the address is printed: from then on a signal stops the page cleanly
+        print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
+              flush=True)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+        threading.Thread(target=server.serve_forever, daemon=True).start()  # the main thread waits for the signal
         stop.wait()
     server.shutdown()
     with review.busy:  # a save in flight finishes first
