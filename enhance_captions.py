@@ -4284,12 +4284,10 @@ def load_approvals(root: Path) -> dict[str, str]:
 
 
 def file_sha(path: Path) -> str | None:
-    """The hash of a caption file's bytes as read_caption gives it; None when missing, blank or unreadable."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    return digest(data) if data.strip() else None
+    """on_disk's hash, and None also where the file cannot be read."""
+    with contextlib.suppress(OSError):
+        return on_disk(path)
+    return None
 
 
 def is_approved(approvals: dict[str, str], records: Records, item: Item) -> bool:
@@ -4306,22 +4304,16 @@ def approved_count(cfg: Config, plan: Plan) -> int:
 def exposure_warning(host: str) -> str | None:
     """--host other than loopback: anyone who can reach it and has the address (token included) can edit."""
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_loopback:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
             return None
-    if host == "localhost":
-        return None
     return (f"warning: --host {host}: the review page can be reached from other machines; anyone with its address "
             "(the token included) can read and change the captions")
 
 
+@functools.lru_cache(maxsize=2048)  # ~20 KB each: a few screens of cards scrolled back and forth
 def thumbnail(path: Path, stamp: str) -> bytes:
     """A JPEG of the image at most THUMB_SIDE a side, made on the fly; kept in memory by (path, stamp)."""
-    return _thumbnail(str(path), stamp)
-
-
-@functools.lru_cache(maxsize=2048)  # ~20 KB each: a few screens of cards scrolled back and forth
-def _thumbnail(path: str, stamp: str) -> bytes:
-    img = load_image(Path(path), min_side=THUMB_SIDE)
+    img = load_image(path, min_side=THUMB_SIDE)
     img.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buffer = io.BytesIO()
     img.save(buffer, "JPEG", quality=80)
@@ -4334,16 +4326,24 @@ class ReviewEntry:
 
     id: str                   # the image's path in the dataset, with forward slashes: how the page names it
     item: Item
-    findings: list[Finding]
-    failures: list[str]       # why planning could not judge it, or why the last run failed it
-    text: str = ""            # its captions in lower case, for the search
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)  # planning's, or the last run's
+
+    def __post_init__(self) -> None:
+        self.update(self.item)
+
+    def update(self, item: Item) -> None:
+        """The item as planned again, and its captions in lower case for the search."""
+        self.item = item
+        self.text = "\n".join(t for t in (item.manual, item.generated, *(m.text for m in item.merges)) if t).casefold()
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.item.vision or any(m.reason for m in self.item.merges))
 
     def matches(self, show: str, query: str) -> bool:
-        if query and query not in self.text:
-            return False
-        item = self.item
-        return {"all": True, "flagged": bool(self.findings), "edited": bool(item.kept), "failed": bool(self.failures),
-                "stale": bool(item.vision or any(m.reason for m in item.merges))}[show]
+        return query in self.text and {"all": True, "flagged": bool(self.findings), "stale": self.stale,
+                                       "edited": bool(self.item.kept), "failed": bool(self.failures)}[show]
 
 
 class Review:
@@ -4362,26 +4362,22 @@ class Review:
     def refresh(self) -> None:
         with self.busy:
             plan = plan_work(dataclasses.replace(self.cfg, limit=None))
-            findings = audit_dataset(self.cfg, plan, self.count)
             reported = self.reported_failures()
-            entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item, [], [])
+            entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item)
                        for item in plan.items]
             by_path = {str(p): e for e in entries for p in (e.item.image, *self.files(e.item).values())}
             notes = []
-            for finding in findings:
-                entry = by_path.get(finding.path)
-                if entry is None:
+            for finding in audit_dataset(self.cfg, plan, self.count):
+                if finding.path not in by_path:
                     notes.append(finding)
                 elif finding.kind != "input":  # a failure to plan the item: shown as its state instead
-                    entry.findings.append(finding)
+                    by_path[finding.path].findings.append(finding)
             for failure in plan.failures:
                 if failure.path in by_path:
                     by_path[failure.path].failures.append(failure.error)
             for entry in entries:
-                item = entry.item
-                if item.vision or any(m.reason for m in item.merges):  # a failure since fixed is not shown
-                    entry.failures += [f"the last run: {why}" for why in reported.get(str(item.image), ())]
-                entry.text = self.search_text(item)
+                if entry.stale:  # a failure since fixed is not shown
+                    entry.failures += [f"the last run: {why}" for why in reported.get(str(entry.item.image), ())]
             self.plan, self.entries, self.notes = plan, entries, notes
             self.by_id = {e.id: e for e in entries}
             self.approvals = load_approvals(self.cfg.dataset_dir)
@@ -4400,9 +4396,6 @@ class Review:
                         found[row["path"]].append(f"[{row.get('stage')}] {row['error']}")
         return found
 
-    def search_text(self, item: Item) -> str:
-        return "\n".join(t for t in (item.manual, item.generated, *(m.text for m in item.merges)) if t).casefold()
-
     def files(self, item: Item) -> dict[str, Path]:
         """The caption files of one card, by kind: what the page may show, and the only files it may write."""
         files = {KIND_MANUAL: item.caption_path, KIND_GENERATED: item.generated_path}
@@ -4413,8 +4406,7 @@ class Review:
 
     def inside(self, path: Path) -> bool:
         """In the dataset folder once every symlink is followed."""
-        real = os.path.realpath(path)
-        return real.startswith(self.root + os.sep)
+        return os.path.realpath(path).startswith(self.root + os.sep)
 
     def listing(self, show: str, query: str, offset: int, limit: int, refresh: bool) -> dict:
         if refresh and not self.planned_unseen:  # a page loaded again: look at the folder again
@@ -4452,32 +4444,29 @@ class Review:
         return text or "", sha, None if text else "none yet"
 
     def states(self, entry: ReviewEntry) -> list[dict]:
-        item, states = entry.item, [{"kind": "failed", "text": f"failed: {why}"} for why in entry.failures]
-        if item.vision:
-            states.append({"kind": "stale", "text": f"vision caption: made again next run ({item.vision})"})
-        for merge in item.merges:
-            if merge.reason:
-                name = merge.path.name
-                states.append({"kind": "stale", "text": f"{name}: merged again next run ({merge.reason})"
-                               + (", if the new vision caption differs" if merge.unless else "")})
-        states += [{"kind": "edited", "text": f"{item.cache_path(kind).name}: edited by hand (kept)"}
-                   for kind in item.kept]
-        return states or [{"kind": "ok", "text": "current"}]
+        item = entry.item
+        states = [("failed", f"failed: {why}") for why in entry.failures]
+        states += [("stale", f"vision caption: made again next run ({item.vision})")] if item.vision else []
+        states += [("stale", f"{m.path.name}: merged again next run ({m.reason})"
+                    + (", if the new vision caption differs" if m.unless else "")) for m in item.merges if m.reason]
+        states += [("edited", f"{item.cache_path(kind).name}: edited by hand (kept)") for kind in item.kept]
+        return [{"kind": kind, "text": text} for kind, text in states or [("ok", "current")]]
 
     # -- changes ------------------------------------------------------------------------------
-    def entry(self, body: dict) -> ReviewEntry:
+    def target(self, body: dict, kind: object) -> tuple[ReviewEntry, Path]:
+        """The card and the caption file a change names: one of the plan's, inside the dataset folder."""
         entry = self.by_id.get(body.get("id")) if isinstance(body.get("id"), str) else None
         if entry is None or not self.inside(entry.item.image):
             raise LookupError("no such image in the plan")
-        return entry
-
-    def save(self, body: dict) -> tuple[int, dict]:
-        """Write one caption as a person's words, unless the file changed since the page showed it."""
-        entry = self.entry(body)
-        kind, text, shown = body.get("kind"), body.get("text"), body.get("sha")
         path = self.files(entry.item).get(kind) if isinstance(kind, str) and kind != KIND_TRAINER else None
         if path is None or not self.inside(path):
             raise LookupError("no such caption file in the plan")
+        return entry, path
+
+    def save(self, body: dict) -> tuple[int, dict]:
+        """Write one caption as a person's words, unless the file changed since the page showed it."""
+        kind, text = body.get("kind"), body.get("text")
+        entry, path = self.target(body, kind)
         if not isinstance(text, str):
             return 400, {"error": "not saved: no text"}
         if kind != KIND_MANUAL and not text.strip():
@@ -4485,34 +4474,28 @@ class Review:
                                   "delete the file to have it made again"}
         with self.busy:
             lock = DatasetLock(dataset_root(self.cfg.dataset_dir))
-            busy = lock.acquire()
-            if busy:
+            if busy := lock.acquire():
                 return 423, {"error": f"not saved: {busy}"}
             try:
                 text_now, sha_now, unreadable = self.shown(path)
-                if file_sha(path) != shown:
+                if sha_now != body.get("sha"):
                     return 409, {"error": f"not saved: {path.name} changed on disk since the page showed it; it now "
                                           "reads as shown, your text is still in the editor",
                                  "text": text_now, "sha": sha_now, "card": self.card(entry)}
                 if text_now == text.strip() and unreadable in (None, "none yet"):  # a new hash would cost a merge
                     return 200, {"message": f"{path.name} is unchanged: nothing written", "card": self.card(entry)}
-                self.write(entry.item, kind, path, text)
+                if kind != KIND_MANUAL:  # a record that says a person wrote it, so that a rerun keeps it
+                    records = self.plan.records
+                    _, old = records.match(path, sha_now)
+                    record = Record("", "") if old is None else dataclasses.replace(old, adopted=False)
+                    records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text)), by_hand=True))
+                    records.close()  # a run folds the journals in, and must not fold one this server still writes to
+                atomic_write(path, text)
             finally:
                 lock.release()
             self.decide_again(entry)
         edit = "" if kind == KIND_MANUAL else " as a hand edit"
-        return 200, {"message": f"saved {path.name}{edit}; {self.next_run(entry.item)}",
-                     "card": self.card(entry)}
-
-    def write(self, item: Item, kind: str, path: Path, text: str) -> None:
-        """A manual caption as it is; a cache with a record that says a person wrote it, so a rerun keeps it."""
-        if kind != KIND_MANUAL:
-            records = self.plan.records
-            _, old = records.match(path, file_sha(path))
-            record = Record("", "") if old is None else dataclasses.replace(old, adopted=False)
-            records.write(path, dataclasses.replace(record, sha=digest(cache_bytes(text)), by_hand=True))
-            records.close()  # a run folds the journals in, and must not fold one this server still writes to
-        atomic_write(path, text)
+        return 200, {"message": f"saved {path.name}{edit}; {self.next_run(entry.item)}", "card": self.card(entry)}
 
     def decide_again(self, entry: ReviewEntry) -> None:
         """One item planned again after a save: its state, and its own findings (duplicates and the phrases of
@@ -4525,11 +4508,10 @@ class Review:
             plan.failures.append(Failure(str(item.image), STAGE_INPUT, str(e)))
             for merge in item.merges:
                 merge.reason = None
-        findings = audit_dataset(self.cfg, plan, self.count)
-        entry.item, entry.text = item, self.search_text(item)
         duplicates = [f for f in entry.findings if f.kind == "duplicate"]
-        entry.findings = [f for f in findings if f.kind != "input"] + duplicates
+        entry.findings = [f for f in audit_dataset(self.cfg, plan, self.count) if f.kind != "input"] + duplicates
         entry.failures = [f.error for f in plan.failures]
+        entry.update(item)
 
     def next_run(self, item: Item) -> str:
         todo = ([f"makes its vision caption again ({item.vision})"] if item.vision else []) + [
@@ -4540,13 +4522,11 @@ class Review:
 
     def approve(self, body: dict) -> tuple[int, dict]:
         """Mark the combined caption, as the page showed it, approved (or not): an edit since un-approves it."""
-        entry = self.entry(body)
-        path, shown, approved = entry.item.combined_path, body.get("sha"), bool(body.get("approved"))
-        if not self.inside(path):
-            raise LookupError("no such caption file in the plan")
+        entry, path = self.target(body, KIND_COMBINED)
+        approved = bool(body.get("approved"))
         with self.busy:
             now = file_sha(path)
-            if now is None or now != shown:
+            if now is None or now != body.get("sha"):
                 return 409, {"error": f"not {'approved' if approved else 'changed'}: {path.name} "
                                       f"{'is missing' if now is None else 'changed on disk since the page showed it'}",
                              "card": self.card(entry)}
@@ -4574,14 +4554,14 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # the one line printed at start is all the output
         pass
 
-    def allowed(self, query: dict | None) -> bool:
-        shown = self.headers.get("X-Token") or (query or {}).get("token", [""])[0]
+    def allowed(self, in_url: str) -> bool:
+        shown = self.headers.get("X-Token") or in_url
         return hmac.compare_digest(shown.encode(), self.review.token.encode())
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        query = parse_qs(url.query)
-        if not self.allowed(query):
+        query = {name: values[0] for name, values in parse_qs(url.query).items()}
+        if not self.allowed(query.get("token", "")):
             return self.answer(403, {"error": "a wrong or missing token: open the address the review printed"})
         if url.path == "/":
             nonce = secrets.token_urlsafe(12)  # only the page's own script and style run, whatever a caption holds
@@ -4590,38 +4570,36 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(200, REVIEW_PAGE.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
                                {"Content-Security-Policy": policy})
         if url.path == "/api/items":
-            show = query.get("filter", ["all"])[0]
+            show = query.get("filter", "all")
             try:
-                offset, limit = int(query.get("offset", ["0"])[0]), int(query.get("limit", ["50"])[0])
+                offset, limit = int(query.get("offset", 0)), int(query.get("limit", 50))
             except ValueError:
                 offset = limit = -1
             if show not in REVIEW_FILTERS or offset < 0 or not 0 < limit <= PAGE_LIMIT:
                 return self.answer(400, {"error": f"filter is one of {', '.join(REVIEW_FILTERS)}; offset >= 0; "
                                                   f"0 < limit <= {PAGE_LIMIT}"})
-            return self.answer(200, self.review.listing(show, query.get("q", [""])[0], offset, limit,
-                                                        "refresh" in query))
+            return self.answer(200, self.review.listing(show, query.get("q", ""), offset, limit, "refresh" in query))
         if url.path in ("/thumb", "/image"):
-            entry = self.review.by_id.get(query.get("id", [""])[0])
+            entry = self.review.by_id.get(query.get("id", ""))
             if entry is None or not self.review.inside(entry.item.image):
                 return self.answer(404, {"error": "no such image in the plan"})
+            image, thumb = entry.item.image, url.path == "/thumb"
             try:
-                if url.path == "/thumb":
-                    data = thumbnail(entry.item.image, image_stamp(entry.item.image))
-                    return self.answer(200, data, "image/jpeg", {"Cache-Control": "private, max-age=3600"})
-                data = entry.item.image.read_bytes()
+                data = thumbnail(image, image_stamp(image)) if thumb else image.read_bytes()
             except (ItemError, OSError) as e:
                 return self.answer(404, {"error": f"cannot show {entry.id}: {e}"})
-            return self.answer(200, data, IMAGE_TYPES[entry.item.image.suffix.lower()])
+            if thumb:
+                return self.answer(200, data, "image/jpeg", {"Cache-Control": "private, max-age=3600"})
+            return self.answer(200, data, IMAGE_TYPES[image.suffix.lower()])
         if url.path in REVIEW_CHANGES:
             return self.answer(405, {"error": "changes are POST requests"}, extra={"Allow": "POST"})
         self.answer(404, {"error": "not found"})
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
-        if not self.allowed(None) or url.query:  # the token in the header only, never in the URL
+        if not self.allowed("") or url.query:  # the token in the header only, never in the URL
             return self.answer(403, {"error": "a wrong or missing token: reload the page from the printed address"})
-        change = getattr(self.review, REVIEW_CHANGES.get(url.path, ""), None)
-        if change is None:
+        if url.path not in REVIEW_CHANGES:
             return self.answer(404, {"error": "not found"})
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
@@ -4631,7 +4609,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(length)) or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
-            self.answer(*change(body))
+            self.answer(*getattr(self.review, REVIEW_CHANGES[url.path])(body))
         except LookupError as e:
             self.answer(404, {"error": f"not found: {e}"})
         except ValueError as e:
@@ -4661,48 +4639,35 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request."""
     try:
         review = Review(cfg, secrets.token_urlsafe(24))
+        if not review.entries:
+            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+        handler = type("Handler", (ReviewHandler,), {"review": review})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
+        except OSError as e:
+            raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not review.entries:
-        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
-        return EXIT_USAGE
-    handler = type("Handler", (ReviewHandler,), {"review": review})
-    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6 if ":" in host
-                                                          else socket.AF_INET})
-    try:
-        server = server_class((host, port), handler)
-    except OSError as e:
-        print(f"error: cannot serve the review page on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
-    warning = exposure_warning(host)
-    if warning:
+    if warning := exposure_warning(host):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}/?token={review.token}"
-    print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
-          flush=True)
-    if open_browser:
-        import webbrowser
+    stop = StopEvent()
+    with stop_on_signals(stop):  # before the address is printed: from then on a signal stops the page cleanly
+        print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
+              flush=True)
+        if open_browser:
+            import webbrowser
 
-        webbrowser.open(url)
-    stopped_by: list[int] = []
-
-    def stop(signum, frame):
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, stop) for s in EXIT_FOR_SIGNAL}
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        with review.busy:  # a save in flight finishes first
-            server.server_close()
-    return EXIT_FOR_SIGNAL.get(stopped_by[0] if stopped_by else signal.SIGINT, EXIT_OK)
+            webbrowser.open(url)
+        threading.Thread(target=server.serve_forever, daemon=True).start()  # the main thread waits for the signal
+        stop.wait()
+    server.shutdown()
+    with review.busy:  # a save in flight finishes first
+        server.server_close()
+    return EXIT_FOR_SIGNAL[stop.signal]
 
 
 REVIEW_PAGE = """<!doctype html>
@@ -4734,19 +4699,19 @@ main{padding:12px;display:grid;gap:12px}
 .text.none{color:#999;font-style:italic}
 textarea{width:100%;box-sizing:border-box;min-height:6em;font:inherit;padding:4px}
 .approve{margin-top:8px}
-#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:none;align-items:center;
- justify-content:center;cursor:zoom-out}#full img{max-width:98vw;max-height:98vh}
+#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:flex;align-items:center;
+ justify-content:center;cursor:zoom-out}#full[hidden]{display:none}#full img{max-width:98vw;max-height:98vh}
 </style></head><body>
 <header><b>Review</b><span id="filters"></span><input id="q" type="search" placeholder="search the captions">
 <span id="count"></span><div id="notes"></div>
 <div id="status" role="status" aria-live="polite">j/k move, e edits the combined caption (or click a caption),
 Ctrl+Enter or Cmd+Enter saves, Esc cancels, a approves</div></header>
-<main id="cards"></main><p id="more"></p><div id="full"><img alt="the whole image"></div>
+<main id="cards"></main><p id="more"></p><div id="full" hidden><img alt="the whole image"></div>
 <script nonce="NONCE">
 "use strict";
 const token = new URLSearchParams(location.search).get("token") || "";
-const $ = s => document.querySelector(s), cards = $("#cards"), names = ["all", "flagged", "stale", "edited", "failed"];
-let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null, first = true;
+const $ = s => document.querySelector(s), cards = $("#cards"), full = $("#full"), help = $("#status").textContent;
+let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null;
 
 function el(tag, cls, text) {  // captions go in as text only, never as HTML
   const e = document.createElement(tag);
@@ -4754,42 +4719,41 @@ function el(tag, cls, text) {  // captions go in as text only, never as HTML
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function say(text, bad) { const s = $("#status"); s.textContent = text; s.className = bad ? "bad" : ""; }
+function say(text, bad) { $("#status").textContent = text; $("#status").className = bad ? "bad" : ""; }
 async function api(path, body) {
-  const options = {headers: {"X-Token": token}};
+  const options = {headers: {"X-Token": token, "Content-Type": "application/json"}};
   if (body) Object.assign(options, {method: "POST", body: JSON.stringify(body)});
-  options.headers["Content-Type"] = "application/json";
   try {
     const r = await fetch(path, options);
     return [r.status, await r.json()];
   } catch (e) { return [0, {error: "the review server does not answer: " + e.message}]; }
 }
 const asset = (kind, id) => `/${kind}?id=${encodeURIComponent(id)}&token=${encodeURIComponent(token)}`;
+const combined = item => item.captions.find(cap => cap.kind === "combined");
 
 async function more() {
   if (loading || (total !== null && loaded >= total)) return;
   loading = true;
-  const mine = turn, refresh = first ? "&refresh=1" : "", help = $("#status").textContent;
+  const mine = turn, first = turn === 0 && !loaded;  // the page's first request: the folder looked at again
   if (first) say("looking at the dataset folder (each load of the page plans it again)...");
-  first = false;
   const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
-                                   `&limit=40${refresh}`);
+                                   `&limit=40${first ? "&refresh=1" : ""}`);
   if (mine !== turn) return;
   loading = false;
   if (status !== 200) return say(data.error || `the server answered ${status}`, true);
-  if (refresh) say(help);
+  if (first) say(help);
   total = data.total;
-  for (const item of data.items) cards.append(card(item));
   loaded += data.items.length;
-  $("#filters").replaceChildren(...names.map(name => {
-    const b = el("button", name === show ? "on" : "", `${name} ${data.counts[name]}`);
+  cards.append(...data.items.map(card));
+  $("#filters").replaceChildren(...Object.entries(data.counts).map(([name, count]) => {
+    const b = el("button", name === show ? "on" : "", `${name} ${count}`);
     b.onclick = () => { show = name; restart(); say(`showing ${name} images`); };
     return b;
   }));
   $("#notes").replaceChildren(...data.notes.map(n => el("div", "", n)));
   $("#count").textContent = `${total} shown`;
   $("#more").textContent = loaded < total ? "loading more..." : total ? "" : "no images match";
-  if (current === null && cards.firstChild) select(cards.firstChild, false);
+  if (!current && cards.firstChild) select(cards.firstChild);
   if (loaded < total && $("#more").getBoundingClientRect().top < innerHeight + 800) more();
 }
 function restart() {
@@ -4797,49 +4761,41 @@ function restart() {
   cards.replaceChildren();
   more();
 }
-new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
 
 function card(item) {
-  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags");
+  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags"), img = el("img");
   c.item = item;
   c.dataset.id = item.id;
-  const img = el("img");
-  img.loading = "lazy"; img.alt = item.id; img.src = asset("thumb", item.id);
-  img.onclick = () => { $("#full img").src = asset("image", item.id); $("#full").style.display = "flex"; };
+  Object.assign(img, {loading: "lazy", alt: item.id, src: asset("thumb", item.id)});
+  img.onclick = () => { full.firstChild.src = asset("image", item.id); full.hidden = false; };
   img.onerror = () => img.replaceWith(el("div", "text none", "no preview"));
   side.append(img, el("div", "name", item.id));
-  for (const s of item.states) tags.append(el("span", s.kind, s.text));
+  tags.append(...item.states.map(s => el("span", s.kind, s.text)));
   if (item.approved) tags.append(el("span", "approved", "approved"));
-  body.append(tags);
-  for (const f of item.findings) body.append(el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`));
-  for (const cap of item.captions) body.append(caption(c, cap));
-  const combined = item.captions.find(cap => cap.kind === "combined");
   const a = el("button", "approve", item.approved ? "approved: undo" : "approve the combined caption");
-  a.disabled = !combined || !combined.sha;
+  a.disabled = !(combined(item) || {}).sha;
   a.onclick = () => approve(c);
-  body.append(a);
+  body.append(tags, ...item.findings.map(f => el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`)),
+              ...item.captions.map(cap => caption(c, cap)), a);
   c.append(side, body);
-  c.onclick = () => select(c, false);
+  c.onclick = () => select(c);
   return c;
 }
 function caption(c, cap) {
-  const box = el("div", "cap" + (cap.editable ? " editable" : "")), text = el("div", "text", cap.text);
+  const box = el("div", cap.editable ? "cap editable" : "cap");
+  const text = el("div", cap.text ? "text" : "text none", cap.text || cap.note || "none yet");
   box.dataset.kind = cap.kind;
-  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file));
-  if (!cap.text) { text.className = "text none"; text.textContent = cap.note || "none yet"; }
-  box.append(text);
+  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file), text);
   if (cap.editable) text.onclick = () => edit(c, cap, box);
   return box;
 }
 function edit(c, cap, box) {
-  let area = box.querySelector("textarea");
+  let area = box.querySelector("textarea"), sha = cap.sha;
   if (area) return area.focus();
-  area = el("textarea");
-  area.value = cap.text;
-  let sha = cap.sha;
   const shown = box.querySelector(".text");
   shown.hidden = true;  // shown again only to show the file as it is now, after a refused save
-  box.append(area);
+  box.append(area = el("textarea"));
+  area.value = cap.text;
   area.focus();
   say(`editing ${cap.file}: Ctrl+Enter (Cmd+Enter) saves, Esc cancels`);
   area.onkeydown = async ev => {
@@ -4848,21 +4804,19 @@ function edit(c, cap, box) {
       area.remove(); shown.hidden = false; say(`cancelled: ${cap.file} is as it was`);
     } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
       ev.preventDefault();
-      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha: sha, text: area.value});
-      if (status === 200) { replace(c, data.card); say(data.message); }
-      else if (status === 409) {
+      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha, text: area.value});
+      if (status === 200) { replace(c, data.card); return say(data.message); }
+      if (status === 409) {
         sha = data.sha;
-        shown.textContent = data.text || "none yet";
-        shown.className = data.text ? "text" : "text none";
-        shown.hidden = false;
-        say(data.error, true);
-      } else say(data.error || `not saved: the server answered ${status}`, true);
+        Object.assign(shown, {textContent: data.text || "none yet", className: data.text ? "text" : "text none",
+                              hidden: false});
+      }
+      say(data.error || `not saved: the server answered ${status}`, true);
     }
   };
 }
 async function approve(c) {
-  const combined = c.item.captions.find(cap => cap.kind === "combined");
-  const [status, data] = await api("/api/approve", {id: c.item.id, sha: combined && combined.sha,
+  const [status, data] = await api("/api/approve", {id: c.item.id, sha: (combined(c.item) || {}).sha,
                                                      approved: !c.item.approved});
   if (data.card) replace(c, data.card);
   say(data.message || data.error || `the server answered ${status}`, status !== 200);
@@ -4870,27 +4824,24 @@ async function approve(c) {
 function replace(c, item) {
   const n = card(item);
   c.replaceWith(n);
-  if (current === c) select(n, false);
+  if (current === c) select(n);
 }
 function select(c, scroll) {
   if (current) current.classList.remove("current");
-  current = c;
-  c.classList.add("current");
+  (current = c).classList.add("current");
   if (scroll) c.scrollIntoView({block: "nearest"});
+  if (!c.nextElementSibling) more();  // at the last card: the next ones
 }
 document.addEventListener("keydown", ev => {
-  if (ev.key === "Escape" && $("#full").style.display === "flex") { $("#full").style.display = "none"; return; }
+  if (ev.key === "Escape" && !full.hidden) { full.hidden = true; return; }
   if (ev.target.matches("textarea, input") || ev.ctrlKey || ev.metaKey || ev.altKey || !current) return;
+  const box = current.querySelector('.cap.editable[data-kind="combined"]');
   if (ev.key === "j" && current.nextElementSibling) select(current.nextElementSibling, true);
   else if (ev.key === "k" && current.previousElementSibling) select(current.previousElementSibling, true);
-  else if (ev.key === "e") {
-    const box = current.querySelector('.cap.editable[data-kind="combined"]');
-    if (box) { ev.preventDefault(); edit(current, current.item.captions.find(x => x.kind === "combined"), box); }
-  } else if (ev.key === "a") approve(current);
-  else return;
-  if (ev.key === "j" && !current.nextElementSibling) more();
+  else if (ev.key === "e" && box) { ev.preventDefault(); edit(current, combined(current.item), box); }
+  else if (ev.key === "a") approve(current);
 });
-$("#full").onclick = () => { $("#full").style.display = "none"; };
+full.onclick = () => { full.hidden = true; };
 let typing;
 $("#q").oninput = () => {
   clearTimeout(typing);
@@ -4900,6 +4851,7 @@ $("#q").oninput = () => {
     say(query ? `searching for "${query}"` : "showing all");
   }, 250);
 };
+new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
 more();
 </script></body></html>
 """
