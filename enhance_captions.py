@@ -267,6 +267,7 @@ class Item:
         return f"{os.path.splitext(self.image)[0]}_{kind}.txt"
 
     def cache_path(self, kind: str) -> Path:
+        """cache_file(kind) as a Path."""
         return self.image.with_name(f"{self.image.stem}_{kind}.txt")
 
     @property
@@ -946,7 +947,7 @@ class Record:
 
     @classmethod
     def from_line(cls, row: dict) -> Record:
-        for name in SHARED_FIELDS:  # a few distinct values, each one string in memory, not one a record
+        for name in SHARED_FIELDS:  # a few distinct values among 100k records: one string each, not one a record
             if type(row.get(name)) is str:
                 row[name] = sys.intern(row[name])
         return cls(*[row.get(name, default) for name, default in RECORD_FIELDS])
