@@ -259,24 +259,28 @@ class Item:
     merges: list[Merge] = dataclasses.field(default_factory=list)  # the default merge, then one per --variant
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
-    # The paths, made once: pathlib's parsing was a third of planning a fully cached rerun when made on each use.
-    base: Path = dataclasses.field(init=False)
-    generated_path: Path = dataclasses.field(init=False)
-    combined_path: Path = dataclasses.field(init=False)
 
-    def __post_init__(self) -> None:
-        self.base = self.image.with_suffix("")
-        self.generated_path = self.base.parent / (self.base.name + GENERATED_SUFFIX)
-        self.combined_path = self.base.parent / (self.base.name + COMBINED_SUFFIX)
+    # The cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's memory, and
+    # planning reads the caches by name (cache_file).
+    def cache_file(self, kind: str) -> str:
+        """generated -> {stem}_generated.txt, combined -> {stem}_combined.txt, combined_NAME -> {stem}_combined_NAME.txt"""
+        return f"{os.path.splitext(self.image)[0]}_{kind}.txt"
 
     def cache_path(self, kind: str) -> Path:
-        """generated -> {stem}_generated.txt, combined -> {stem}_combined.txt, combined_NAME -> {stem}_combined_NAME.txt"""
-        if kind == KIND_GENERATED:
-            return self.generated_path
-        if kind == KIND_COMBINED:
-            return self.combined_path
-        return self.base.parent / f"{self.base.name}_{kind}.txt"
+        """cache_file(kind) as a Path."""
+        return self.image.with_name(f"{self.image.stem}_{kind}.txt")
 
+    @property
+    def base(self) -> Path:
+        return self.image.with_suffix("")
+
+    @property
+    def generated_path(self) -> Path:
+        return self.cache_path(KIND_GENERATED)
+
+    @property
+    def combined_path(self) -> Path:
+        return self.cache_path(KIND_COMBINED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -933,10 +937,14 @@ class Record:
 
     @classmethod
     def from_line(cls, row: dict) -> Record:
-        return cls(**{name: row.get(name, default) for name, default in RECORD_FIELDS})
+        for name in SHARED_FIELDS:  # a few distinct values among 100k records: one string each, not one a record
+            if type(row.get(name)) is str:
+                row[name] = sys.intern(row[name])
+        return cls(*[row.get(name, default) for name, default in RECORD_FIELDS])
 
 
-RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 40k lines a rerun
+RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 100k lines a rerun
+SHARED_FIELDS = ("settings", "finish", "check", "made")
 OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
@@ -958,11 +966,11 @@ class Records:
         self.journal = None
         self.lock = threading.Lock()
 
-    def key(self, path: Path) -> str:
+    def key(self, path: Path | str) -> str:
         text, root = str(path), str(self.root)
         if text.startswith(root + os.sep):  # what relative_to would give, without its cost (40k calls a rerun)
             return text[len(root) + 1:].replace(os.sep, "/")
-        return path.relative_to(self.root).as_posix()
+        return Path(path).relative_to(self.root).as_posix()
 
     # -- reading ----------------------------------------------------------------------------------
     def load(self) -> Records:
@@ -2635,21 +2643,25 @@ class CacheFile:
     record: Record | None = None
 
 
-def inspect_cache(records: Records, path: Path) -> CacheFile:
+def inspect_cache(records: Records, path: Path | str) -> CacheFile:
+    name = os.path.basename(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         return CacheFile()
     except OSError as e:  # unreadable: nothing can use it, and nothing may replace it
-        return CacheFile(sha="unreadable", error=f"cannot read {path.name}: {e.strerror or e}", status=EDITED)
+        return CacheFile(sha="unreadable", error=f"cannot read {name}: {e.strerror or e}", status=EDITED)
     if not data.strip():
         return CacheFile()
     sha = digest(data)
     status, record = records.match(path, sha)
+    if status == OURS:
+        sha = record.sha  # the same hash, kept once
     try:
         return CacheFile(sha, data.decode("utf-8-sig").strip(), None, status, record)
     except UnicodeDecodeError as e:
-        return CacheFile(sha, None, f"{path.name} is not valid UTF-8 (byte {e.start})", status, record)
+        return CacheFile(sha, None, f"{name} is not valid UTF-8 (byte {e.start})", status, record)
 
 
 @dataclasses.dataclass
@@ -2733,7 +2745,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         item.stamp = image_stamp(item.image)
     except OSError as e:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
-    gen = inspect_cache(records, item.generated_path)
+    gen = inspect_cache(records, item.cache_file(KIND_GENERATED))
     item.merges = [Merge(item, variant) for variant in settings.variants]
     remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
     if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
@@ -2777,7 +2789,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
 
 def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
     item, settings = merge.item, plan.settings
-    found = inspect_cache(plan.records, merge.path)
+    found = inspect_cache(plan.records, item.cache_file(merge.variant.kind))
     merge.text, merge.sha, merge.record = found.text, found.sha, found.record
     if found.sha is None:
         merge.reason = REASON_MISSING
