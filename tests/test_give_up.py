@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import (caches, lines_with, make_dataset, report_failures, run_main, seed_generated,
                             two_process_command, user_message)
