@@ -69,7 +69,9 @@ def test_edit_save_and_rerun_in_a_browser(tmp_path, ds, llm_server, capsys, page
         assert card[0].locator('.cap[data-kind="combined"] .text').evaluate("e => e.children.length") == 0
         assert page.locator('img[src="x"], script:not([nonce])').count() == 0
         assert page.evaluate("typeof window.pwned") == "undefined"
-        assert page.evaluate("document.querySelector('.card img').naturalWidth") > 0  # a thumbnail
+        # a thumbnail: waited for, not read at once (the image loads after the card is shown)
+        page.wait_for_function("document.querySelector('.card img').complete")
+        assert page.evaluate("document.querySelector('.card img').naturalWidth") > 0
 
         # j moves to the next card, e edits its combined caption, Ctrl+Enter saves
         expect(card[0]).to_have_class("card current")
