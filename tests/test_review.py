@@ -318,12 +318,6 @@ def test_review_flags_are_checked(tmp_path, ds, capsys):
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), args
 
 
-def test_a_missing_page_file_is_one_line_and_serves_nothing(tmp_path, ds, capsys, monkeypatch):
-    monkeypatch.setattr(ec, "REVIEW_PAGE", tmp_path / "gone" / "review.html")
-    code, out, err = run_main(capsys, "--dataset_dir", ds, "--review")
-    assert code == 2 and out == "" and err.count("\n") == 1 and "review.html" in err
-
-
 def test_another_address_than_loopback_is_warned_of():
     assert ec.exposure_warning("127.0.0.1") is None
     assert ec.exposure_warning("::1") is None and ec.exposure_warning("localhost") is None
