@@ -282,6 +282,20 @@ def default_reply_text(body: Any) -> str:
     return "MERGED " + sha12(content) + " :: " + content.replace("\n", " ")
 
 
+def stop_after(server: "FakeLLMServer", answers: int) -> Callable[[Any], str]:
+    """A reply callable that answers normally, and after `answers` replies stops its server (from another thread):
+    the port then refuses every connection."""
+    count, lock = [0], threading.Lock()
+
+    def answer(body):
+        with lock:
+            count[0] += 1
+            if count[0] == answers:
+                threading.Thread(target=server.stop, daemon=True).start()
+        return default_reply_text(body)
+    return answer
+
+
 class _Headers(dict):
     """dict with case-insensitive lookups (keys stored lower-case)."""
 

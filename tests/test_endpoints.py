@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import types
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 import enhance_captions as ec
 from tests.conftest import caches, free_port, make_dataset, run_cli, run_main, user_message
-from tests.llm_server import FakeLLMServer, default_reply_text, sha12
+from tests.llm_server import FakeLLMServer, default_reply_text, sha12, stop_after
 
 SUBJECT = re.compile(r"subject(\d+), photo number \1")
 SECRET = "sk-test-endpoints-DO-NOT-LEAK-7731"
@@ -63,19 +62,6 @@ def assert_each_is_its_own_reply(images, requests, only_written: bool = False) -
         assert f"a seeded vision caption number {i}" in text
         written += 1
     return written
-
-
-def stop_after(server: FakeLLMServer, answers: int):
-    """A reply callable that answers normally and stops its server (from another thread) after `answers`."""
-    count, lock = [0], threading.Lock()
-
-    def answer(body):
-        with lock:
-            count[0] += 1
-            if count[0] == answers:
-                threading.Thread(target=server.stop, daemon=True).start()
-        return default_reply_text(body)
-    return answer
 
 
 def warning_lines(err: str) -> list[str]:

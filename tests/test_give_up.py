@@ -14,14 +14,13 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 
 from tests.conftest import (caches, lines_with, make_dataset, report_failures, run_main, seed_generated,
                             two_process_command, user_message)
-from tests.llm_server import FakeLLMServer, default_reply_text, hang, reply, status
+from tests.llm_server import FakeLLMServer, hang, reply, status, stop_after
 
 
 def merge_args(ds: Path, server, *extra) -> list[str]:
@@ -38,20 +37,6 @@ def seeded(tmp_path: Path, n: int) -> list[Path]:
 
 def merged(images) -> list[Path]:
     return [image for image in images if caches(image)[1].exists()]
-
-
-def stop_after(server: FakeLLMServer, answers: int):
-    """A reply callable that answers normally, and after `answers` replies stops its server: the port then
-    refuses every connection."""
-    count, lock = [0], threading.Lock()
-
-    def answer(body):
-        with lock:
-            count[0] += 1
-            if count[0] == answers:
-                threading.Thread(target=server.stop, daemon=True).start()
-        return default_reply_text(body)
-    return answer
 
 
 def assert_lock_is_free(ds: Path) -> None:
