@@ -349,8 +349,7 @@ class Stats:
     so every change goes through a method, under the lock."""
 
     counts: dict[str, collections.Counter] = dataclasses.field(
-        default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)}
-    )
+        default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)})
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
@@ -399,11 +398,10 @@ class Stats:
                 self.counts.setdefault(stage, collections.Counter()).update(counter)
             for name in ("failures", "notes", "bad", "flagged"):
                 getattr(self, name).extend(getattr(other, name))
-            self.checks.update(other.checks)
-            self.spent.update(other.spent)
-            self.fatal = self.fatal or other.fatal
-            self.gave_up = self.gave_up or other.gave_up
-            self.signal = self.signal or other.signal
+            for name in ("checks", "spent"):
+                getattr(self, name).update(getattr(other, name))
+            for name in ("fatal", "gave_up", "signal"):
+                setattr(self, name, getattr(self, name) or getattr(other, name))
 
     def exit_code(self) -> int:
         if self.fatal:
@@ -475,11 +473,8 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
     for item in items:
         other = outputs.get(item.caption_path)
         if other is not None and other is not item:
-            for clash in (item, other):
-                bad[clash.image] = (
-                    f"{item.image.name}'s caption file {item.caption_path.name} is also "
-                    f"{other.image.name}'s cache file; rename one"
-                )
+            why = f"{item.image.name}'s caption file {item.caption_path.name} is also {other.image.name}'s cache file"
+            bad[item.image] = bad[other.image] = why + "; rename one"
     failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
     return [i for i in items if i.image not in bad], failures
 
@@ -542,20 +537,17 @@ def atomic_write(path: Path, data: str | Iterable[bytes], last_look: Callable[[]
             f.flush()
             os.fsync(f.fileno())
         if last_look is not None and not last_look():
-            os.unlink(tmp)
             return False
         os.replace(tmp, path)
         return True
-    except BaseException:
-        with contextlib.suppress(OSError):
+    finally:
+        with contextlib.suppress(OSError):  # after the rename, there is none
             os.unlink(tmp)
-        raise
 
 
 def create_temporary(path: Path) -> tuple[int, Path]:
-    """A new hidden `.{name}.{random}.tmp` beside path (the name STALE_TEMPORARY recognises), opened for writing.
-    Created with mode 0o666 so the kernel applies the user's umask: the file that the rename leaves is as readable
-    as any other file the user's programs write (mkstemp's 0600 would survive the rename)."""
+    """A new hidden `.{name}.{random}.tmp` beside path (as STALE_TEMPORARY knows it), opened for writing. Mode 0o666,
+    so the user's umask applies: the renamed file is as readable as any other (mkstemp's 0600 would survive)."""
     while True:
         tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
         with contextlib.suppress(FileExistsError):  # another writer's temporary of the same file: draw another name
@@ -572,10 +564,9 @@ def on_disk(path: Path) -> str | None:
 
 
 def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
-    """Open one image as upright RGB (16-bit scaled down, transparency on white), or raise BadInput with a reason a
-    person can act on. With min_side, a JPEG is decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at
-    least min_side (the DCT does the downscaling, several times cheaper than decoding in full and resizing). The
-    upright size of the full image is kept in img.info["full_size"] for processors that map coordinates back."""
+    """One image as upright RGB (16-bit scaled down, transparency on white), or BadInput with a reason a person can
+    act on. With min_side, a JPEG is decoded at 1/2, 1/4 or 1/8 scale with both sides at least min_side (several
+    times cheaper than a full decode and a resize); img.info["full_size"] keeps the full image's upright size."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -594,8 +585,6 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
             if upright.mode in ("RGBA", "LA", "PA", "RGBa") or upright.mode == "P" and "transparency" in upright.info:
                 upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
             upright = upright.convert("RGB")
-    except ItemError:
-        raise
     except Image.DecompressionBombError as e:
         raise BadInput(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
@@ -618,12 +607,10 @@ def image_data_url(path: Path, max_side: int) -> str:
 
 
 def own_bytes_url(path: Path, max_side: int) -> str | None:
-    """The file's own bytes as a data URL where a served model can take them as they are; None where the image
-    must be converted (image_data_url), or cannot be read (load_image says why). Decodes no pixels.
-
-    As they are: a JPEG, PNG or WebP, RGB or 8-bit greyscale (a server converts that to RGB without loss; vLLM
-    does), opaque, one frame, both sides within max_side, upright as stored (EXIF orientation absent or 1) and
-    whole as far as its last bytes tell (a truncated file is converted, which reports it)."""
+    """The file's own bytes as a data URL where a served model can take them as they are: a JPEG, PNG or WebP, RGB
+    or 8-bit greyscale (a server converts that to RGB without loss; vLLM does), opaque, one frame, within max_side,
+    upright as stored, and whole as far as its last bytes tell. Decodes no pixels. None for anything else: it is
+    converted (image_data_url), which reports a truncated or unreadable file."""
     from PIL import Image
 
     try:
@@ -730,14 +717,13 @@ ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
 
 
 def strip_echo(text: str, prompt: str | None) -> str:
-    """text without the prompt at its start, however the model re-spelled it: BLIP lower-cases the prompt and
-    spaces its tokens ("describe this image in detail ." for "Describe this image in detail."), an uncased
-    tokenizer drops accents, one that splits words by characters spaces them apart. So the two are compared as
+    """text without the prompt at its start, however the model re-spelled it (BLIP lower-cases it and spaces its
+    tokens, an uncased tokenizer drops accents, a character tokenizer spaces letters apart): the two are compared as
     their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
-    text = text.strip()
     def fold(word: str) -> str:  # without case or accents, as uncased tokenizers give it back
         return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
+    text = text.strip()
     target = "".join(fold(w) for w in ECHO_WORD.findall(prompt or ""))
     seen = ""
     for match in ECHO_WORD.finditer(text) if target else ():
@@ -787,9 +773,8 @@ def process_share(total: int, index: int, count: int) -> int:
 
 
 def claimed_chunks(total: int, size: int, claim: Callable[[], int] | None = None) -> Iterator[range]:
-    """The chunks of a list of `total` that this process does, each claimed when the one before is done with:
-    chunk n is [n*size, (n+1)*size). claim() hands out the next chunk number from a counter shared by all
-    processes, each number once; without one, this process does every chunk, in order."""
+    """The chunks [n*size, (n+1)*size) of a list of `total` that this process does, each claimed when the one before
+    is done with: claim() hands out chunk numbers from a counter all processes share; without it, every chunk."""
     for n in (itertools.count() if claim is None else iter(claim, None)):
         if n * size >= total:
             return
@@ -829,8 +814,7 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def json_line(record: dict) -> str:
     """One JSON line with names readable as they are. A name that is not valid UTF-8 keeps its bytes as \\udcNN
     escapes (valid JSON, and json.loads then os.fsencode give back the exact name) where UTF-8 cannot hold them."""
-    text = json.dumps(record, ensure_ascii=False)
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -875,8 +859,7 @@ class Record:
     findings: dict | None = None  # --verify: what that check still found ({"unsupported": [...], ...}); None: clean
 
     def line(self, cache: str) -> dict:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
-        return {"cache": cache, **fields}
+        return {"cache": cache, **{k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}}
 
     @classmethod
     def from_line(cls, row: dict) -> Record:
@@ -895,11 +878,10 @@ class Records:
     """The record of every cache this script wrote, in `.enhance_captions/` at the dataset root.
 
     `records.jsonl` holds one JSON line per cache (and one per distinct set of settings); each process appends
-    what it writes to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so processes and machines on a
-    shared filesystem never write the same file. A record is appended before its cache is renamed into place:
-    a kill between the two leaves the old file with the record before it, which is kept for exactly that
-    (`previous`), so a cache is never mistaken for a hand edit. The main process folds the journals into
-    records.jsonl at the end of a run; a journal left by a killed run is read, and folded in by the next run."""
+    to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so no two processes or machines write one file.
+    A record is appended before its cache is renamed into place: a kill between the two leaves the old file, whose
+    record is kept for that (`previous`), so a cache is never mistaken for a hand edit. The main process folds
+    the journals into records.jsonl at the end of a run; a killed run's journal is read, and folded in next run."""
 
     def __init__(self, root: Path):
         self.root, self.folder = root, root / RECORDS_DIR
@@ -925,11 +907,7 @@ class Records:
         return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
 
     def _read(self, path: Path) -> None:
-        try:
-            handle = open(path, encoding="utf-8", errors="surrogateescape")
-        except OSError:
-            return
-        with handle:
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 try:
                     row = json.loads(line)
@@ -1024,10 +1002,9 @@ class Records:
 
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None,
                 finish: dict | None = None, check_values: dict | None = None) -> bool:
-    """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it
-    (`seen`, the hash of its bytes then; None: absent). A file a person changed or created since is theirs: it
-    stays, the text is dropped with no record written, and False says so. The record goes to the journal between
-    the last look and the rename (see Records). Raises ItemError when the file cannot be written."""
+    """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it (`seen`,
+    its bytes' hash then; None: absent). Else a person changed or created it: theirs, it stays, no record is
+    written, and False says so. Raises ItemError when the file cannot be written."""
     data = cache_bytes(text)
 
     def last_look() -> bool:
