@@ -712,10 +712,6 @@ def clean_reply(text: str | None, manual: str | None = None) -> str:
     return " ".join(text.split())
 
 
-ECHO_WORD = re.compile(r"\w+")
-ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
-
-
 def strip_echo(text: str, prompt: str | None) -> str:
     """text without the prompt at its start, however the model re-spelled it (BLIP lower-cases it and spaces its
     tokens, an uncased tokenizer drops accents, a character tokenizer spaces letters apart): the two are compared as
@@ -724,12 +720,12 @@ def strip_echo(text: str, prompt: str | None) -> str:
         return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
     text = text.strip()
-    target = "".join(fold(w) for w in ECHO_WORD.findall(prompt or ""))
+    target = "".join(fold(w) for w in re.findall(r"\w+", prompt or ""))
     seen = ""
-    for match in ECHO_WORD.finditer(text) if target else ():
+    for match in re.finditer(r"\w+", text) if target else ():
         seen += fold(match.group())
         if seen == target:
-            return text[match.end():].lstrip(ECHO_SEPARATORS).strip()
+            return text[match.end():].lstrip(" \t\r\n.,:;!?-\u2013\u2014").strip()
         if not target.startswith(seen):
             break
     return text
@@ -808,13 +804,10 @@ def first_words(text: str | None, n: int = 6) -> str:
     return '"' + " ".join(words[:n]) + (" …" if len(words) > n else "") + '"'
 
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def json_line(record: dict) -> str:
     """One JSON line with names readable as they are. A name that is not valid UTF-8 keeps its bytes as \\udcNN
     escapes (valid JSON, and json.loads then os.fsencode give back the exact name) where UTF-8 cannot hold them."""
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -897,7 +890,6 @@ class Records:
             return text[len(root) + 1:].replace(os.sep, "/")
         return Path(path).relative_to(self.root).as_posix()
 
-    # -- reading ----------------------------------------------------------------------------------
     def load(self) -> Records:
         for path in [self.folder / RECORDS_FILE, *self.journals()]:
             self._read(path)
@@ -937,7 +929,6 @@ class Records:
             return OURS, previous
         return EDITED, latest
 
-    # -- writing ----------------------------------------------------------------------------------
     def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None,
               check_values: dict | None = None) -> None:
         """Append one record to this process's journal (its settings lines first, the first time they are used)."""
@@ -976,12 +967,11 @@ class Records:
             return
         merged = Records(self.root)
         merged._read(self.folder / RECORDS_FILE)
-        touched: set[str] = set()
+        compacted = dict(merged.latest)
         for journal in journals:
-            before = dict(merged.latest)
             merged._read(journal)
-            touched.update(k for k, r in merged.latest.items() if before.get(k) is not r)
         latest, previous = merged.latest, merged.previous
+        touched = [key for key, record in latest.items() if compacted.get(key) is not record]
         for key in touched:  # keep the one record that stands for the file as it is now
             try:
                 sha = digest((self.root / key).read_bytes())
