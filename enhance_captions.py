@@ -263,16 +263,11 @@ class Item:
     # The cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's memory, and
     # planning reads the caches by name (cache_file).
     def cache_file(self, kind: str) -> str:
-        """generated -> {stem}_generated.txt, combined -> {stem}_combined.txt, combined_NAME -> {stem}_combined_NAME.txt"""
+        """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt"""
         return f"{os.path.splitext(self.image)[0]}_{kind}.txt"
 
     def cache_path(self, kind: str) -> Path:
-        """cache_file(kind) as a Path."""
         return self.image.with_name(f"{self.image.stem}_{kind}.txt")
-
-    @property
-    def base(self) -> Path:
-        return self.image.with_suffix("")
 
     @property
     def generated_path(self) -> Path:
@@ -349,11 +344,10 @@ class Flagged:
 @dataclasses.dataclass
 class Stats:
     """A run's counts and failures. The event-loop thread, the writer thread and the main thread all change them,
-    so every change goes through count(), fail() or merge(), under one lock."""
+    so every change goes through a method, under the lock."""
 
     counts: dict[str, collections.Counter] = dataclasses.field(
-        default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)}
-    )
+        default_factory=lambda: {s: collections.Counter() for s in (STAGE_VISION, STAGE_LLM)})
     failures: list[Failure] = dataclasses.field(default_factory=list)
     notes: list[Note] = dataclasses.field(default_factory=list)  # done, but not as asked (a caption cut to fit)
     bad: list[str] = dataclasses.field(default_factory=list)  # images whose failure is their own file's fault
@@ -364,7 +358,7 @@ class Stats:
     gave_up: str | None = None  # why the run stopped short of its work (an endpoint, a process): exit 1
     signal: int | None = None
     left: dict[str, int] = dataclasses.field(default_factory=dict)  # per stage, planned and not settled (account())
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+    lock = threading.Lock()  # one for every Stats, not a field: Stats travel between processes pickled
 
     def count(self, stage: str, what: str = "done") -> None:
         """A count of a stage (vision, llm) or of a kind of output (combined, combined_NAME)."""
@@ -402,17 +396,10 @@ class Stats:
                 self.counts.setdefault(stage, collections.Counter()).update(counter)
             for name in ("failures", "notes", "bad", "flagged"):
                 getattr(self, name).extend(getattr(other, name))
-            self.checks.update(other.checks)
-            self.spent.update(other.spent)
-            self.fatal = self.fatal or other.fatal
-            self.gave_up = self.gave_up or other.gave_up
-            self.signal = self.signal or other.signal
-
-    def __getstate__(self) -> dict:  # Stats travel between processes pickled; a lock does not pickle
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.Lock())
+            for name in ("checks", "spent"):
+                getattr(self, name).update(getattr(other, name))
+            for name in ("fatal", "gave_up", "signal"):
+                setattr(self, name, getattr(self, name) or getattr(other, name))
 
     def exit_code(self) -> int:
         if self.fatal:
@@ -474,25 +461,18 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path]
 def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Item], list[Failure]]:
     """One Item per image; images whose caches or captions would collide are reported, not processed."""
     items = [Item(image=p, caption_path=p.with_suffix(caption_extension)) for p in images]
-    by_base = collections.defaultdict(list)
+    by_stem = collections.defaultdict(list)
     for item in items:
-        by_base[item.base].append(item)
+        by_stem[item.image.with_suffix("")].append(item)
+    bad = {item.image: f"shares its stem with another image ({', '.join(i.image.name for i in group)}): "
+                       "their caches would collide; rename one"
+           for group in by_stem.values() if len(group) > 1 for item in group}
     outputs = {item.generated_path: item for item in items} | {item.combined_path: item for item in items}
-    bad: dict[Path, str] = {}
-    for group in by_base.values():
-        if len(group) > 1:
-            names = ", ".join(i.image.name for i in group)
-            for item in group:
-                bad[item.image] = (f"shares its stem with another image ({names}): their caches would collide; "
-                                   "rename one")
     for item in items:
         other = outputs.get(item.caption_path)
         if other is not None and other is not item:
-            for clash in (item, other):
-                bad[clash.image] = (
-                    f"{item.image.name}'s caption file {item.caption_path.name} is also "
-                    f"{other.image.name}'s cache file; rename one"
-                )
+            why = f"{item.image.name}'s caption file {item.caption_path.name} is also {other.image.name}'s cache file"
+            bad[item.image] = bad[other.image] = why + "; rename one"
     failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
     return [i for i in items if i.image not in bad], failures
 
@@ -544,26 +524,32 @@ def read_cache(path: Path) -> str | None:
         return None
 
 
-def atomic_write(path: Path, data: bytes | str | Iterable[bytes], last_look: Callable[[], bool] | None = None) -> bool:
+def atomic_write(path: Path, data: str | Iterable[bytes], last_look: Callable[[], bool] | None = None) -> bool:
     """Write via a hidden temporary file in the same folder and rename: readers never see half a file. Text is
-    written as cache_bytes() gives it, in binary, so the bytes (and their hash) are the same on every system; an
-    iterable of bytes is written piece by piece. `last_look()`, called once the bytes are on disk and just before
-    the rename, may refuse it: False."""
+    written as cache_bytes() gives it, in binary, so the bytes (and their hash) are the same on every system.
+    `last_look()`, called once the bytes are on disk and just before the rename, may refuse it: False."""
     fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.writelines([cache_bytes(data)] if isinstance(data, str) else [data] if isinstance(data, bytes) else data)
+            f.writelines([cache_bytes(data)] if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         if last_look is not None and not last_look():
-            os.unlink(tmp)
             return False
         os.replace(tmp, path)
         return True
-    except BaseException:
-        with contextlib.suppress(OSError):
+    finally:
+        with contextlib.suppress(OSError):  # after the rename, there is none
             os.unlink(tmp)
-        raise
+
+
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden `.{name}.{random}.tmp` beside path (as STALE_TEMPORARY knows it), opened for writing. Mode 0o666,
+    so the user's umask applies: the renamed file is as readable as any other (mkstemp's 0600 would survive)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        with contextlib.suppress(FileExistsError):  # another writer's temporary of the same file: draw another name
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), tmp
 
 
 def on_disk(path: Path) -> str | None:
@@ -575,24 +561,10 @@ def on_disk(path: Path) -> str | None:
     return digest(data) if data.strip() else None
 
 
-def create_temporary(path: Path) -> tuple[int, Path]:
-    """A new hidden `.{name}.{random}.tmp` beside path (the name STALE_TEMPORARY recognises), opened for writing.
-    Created with mode 0o666 so the kernel applies the user's umask: the file that the rename leaves is as readable
-    as any other file the user's programs write (mkstemp's 0600 would survive the rename)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
-        try:
-            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:  # another writer's temporary of the same file: draw another name
-            continue
-
-
 def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
-    """Open one image as upright RGB, or raise ItemError with a reason a person can act on.
-
-    With min_side, a JPEG is decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least min_side
-    (the DCT does the downscaling, several times cheaper than decoding in full and resizing). The upright size
-    of the full image is kept in img.info["full_size"] for processors that map coordinates back to it."""
+    """One image as upright RGB (16-bit scaled down, transparency on white), or BadInput with a reason a person can
+    act on. With min_side, a JPEG is decoded at 1/2, 1/4 or 1/8 scale with both sides at least min_side (several
+    times cheaper than a full decode and a resize); img.info["full_size"] keeps the full image's upright size."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -605,9 +577,12 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
                 img.draft(None, (min_side, min_side))  # a no-op for formats other than JPEG
             img.load()
             quarter_turn = img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)  # what exif_transpose will do
-            upright = to_rgb(ImageOps.exif_transpose(img))
-    except ItemError:
-        raise
+            upright = ImageOps.exif_transpose(img)
+            if upright.mode in ("I;16", "I;16B", "I;16L", "I"):
+                upright = upright.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+            if upright.mode in ("RGBA", "LA", "PA", "RGBa") or upright.mode == "P" and "transparency" in upright.info:
+                upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
+            upright = upright.convert("RGB")
     except Image.DecompressionBombError as e:
         raise BadInput(f"refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
@@ -620,75 +595,37 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
     return upright
 
 
-def to_rgb(img):
-    """RGB for any mode: 16-bit scaled down, transparency composited on white, CMYK converted."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
 def image_data_url(path: Path, max_side: int) -> str:
     """A JPEG data URL of the image, upright RGB, its longest side at most max_side, for served vision models."""
     img = load_image(path, min_side=max_side)
     img.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=90)
-    return data_url("image/jpeg", buffer.getvalue())
-
-
-def data_url(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def own_bytes_url(path: Path, max_side: int) -> str | None:
-    """The file's own bytes as a data URL where a served model can take them as they are; None where the image
-    must be converted (image_data_url). Reads the file and its header; decodes no pixels."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None  # load_image says why
-    mime = sendable_mime(data, max_side)
-    return data_url(mime, data) if mime else None
-
-
-def sendable_mime(data: bytes, max_side: int) -> str | None:
-    """The MIME type of an image that needs no conversion, from its header: a JPEG, PNG or WebP, RGB or 8-bit
-    greyscale (a server converts that to RGB without loss; vLLM does), opaque, one frame, both sides within
-    max_side, upright as stored (EXIF orientation absent or 1) and whole as far as its last bytes tell (a
-    truncated file is converted, which reports it). None for anything else, unreadable files included."""
+    """The file's own bytes as a data URL where a served model can take them as they are: a JPEG, PNG or WebP, RGB
+    or 8-bit greyscale (a server converts that to RGB without loss; vLLM does), opaque, one frame, within max_side,
+    upright as stored, and whole as far as its last bytes tell. Decodes no pixels. None for anything else: it is
+    converted (image_data_url), which reports a truncated or unreadable file."""
     from PIL import Image
 
     try:
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             mime = SENDABLE_FORMATS.get(img.format)
-            if (mime is None or img.mode not in ("RGB", "L") or "transparency" in img.info
-                    or getattr(img, "n_frames", 1) > 1 or max(img.size) > max_side
-                    or img.width * img.height > MAX_IMAGE_PIXELS or not looks_whole(data, img.format)):
-                return None
+            whole = {"JPEG": data.endswith(b"\xff\xd9"), "PNG": data.endswith(b"IEND\xaeB`\x82"),
+                     "WEBP": len(data) >= int.from_bytes(data[4:8], "little") + 8}.get(img.format)
             # The base class's getexif: PNG's own decodes the pixels first, to look for EXIF after them.
-            if Image.Image.getexif(img).get(ORIENTATION_TAG, 1) != 1:
+            if (not whole or img.mode not in ("RGB", "L") or "transparency" in img.info
+                    or getattr(img, "n_frames", 1) > 1 or max(img.size) > max_side
+                    or img.width * img.height > MAX_IMAGE_PIXELS
+                    or Image.Image.getexif(img).get(ORIENTATION_TAG, 1) != 1):
                 return None
-            return mime
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-
-
-def looks_whole(data: bytes, fmt: str) -> bool:
-    """Whether the file ends as its format ends: a JPEG's end-of-image marker, a PNG's IEND chunk, a WebP as
-    long as its RIFF header says."""
-    if fmt == "JPEG":
-        return data.endswith(b"\xff\xd9")
-    if fmt == "PNG":
-        return data.endswith(b"IEND\xaeB`\x82")
-    return len(data) >= int.from_bytes(data[4:8], "little") + 8
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def build_user_message(manual: str | None, generated: str) -> str:
@@ -716,23 +653,16 @@ def keep_tokens_first(text: str, parts: Sequence[str]) -> str:
         if re.search(r"\w", core):
             words = r"\s+".join(re.escape(w) for w in core.split())
             rest = re.sub(rf"(?<!\w){words}(?:['\u2019]s)?(?!\w)", "", rest, flags=re.IGNORECASE)
-    rest = tidy_after_removal(rest)
+    # What a removed phrase leaves behind: empty brackets, doubled commas, a space before a comma, commas or a
+    # full stop at the start.
+    rest = " ".join(re.sub(r"\(\s*\)|\[\s*\]", "", rest).split())
+    rest = re.sub(r"\s+([,.;:!?])", r"\1", rest)
+    rest = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", rest)
+    rest = re.sub(r"[,;:]+(?=[.!?])", "", rest)
+    rest = re.sub(r"([.!?])\s*[,;:]+", r"\1", rest)
+    rest = re.sub(r"^[\s,;:.!?]+|[\s,;:]+$", "", rest)
     head = ", ".join(parts)
-    if not rest:
-        return head
-    return head + (" " if head[-1] in ".!?;:" else ", ") + rest
-
-
-def tidy_after_removal(text: str) -> str:
-    """The punctuation a removed phrase leaves behind: empty brackets, doubled commas, a space before a comma,
-    commas or a full stop at the start."""
-    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
-    text = " ".join(text.split())
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
-    text = re.sub(r"[,;:]+(?=[.!?])", "", text)
-    text = re.sub(r"([.!?])\s*[,;:]+", r"\1", text)
-    return re.sub(r"^[\s,;:.!?]+|[\s,;:]+$", "", text)
+    return head + (" " if head[-1] in ".!?;:" else ", ") + rest if rest else head
 
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
@@ -780,30 +710,23 @@ def clean_reply(text: str | None, manual: str | None = None) -> str:
     return " ".join(text.split())
 
 
-ECHO_WORD = re.compile(r"\w+")
-ECHO_SEPARATORS = " \t\r\n.,:;!?-\u2013\u2014"
-
-
 def strip_echo(text: str, prompt: str | None) -> str:
-    """text without the prompt at its start, however the model re-spelled it: BLIP lower-cases the prompt and
-    spaces its tokens ("describe this image in detail ." for "Describe this image in detail."), an uncased
-    tokenizer drops accents, one that splits words by characters spaces them apart. So the two are compared as
+    """text without the prompt at its start, however the model re-spelled it (BLIP lower-cases it and spaces its
+    tokens, an uncased tokenizer drops accents, a character tokenizer spaces letters apart): the two are compared as
     their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
+    def fold(word: str) -> str:  # without case or accents, as uncased tokenizers give it back
+        return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
+
     text = text.strip()
-    target = "".join(fold_word(w) for w in ECHO_WORD.findall(prompt or ""))
+    target = "".join(fold(w) for w in re.findall(r"\w+", prompt or ""))
     seen = ""
-    for match in ECHO_WORD.finditer(text) if target else ():
-        seen += fold_word(match.group())
+    for match in re.finditer(r"\w+", text) if target else ():
+        seen += fold(match.group())
         if seen == target:
-            return text[match.end():].lstrip(ECHO_SEPARATORS).strip()
+            return text[match.end():].lstrip(" \t\r\n.,:;!?-\u2013\u2014").strip()
         if not target.startswith(seen):
             break
     return text
-
-
-def fold_word(word: str) -> str:
-    """A word without case or accents, as uncased tokenizers give it back."""
-    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
 
 def content_words(text: str) -> set[str]:
@@ -844,9 +767,8 @@ def process_share(total: int, index: int, count: int) -> int:
 
 
 def claimed_chunks(total: int, size: int, claim: Callable[[], int] | None = None) -> Iterator[range]:
-    """The chunks of a list of `total` that this process does, each claimed when the one before is done with:
-    chunk n is [n*size, (n+1)*size). claim() hands out the next chunk number from a counter shared by all
-    processes, each number once; without one, this process does every chunk, in order."""
+    """The chunks [n*size, (n+1)*size) of a list of `total` that this process does, each claimed when the one before
+    is done with: claim() hands out chunk numbers from a counter all processes share; without it, every chunk."""
     for n in (itertools.count() if claim is None else iter(claim, None)):
         if n * size >= total:
             return
@@ -880,14 +802,10 @@ def first_words(text: str | None, n: int = 6) -> str:
     return '"' + " ".join(words[:n]) + (" …" if len(words) > n else "") + '"'
 
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def json_line(record: dict) -> str:
     """One JSON line with names readable as they are. A name that is not valid UTF-8 keeps its bytes as \\udcNN
     escapes (valid JSON, and json.loads then os.fsencode give back the exact name) where UTF-8 cannot hold them."""
-    text = json.dumps(record, ensure_ascii=False)
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,8 +850,7 @@ class Record:
     findings: dict | None = None  # --verify: what that check still found ({"unsupported": [...], ...}); None: clean
 
     def line(self, cache: str) -> dict:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}
-        return {"cache": cache, **fields}
+        return {"cache": cache, **{k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}}
 
     @classmethod
     def from_line(cls, row: dict) -> Record:
@@ -952,11 +869,10 @@ class Records:
     """The record of every cache this script wrote, in `.enhance_captions/` at the dataset root.
 
     `records.jsonl` holds one JSON line per cache (and one per distinct set of settings); each process appends
-    what it writes to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so processes and machines on a
-    shared filesystem never write the same file. A record is appended before its cache is renamed into place:
-    a kill between the two leaves the old file with the record before it, which is kept for exactly that
-    (`previous`), so a cache is never mistaken for a hand edit. The main process folds the journals into
-    records.jsonl at the end of a run; a journal left by a killed run is read, and folded in by the next run."""
+    to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so no two processes or machines write one file.
+    A record is appended before its cache is renamed into place: a kill between the two leaves the old file, whose
+    record is kept for that (`previous`), so a cache is never mistaken for a hand edit. The main process folds
+    the journals into records.jsonl at the end of a run; a killed run's journal is read, and folded in next run."""
 
     def __init__(self, root: Path):
         self.root, self.folder = root, root / RECORDS_DIR
@@ -972,24 +888,16 @@ class Records:
             return text[len(root) + 1:].replace(os.sep, "/")
         return Path(path).relative_to(self.root).as_posix()
 
-    # -- reading ----------------------------------------------------------------------------------
     def load(self) -> Records:
         for path in [self.folder / RECORDS_FILE, *self.journals()]:
             self._read(path)
         return self
 
     def journals(self) -> list[Path]:
-        try:
-            return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
-        except OSError:
-            return []
+        return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
 
     def _read(self, path: Path) -> None:
-        try:
-            handle = open(path, encoding="utf-8", errors="surrogateescape")
-        except OSError:
-            return
-        with handle:
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 try:
                     row = json.loads(line)
@@ -1008,8 +916,6 @@ class Records:
 
     def match(self, path: Path, sha: str | None) -> tuple[str, Record | None]:
         """Is the cache file with this hash ours (and by which record), edited by hand, or unrecorded?"""
-        if not self.latest:  # none recorded (or none read: --refresh none): no path to work out
-            return UNRECORDED, None
         key = self.key(path)
         latest = self.latest.get(key)
         if latest is None:
@@ -1021,7 +927,6 @@ class Records:
             return OURS, previous
         return EDITED, latest
 
-    # -- writing ----------------------------------------------------------------------------------
     def write(self, path: Path, record: Record, values: dict | None = None, finish: dict | None = None,
               check_values: dict | None = None) -> None:
         """Append one record to this process's journal (its settings lines first, the first time they are used)."""
@@ -1036,16 +941,12 @@ class Records:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
         with self.lock:
             if self.journal is None:
-                self.journal = self._open_journal()
+                (self.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+                name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.jsonl"
+                self.journal = open(self.folder / JOURNAL_DIR / name, "a", encoding="utf-8", errors="surrogateescape")
             self.journal.write(text)
             self.journal.flush()  # in the kernel before the cache is renamed: a SIGKILL loses neither
             self._remember(key, record)
-
-    def _open_journal(self):
-        folder = self.folder / JOURNAL_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.jsonl"
-        return open(folder / name, "a", encoding="utf-8", errors="surrogateescape")
 
     def close(self) -> None:
         with self.lock:
@@ -1055,55 +956,43 @@ class Records:
                 self.journal.close()
                 self.journal = None
 
-    def compact(self) -> int:
+    def compact(self) -> None:
         """Fold every journal into records.jsonl (main process, once every process has finished writing).
-        Where a kill left two candidates for one cache, the one that matches the file wins. Returns the number
-        of journals folded in."""
+        Where a kill left two candidates for one cache, the one that matches the file wins."""
         self.close()
         journals = self.journals()
         if not journals:
-            return 0
+            return
         merged = Records(self.root)
         merged._read(self.folder / RECORDS_FILE)
-        touched: set[str] = set()
+        compacted = dict(merged.latest)
         for journal in journals:
-            before = dict(merged.latest)
             merged._read(journal)
-            touched.update(k for k, r in merged.latest.items() if before.get(k) is not r)
-        for key in touched:
-            merged._settle(key)
-        merged._write_compacted()
+        latest, previous = merged.latest, merged.previous
+        touched = [key for key, record in latest.items() if compacted.get(key) is not record]
+        for key in touched:  # keep the one record that stands for the file as it is now
+            try:
+                sha = digest((self.root / key).read_bytes())
+            except OSError:  # the cache is gone: so is its record
+                del latest[key]
+                continue
+            if key in previous and latest[key].sha != sha and previous[key].sha == sha:
+                latest[key] = previous[key]
+        used = {sid for r in latest.values() for sid in (r.settings, r.finish, r.check) if sid}
+        settings = ({"settings": sid, "values": merged.settings[sid]} for sid in sorted(used & merged.settings.keys()))
+        rows = itertools.chain(settings, (latest[key].line(key) for key in sorted(latest)))
+        atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
+                     ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") for row in rows))
         for journal in journals:
             with contextlib.suppress(OSError):
                 journal.unlink()
-        return len(journals)
-
-    def _settle(self, key: str) -> None:
-        """Keep the one record that stands for the file as it is now."""
-        try:
-            sha = digest((self.root / key).read_bytes())
-        except OSError:  # the cache is gone: so is its record
-            self.latest.pop(key, None)
-            self.previous.pop(key, None)
-            return
-        previous = self.previous.pop(key, None)
-        if previous is not None and self.latest[key].sha != sha and previous.sha == sha:
-            self.latest[key] = previous
-
-    def _write_compacted(self) -> None:
-        used = {sid for r in self.latest.values() for sid in (r.settings, r.finish, r.check) if sid}
-        settings = ({"settings": sid, "values": self.settings[sid]} for sid in sorted(used & self.settings.keys()))
-        rows = itertools.chain(settings, (self.latest[key].line(key) for key in sorted(self.latest)))
-        atomic_write(self.folder / RECORDS_FILE,  # line by line: 400,000 of them at 200,000 images
-                     ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape") for row in rows))
 
 
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None,
                 finish: dict | None = None, check_values: dict | None = None) -> bool:
-    """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it
-    (`seen`, the hash of its bytes then; None: absent). A file a person changed or created since is theirs: it
-    stays, the text is dropped with no record written, and False says so. The record goes to the journal between
-    the last look and the rename (see Records). Raises ItemError when the file cannot be written."""
+    """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it (`seen`,
+    its bytes' hash then; None: absent). Else a person changed or created it: theirs, it stays, no record is
+    written, and False says so. Raises ItemError when the file cannot be written."""
     data = cache_bytes(text)
 
     def last_look() -> bool:
@@ -1113,7 +1002,7 @@ def write_cache(records: Records, path: Path, text: str, record: Record, values:
         return True
 
     try:
-        return atomic_write(path, data, last_look)
+        return atomic_write(path, [data], last_look)
     except OSError as e:
         raise ItemError(f"cannot write {path.name}: {e.strerror or e}") from e
 
