@@ -1170,33 +1170,22 @@ def wait_scale(raw: str) -> float:
 
 class SharedPause:
     """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
-    file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
-    stat; the file is read only when it has changed. Two machines' clocks may differ a little, and so may their
-    pauses."""
+    file in the dataset folder, which all the processes share already (next to the lock). Two machines' clocks
+    may differ a little, and so may their pauses."""
 
     def __init__(self, path: Path, wall=time.time):
-        self.path, self.wall = path, wall
-        self.until, self.seen = 0.0, None
+        self.path, self.wall, self.until = path, wall, 0.0
 
     def publish(self, seconds: float) -> None:
-        until = self.wall() + seconds
-        if until > self.current():
+        if seconds > self.remaining():
+            self.until = self.wall() + seconds
             with contextlib.suppress(OSError):  # a folder that refuses it leaves the pause to this process
-                self.path.write_text(f"{until:.3f}\n", encoding="utf-8")
-            self.until = until
-
-    def current(self) -> float:
-        try:
-            stat = self.path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if seen != self.seen:
-                self.until, self.seen = max(self.until, float(self.path.read_text(encoding="utf-8"))), seen
-        except (OSError, ValueError):  # none yet, or caught half-written: read again next time
-            pass
-        return self.until
+                self.path.write_text(f"{self.until:.3f}\n", encoding="utf-8")
 
     def remaining(self) -> float:
-        return self.current() - self.wall()
+        with contextlib.suppress(OSError, ValueError):  # none yet, or caught half-written: read again next time
+            self.until = max(self.until, float(self.path.read_text(encoding="utf-8")))
+        return self.until - self.wall()
 
 
 class RateLimiter:
@@ -1220,31 +1209,25 @@ class RateLimiter:
         if self.shared is not None:
             self.shared.publish(seconds)
 
-    def _wait(self, now: float, tokens: int) -> float:
-        while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
-            self.sent.popleft()
-        waits = [self.paused_until - now]
-        if self.shared is not None:
-            waits.append(self.shared.remaining())
-        if self.requests and len(self.sent) >= self.requests:
-            waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
-        if self.tokens and self.sent:
-            excess = sum(t for _, t in self.sent) + tokens - self.tokens
+    async def acquire(self, tokens: int = 0) -> list:
+        """Wait for room; the entry recorded for this request, [time, tokens], for the caller to correct."""
+        while True:
+            now = self.clock()
+            while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
+                self.sent.popleft()
+            waits = [self.paused_until - now, self.shared.remaining() if self.shared else 0.0]
+            if self.requests and len(self.sent) >= self.requests:
+                waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
+            excess = sum(t for _, t in self.sent) + tokens - self.tokens if self.tokens else 0
             for when, spent in self.sent:  # wait until enough old tokens leave the window
                 if excess <= 0:
                     break
                 excess -= spent
                 waits.append(when + WINDOW_SECONDS - now)
-        return max(waits)
-
-    async def acquire(self, tokens: int = 0) -> list:
-        while True:
-            now = self.clock()
-            wait = self._wait(now, tokens)
-            if wait <= 0:
+            if max(waits) <= 0:
                 self.sent.append([now, tokens])
                 return self.sent[-1]
-            await self.sleep(wait)
+            await self.sleep(max(waits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1290,26 +1273,23 @@ def on_the_wire() -> None:
         spending["requests"] += 1
 
 
-async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
-    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
-    the task too."""
+async def unless_set(awaitable, event: asyncio.Event, error: Callable[[], BaseException],
+                     let_finish: Callable[[], bool] = lambda: False):
+    """Await `awaitable` unless `event` is set first: then cancel it (which wakes a wait in the rate limiter, for an
+    endpoint or in a backoff at once) and raise error(), unless let_finish() says it is worth waiting for still."""
     task = asyncio.ensure_future(awaitable)
     waiter = asyncio.ensure_future(event.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not task.done() and not let_finish():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+                await task
+            raise error()
+        return await task
     finally:
         waiter.cancel()
-    return task
-
-
-async def abandon(task: asyncio.Task) -> None:
-    """Cancel a task and wait for it to end, whatever it raises."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
-        await task
+        task.cancel()  # nothing once it is done; here when this is cancelled itself, so that the request is too
 
 
 class EndpointChat:
@@ -1513,7 +1493,8 @@ class EndpointPool:
         member.in_flight += 1
         member.sent += 1
         try:
-            reply = await self._unless_given_up(member.chat.complete(messages, **options))
+            reply = await unless_set(member.chat.complete(messages, **options), self.over,
+                                     lambda: GaveUp(self.gave_up))
         except EndpointDown as e:
             self._failed(member, e)
             if len(self.members) > 1:
@@ -1568,14 +1549,6 @@ class EndpointPool:
     def _wake(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
-
-    async def _unless_given_up(self, awaitable):
-        """Await a request unless the stage gives up first: then abandon it, and raise GaveUp."""
-        task = await done_or_set(awaitable, self.over)
-        if not task.done():
-            await abandon(task)
-            raise GaveUp(self.gave_up)
-        return task.result()
 
     def _answered(self, member: PoolMember) -> None:
         member.failures, member.aside = 0, 0.0
@@ -1736,10 +1709,12 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
         problem = "no attempt made"
         for attempt in range(max_retries + 1):
             if attempt:  # asked before: back off
-                await unless_stopped(sleep(scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))),
-                                     asking)
+                backoff = scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                await unless_set(sleep(backoff), asking.stopping, Stopped)
             try:
-                reply = await unless_stopped(backend.complete(messages, **(options or {})), asking)
+                # A request on the wire is let finish when stopping: its reply is saved.
+                reply = await unless_set(backend.complete(messages, **(options or {})), asking.stopping, Stopped,
+                                         lambda: asking.in_flight)
             except (RetryableReply, EndpointDown) as e:
                 problem = str(e)
                 continue
@@ -1764,17 +1739,6 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
     finally:
         ASKING.reset(token)
     raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
-
-
-async def unless_stopped(awaitable, asking: Asking):
-    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter, for an
-    endpoint to come back or in a backoff at once, and raise Stopped. A request on the wire (asking.in_flight) is
-    let finish: its reply is saved."""
-    task = await done_or_set(awaitable, asking.stopping)
-    if not task.done() and not asking.in_flight:
-        await abandon(task)
-        raise Stopped
-    return await task
 
 
 # --------------------------------------------------------------------------------------------
