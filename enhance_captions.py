@@ -1309,69 +1309,41 @@ class EndpointChat:
                                          timeout=timeout)
         self.structured = True  # takes response_format; False once it refused it (a 400 naming it), for the run
 
-    def _estimate(self, messages: list[dict]) -> int:
-        """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB of image
-        is not measured for nothing."""
-        if not self.limiter.tokens:
-            return 0
-        return estimate_tokens(json.dumps(messages)) + self.max_tokens
-
-    def _pause(self, response) -> None:
-        """A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this."""
-        retry_after = response.headers.get("retry-after")
-        if response.status_code in (429, 503) and retry_after:
-            with contextlib.suppress(ValueError):
-                self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
-
     async def check(self) -> str:
         """Fail fast, before any model loads, on an endpoint that is down, refuses the key or does not serve the
         model. Returns the model to use: the one configured, or without one the endpoint's only listed model."""
-        served = await self._served_models()
-        if self.model is None:
-            self.model = self._only_model(served)
-        elif served is None or self.model not in served:
-            await self._probe(served)  # llama.cpp lists one name and answers to any: only a request tells
-        return self.model
-
-    async def _served_models(self) -> list[str] | None:
-        """The model names the endpoint lists; None when it lists none (some servers have no /models)."""
-        o = self.openai
+        o, flag = self.openai, self.settings["model"]
         try:
             page = await self.client.with_options(max_retries=1, timeout=PREFLIGHT_TIMEOUT).models.list()
+            served = [m.id for m in page.data]
         except (o.AuthenticationError, o.PermissionDeniedError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIConnectionError as e:
             raise FatalEndpointError(f"cannot reach the endpoint {self._url()}: {type(e).__name__}; is the server "
                                      f"running and {self.settings['url']} right?") from e
         except o.APIError:
-            return None
-        return [m.id for m in page.data]
-
-    def _only_model(self, served: list[str] | None) -> str:
-        if served and len(served) == 1:
-            return served[0]
-        flag = self.settings["model"]
-        if not served:
-            raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} lists no models: "
-                                     f"name one with {flag} or OPENAI_MODEL")
-        raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} serves {len(served)} models "
-                                 f"({model_names(served)}): pick one with {flag} or OPENAI_MODEL")
-
-    async def _probe(self, served: list[str] | None) -> None:
-        """A one-token request for a model the endpoint does not list: vLLM and OpenAI refuse an unknown model with
-        404, a `transformers serve` pinned to one model with 400; a server that answers to any name says 200."""
-        o = self.openai
-        try:
-            await self.client.with_options(max_retries=1).chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
-        except (o.NotFoundError, o.BadRequestError) as e:
-            raise FatalEndpointError(f"the endpoint {self._url()} refused {self.settings['model']} {self.model!r} "
-                                     f"({e.status_code}: {self._reason(e)}); it serves: "
-                                     f"{model_names(served) if served else 'no models listed'}") from e
-        except (o.AuthenticationError, o.PermissionDeniedError) as e:
-            raise FatalEndpointError(self._explain(e)) from e
-        except o.APIError:
-            pass  # it answered (busy, rate limited, a broken reply) without refusing the name: the run will tell
+            served = []  # some servers have no /models
+        if self.model is None and len(served) == 1:
+            self.model = served[0]
+        elif self.model is None:
+            listed = f"serves {len(served)} models ({model_names(served)}): pick" if served else "lists no models: name"
+            raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} {listed} one with {flag} or "
+                                     "OPENAI_MODEL")
+        elif self.model not in served:
+            # llama.cpp lists one name and answers to any: only a request tells. vLLM and OpenAI refuse an unknown
+            # model with 404, a `transformers serve` pinned to one model with 400.
+            try:
+                await self.client.with_options(max_retries=1).chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+            except (o.NotFoundError, o.BadRequestError) as e:
+                raise FatalEndpointError(f"the endpoint {self._url()} refused {flag} {self.model!r} "
+                                         f"({e.status_code}: {self._reason(e)}); it serves: "
+                                         f"{model_names(served) if served else 'no models listed'}") from e
+            except (o.AuthenticationError, o.PermissionDeniedError) as e:
+                raise FatalEndpointError(self._explain(e)) from e
+            except o.APIError:
+                pass  # it answered (busy, rate limited, a broken reply) without refusing the name: the run will tell
+        return self.model
 
     def _url(self) -> str:
         return redact(str(self.client.base_url), self.api_key)
@@ -1379,17 +1351,13 @@ class EndpointChat:
     def _reason(self, e: Exception) -> str:
         return server_reason(e, self.api_key)
 
-    def _explain(self, e: Exception) -> str:
-        url, key = self._url(), self.settings["key"]
-        status = getattr(e, "status_code", None)
-        if status == 401:
-            return f"the endpoint {url} rejected the API key (401: {self._reason(e)}); check {key}"
-        if status == 403:
-            return f"the endpoint {url} refused access (403: {self._reason(e)}); check {key} and its permissions"
-        if status == 404:
-            return (f"the endpoint {url} answered 404 for {self.settings['model']} {self.model!r} ({self._reason(e)}): "
-                    f"unknown model or wrong {self.settings['url']}")
-        return f"the endpoint {url} failed: {self._reason(e)}"
+    def _explain(self, e) -> str:
+        """A 401, 403 or 404, which every request would get, as what to change."""
+        url, reason, settings = self._url(), self._reason(e), self.settings
+        return {401: f"the endpoint {url} rejected the API key (401: {reason}); check {settings['key']}",
+                403: f"the endpoint {url} refused access (403: {reason}); check {settings['key']} and its permissions",
+                404: f"the endpoint {url} answered 404 for {settings['model']} {self.model!r} ({reason}): unknown model "
+                     f"or wrong {settings['url']}"}[e.status_code]
 
     async def complete(self, messages: list[dict], temperature: float | None = None,
                        response_format: dict | None = None) -> Reply:
@@ -1398,7 +1366,10 @@ class EndpointChat:
         if response_format is not None and not self.structured:
             messages, response_format = format_in_prompt(messages, response_format), None
         options = {"response_format": response_format} if response_format is not None else {}
-        entry = await self.limiter.acquire(self._estimate(messages))
+        # The tokens it may spend, for --tpm; without a token limit, a vision request's ~100 KB of image is not
+        # measured for nothing.
+        estimate = estimate_tokens(json.dumps(messages)) + self.max_tokens if self.limiter.tokens else 0
+        entry = await self.limiter.acquire(estimate)
         on_the_wire()
         try:
             response = await self.client.chat.completions.create(
@@ -1413,7 +1384,11 @@ class EndpointChat:
                 warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
                             "check asks for its JSON in the prompt instead")
                 return await self.complete(messages, temperature, response_format)
-            self._pause(e.response)
+            # A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this.
+            retry_after = e.response.headers.get("retry-after")
+            if e.status_code in (429, 503) and retry_after:
+                with contextlib.suppress(ValueError):
+                    self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
             if e.status_code == 429:
                 raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
             error = EndpointDown if e.status_code >= 500 else ItemError
