@@ -1356,8 +1356,8 @@ class EndpointChat:
         url, reason, settings = self._url(), self._reason(e), self.settings
         return {401: f"the endpoint {url} rejected the API key (401: {reason}); check {settings['key']}",
                 403: f"the endpoint {url} refused access (403: {reason}); check {settings['key']} and its permissions",
-                404: f"the endpoint {url} answered 404 for {settings['model']} {self.model!r} ({reason}): unknown model "
-                     f"or wrong {settings['url']}"}[e.status_code]
+                404: f"the endpoint {url} answered 404 for {settings['model']} {self.model!r} ({reason}): "
+                     f"unknown model or wrong {settings['url']}"}[e.status_code]
 
     async def complete(self, messages: list[dict], temperature: float | None = None,
                        response_format: dict | None = None) -> Reply:
@@ -1451,15 +1451,12 @@ class EndpointPool:
         self.watch: asyncio.Task | None = None
 
     async def check(self) -> str:
-        """Every endpoint's own check. The first settles the model (the one configured, or the one it lists); the
-        others must serve that model. Any one failing is an error that names it."""
-        first, *rest = self.members
-        model = await first.chat.check()
-        for member in rest:
+        """Every endpoint's own check, in turn. The first settles the model (the one configured, or the one it
+        lists); the others must serve that model."""
+        model = self.members[0].chat.model
+        for member in self.members:
             member.chat.model = model
-        for result in await asyncio.gather(*(m.chat.check() for m in rest), return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+            model = await member.chat.check()
         return model
 
     async def complete(self, messages: list[dict], **options) -> Reply:
@@ -1506,7 +1503,11 @@ class EndpointPool:
         while True:
             left = self.answered + self.give_up_after - self.clock()
             if left <= 0 and all(m.aside for m in self.members):
-                self.gave_up = self._last_words()
+                stage, plural = self.members[0].chat.stage, "s" if len(self.members) > 1 else ""
+                where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)  # each, and its last error
+                self.gave_up = (f"the {stage} endpoint{plural} {where}: no answer for "
+                                f"{self.clock() - self.answered:.0f} s (--give_up_after {self.give_up_after:g}); the "
+                                f"{stage} stage stopped, and what it had not done is left for the next run")
                 self.over.set()
                 self._wake()
                 return
@@ -1547,14 +1548,6 @@ class EndpointPool:
                   + (f"its requests go to the others ({left} left)" if left else
                      f"requests wait for it (the stage gives up after --give_up_after {self.give_up_after:g} s "
                      "without an answer)"))
-
-    def _last_words(self) -> str:
-        """The one line that says why the stage stopped: each endpoint (redacted) and its last error."""
-        stage = self.members[0].chat.stage
-        where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)
-        return (f"the {stage} endpoint{'s' if len(self.members) > 1 else ''} {where}: no answer for "
-                f"{self.clock() - self.answered:.0f} s (--give_up_after {self.give_up_after:g}); the {stage} stage "
-                "stopped, and what it had not done is left for the next run")
 
     async def close(self) -> None:
         if self.watch is not None:
@@ -1646,9 +1639,6 @@ class LocalChat:
                       "stop" if eos.intersection(row) or len(row) < self.max_tokens else "length")
                 for row in new.tolist()]
 
-    async def check(self) -> None:
-        pass
-
     async def close(self) -> None:
         pass
 
@@ -1670,14 +1660,11 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
                         must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
                         sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None,
                         on_cut: Callable[[], None] | None = None, options: dict | None = None) -> str:
-    """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A request
-    that fails on the way (a 5xx, a timeout, a dropped connection, a 429, a broken reply) and a reply that cannot be
-    used (empty, refused, cut off) are asked again after a backoff; a pool sends the next try to another endpoint
-    where it has one, and a 429's Retry-After holds back the endpoint's limiter. The kept tokens are put first by
-    construction. A reply that `too_long` finds over the token budget is asked again with its count and the limit;
-    OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a served
-    vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set, and sends
-    nothing after it. `options` go to the backend with each request (the check's temperature and response_format)."""
+    """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A failed
+    request (5xx, timeout, dropped connection, 429, broken reply) and an unusable reply (empty, refused, cut off) are
+    asked again after a backoff. A reply that `too_long` finds over the budget is asked again with its count and the
+    limit; OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a
+    served vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set."""
     asking = Asking(stopping or asyncio.Event())
     token = ASKING.set(asking)
     try:
@@ -1725,10 +1712,6 @@ CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", 
     "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
     "required": list(CHECK_KEYS), "additionalProperties": False}}}
 FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)  # in a 400: a server without them
-
-
-class CheckFailed(ItemError):
-    """The check gave no answer of the asked shape: it counts as failed, never as passed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1801,7 +1784,7 @@ def with_findings(messages: list[dict], check: Check) -> list[dict]:
 async def check_caption(backend, messages: list[dict], max_retries: int, *,
                         stopping: asyncio.Event | None = None) -> Check:
     """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
-    saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
+    saying what was wrong. Raises ItemError after that (a failed check, never a pass)."""
     options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
     for _ in range(2):
         text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
@@ -1812,7 +1795,7 @@ async def check_caption(backend, messages: list[dict], max_retries: int, *,
                                {"role": "user", "content": "That is not a JSON object with exactly the keys "
                                 "unsupported, contradictions and missing, each a list of strings. Answer again with "
                                 "that object only."}]
-    raise CheckFailed(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
+    raise ItemError(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
 
 
 # --------------------------------------------------------------------------------------------
