@@ -1154,8 +1154,7 @@ def same_origin(url: str, other: str) -> bool:
 
 def scaled_wait(seconds: float) -> float:
     """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
-    sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
-    never needs it."""
+    sets it to run every such wait for real, only shorter. No flag: a person never needs it."""
     return seconds * wait_scale(os.environ.get(WAIT_SCALE_VARIABLE, ""))
 
 
@@ -1189,20 +1188,15 @@ class SharedPause:
 
 
 class RateLimiter:
-    """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
-
-    Every request passes it, retries included (the client retries nothing of its own). A 429 with
-    Retry-After pauses every request of the run, not only the one that got it: those of this process here,
-    those of the other processes through `shared`. Waits, never fails.
-    """
+    """At most `requests` requests and `tokens` tokens in any 60 s window, retries included. A 429 with Retry-After
+    pauses every request of the run: those of this process here, those of the others through `shared`."""
 
     def __init__(self, requests: int = 0, tokens: int = 0, clock=time.monotonic, sleep=None,
                  shared: SharedPause | None = None):
         self.requests, self.tokens = requests, tokens
         self.clock, self.sleep = clock, sleep or asyncio.sleep
         self.sent: collections.deque[list] = collections.deque()  # [time, tokens] per request
-        self.paused_until = 0.0
-        self.shared = shared
+        self.paused_until, self.shared = 0.0, shared
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, self.clock() + seconds)
@@ -1428,16 +1422,16 @@ class PoolMember:
 
 
 class EndpointPool:
-    """The endpoints of one stage, one or several servers of one model, in front of EndpointChat. A request goes to
-    the endpoint with the fewest in flight; each has its own limiter (so --rpm and --tpm hold per endpoint).
+    """The endpoints of one stage, one or several servers of one model, each with its own limiter (so --rpm and
+    --tpm hold per endpoint). A request goes to the one with the fewest in flight, then the fewest sent.
 
     An endpoint that stops answering is set aside with one warning line: at once when no connection can be made,
     else after SET_ASIDE_AFTER failed requests in a row (5xx, timeouts, dropped connections) from more than one
-    item (one item that fails alone is that item's fault, and its own attempts end it). It is tried again after
-    SET_ASIDE_SECONDS, one request at a time, the wait doubled each time it fails again on its return. Meanwhile
-    requests go to the others; with none left they wait, spending no attempts. Once every endpoint is set aside and
-    none has answered for `give_up_after` seconds since the stage's last answer (or its first request), it gives up:
-    every item waiting and every request in flight ends with GaveUp, so a hung server costs minutes, not hours."""
+    item (one item that fails alone is that item's fault). It is tried again after SET_ASIDE_SECONDS, one request at
+    a time, the wait doubled each time it fails again. Meanwhile requests go to the others; with none left they
+    wait, spending no attempts. Once every endpoint is set aside and none has answered for `give_up_after` seconds
+    since the stage's last answer (or its first request), every item waiting and every request in flight ends with
+    GaveUp, so a hung server costs minutes, not hours."""
 
     def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
                  give_up_after: float = GIVE_UP_AFTER, clock=time.monotonic):
@@ -1482,8 +1476,6 @@ class EndpointPool:
         return reply
 
     async def _ready(self) -> PoolMember:
-        """The endpoint with the fewest requests in flight, then the fewest sent, of those not set aside; one back
-        from being set aside takes one request at a time until it answers. With none ready, wait for one."""
         if self.watch is None:  # the stage's first request: it has had no chance to fail before
             self.answered = self.clock()
             self.watch = asyncio.ensure_future(self._watch())
@@ -1498,11 +1490,9 @@ class EndpointPool:
             await self._changes(min(back) if back else None)
 
     async def _watch(self) -> None:
-        """Give up once every endpoint is set aside (or back on trial, unanswered) and none has answered for
-        give_up_after seconds."""
         while True:
             left = self.answered + self.give_up_after - self.clock()
-            if left <= 0 and all(m.aside for m in self.members):
+            if left <= 0 and all(m.aside for m in self.members):  # set aside, or back on trial and unanswered
                 stage, plural = self.members[0].chat.stage, "s" if len(self.members) > 1 else ""
                 where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)  # each, and its last error
                 self.gave_up = (f"the {stage} endpoint{plural} {where}: no answer for "
@@ -1605,7 +1595,6 @@ class LocalChat:
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.queue:
             if len(self.queue) < self.batch_size:
                 await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
@@ -1613,7 +1602,7 @@ class LocalChat:
             batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
             self.queue = [q for q in self.queue if not any(q is b for b in batch)]
             try:
-                replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
+                replies = await asyncio.to_thread(self._generate, [m for m, _, _ in batch], temperature)
             except Exception as e:  # one broken batch fails its items, not the run
                 for _, _, future in batch:
                     future.set_exception(ItemError(f"local LLM failed: {e}"))
@@ -1737,8 +1726,7 @@ class Check:
 
 def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
     """The JSON a response_format asks for, asked in words at the end of the last user turn instead."""
-    schema = response_format.get("json_schema", {}).get("schema", {})
-    keys = ", ".join(f'"{key}"' for key in schema.get("properties", {}))
+    keys = ", ".join(f'"{key}"' for key in response_format["json_schema"]["schema"]["properties"])
     ask = (f"Answer with one JSON object only, no other text, with exactly the keys {keys}, each a list of strings "
            "(empty when there is nothing to report).")
     *head, last = messages
@@ -1759,18 +1747,15 @@ def check_messages(prompt: str, manual: str | None, generated: str, caption: str
 def parse_check(text: str) -> Check | None:
     """The check's answer, strictly: one JSON object (possibly in a code fence) with exactly the three keys, each a
     list of strings. None for anything else."""
-    text = text.strip()
-    fenced = CODE_FENCE.match(text)
+    fenced = CODE_FENCE.match(text.strip())
     try:
         data = json.loads(fenced.group(1) if fenced else text)
     except ValueError:
         return None
-    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS):
+    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS) or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()):
         return None
-    lists = [data[key] for key in CHECK_KEYS]
-    if not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in lists):
-        return None
-    return Check(*(tuple(s.strip() for s in v if s.strip()) for v in lists))
+    return Check(*(tuple(s.strip() for s in data[key] if s.strip()) for key in CHECK_KEYS))
 
 
 def with_findings(messages: list[dict], check: Check) -> list[dict]:
