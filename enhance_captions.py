@@ -1243,9 +1243,8 @@ ENDPOINT_SETTINGS = {  # what a person changes to fix each endpoint, named in it
 
 @dataclasses.dataclass(eq=False)
 class Asking:
-    """One item's requests, made in complete_item(): the run's stop, and whether a request is on the wire (its
-    reply is worth waiting for when stopping). The backends reach it through ASKING, and a pool tells the items
-    that fail on an endpoint apart by it."""
+    """One item's requests (complete_item()), reached through ASKING: the run's stop, and whether a request is on
+    the wire (its reply is worth waiting for when stopping). A pool tells failing items apart by it."""
 
     stopping: asyncio.Event
     in_flight: bool = False
@@ -1287,8 +1286,8 @@ async def unless_set(awaitable, event: asyncio.Event, error: Callable[[], BaseEx
 
 
 class EndpointChat:
-    """chat.completions on one OpenAI-compatible endpoint: one request per complete(), under its rate limiter. The
-    client retries nothing: complete_item() owns an item's attempts, and the pool sees every request that fails."""
+    """chat.completions on one OpenAI-compatible endpoint, under its rate limiter. The client retries nothing:
+    complete_item() owns an item's attempts, and the pool sees every request that fails."""
 
     def __init__(self, base_url: str | None, api_key: str | None, model: str | None, limiter: RateLimiter,
                  timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM):
