@@ -1475,6 +1475,7 @@ class EndpointPool:
         return reply
 
     async def _ready(self) -> PoolMember:
+        """The endpoint to send to; one back on trial takes one request at a time. With none ready, wait for one."""
         if self.watch is None:  # the stage's first request: it has had no chance to fail before
             self.answered = self.clock()
             self.watch = asyncio.ensure_future(self._watch())
