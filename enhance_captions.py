@@ -1041,8 +1041,7 @@ def same_origin(url: str, other: str) -> bool:
 
 def scaled_wait(seconds: float) -> float:
     """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
-    sets it to run every such wait for real, only shorter. The environment alone sets it, no flag: a person
-    never needs it."""
+    sets it to run every such wait for real, only shorter. No flag: a person never needs it."""
     return seconds * wait_scale(os.environ.get(WAIT_SCALE_VARIABLE, ""))
 
 
@@ -1057,81 +1056,59 @@ def wait_scale(raw: str) -> float:
 
 class SharedPause:
     """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
-    file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
-    stat; the file is read only when it has changed. Two machines' clocks may differ a little, and so may their
-    pauses."""
+    file in the dataset folder, which all the processes share already (next to the lock). Two machines' clocks
+    may differ a little, and so may their pauses."""
 
     def __init__(self, path: Path, wall=time.time):
-        self.path, self.wall = path, wall
-        self.until, self.seen = 0.0, None
+        self.path, self.wall, self.until = path, wall, 0.0
 
     def publish(self, seconds: float) -> None:
-        until = self.wall() + seconds
-        if until > self.current():
+        if seconds > self.remaining():
+            self.until = self.wall() + seconds
             with contextlib.suppress(OSError):  # a folder that refuses it leaves the pause to this process
-                self.path.write_text(f"{until:.3f}\n", encoding="utf-8")
-            self.until = until
-
-    def current(self) -> float:
-        try:
-            stat = self.path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if seen != self.seen:
-                self.until, self.seen = max(self.until, float(self.path.read_text(encoding="utf-8"))), seen
-        except (OSError, ValueError):  # none yet, or caught half-written: read again next time
-            pass
-        return self.until
+                self.path.write_text(f"{self.until:.3f}\n", encoding="utf-8")
 
     def remaining(self) -> float:
-        return self.current() - self.wall()
+        with contextlib.suppress(OSError, ValueError):  # none yet, or caught half-written: read again next time
+            self.until = max(self.until, float(self.path.read_text(encoding="utf-8")))
+        return self.until - self.wall()
 
 
 class RateLimiter:
-    """At most `requests` requests and `tokens` tokens in any 60 s window, plus a shared pause.
-
-    Every request passes it, retries included (the client retries nothing of its own). A 429 with
-    Retry-After pauses every request of the run, not only the one that got it: those of this process here,
-    those of the other processes through `shared`. Waits, never fails.
-    """
+    """At most `requests` requests and `tokens` tokens in any 60 s window, retries included. A 429 with Retry-After
+    pauses every request of the run: those of this process here, those of the others through `shared`."""
 
     def __init__(self, requests: int = 0, tokens: int = 0, clock=time.monotonic, sleep=None,
                  shared: SharedPause | None = None):
         self.requests, self.tokens = requests, tokens
         self.clock, self.sleep = clock, sleep or asyncio.sleep
         self.sent: collections.deque[list] = collections.deque()  # [time, tokens] per request
-        self.paused_until = 0.0
-        self.shared = shared
+        self.paused_until, self.shared = 0.0, shared
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, self.clock() + seconds)
         if self.shared is not None:
             self.shared.publish(seconds)
 
-    def _wait(self, now: float, tokens: int) -> float:
-        while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
-            self.sent.popleft()
-        waits = [self.paused_until - now]
-        if self.shared is not None:
-            waits.append(self.shared.remaining())
-        if self.requests and len(self.sent) >= self.requests:
-            waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
-        if self.tokens and self.sent:
-            excess = sum(t for _, t in self.sent) + tokens - self.tokens
+    async def acquire(self, tokens: int = 0) -> list:
+        """Wait for room; the entry recorded for this request, [time, tokens], for the caller to correct."""
+        while True:
+            now = self.clock()
+            while self.sent and self.sent[0][0] <= now - WINDOW_SECONDS:
+                self.sent.popleft()
+            waits = [self.paused_until - now, self.shared.remaining() if self.shared else 0.0]
+            if self.requests and len(self.sent) >= self.requests:
+                waits.append(self.sent[-self.requests][0] + WINDOW_SECONDS - now)
+            excess = sum(t for _, t in self.sent) + tokens - self.tokens if self.tokens else 0
             for when, spent in self.sent:  # wait until enough old tokens leave the window
                 if excess <= 0:
                     break
                 excess -= spent
                 waits.append(when + WINDOW_SECONDS - now)
-        return max(waits)
-
-    async def acquire(self, tokens: int = 0) -> list:
-        while True:
-            now = self.clock()
-            wait = self._wait(now, tokens)
-            if wait <= 0:
+            if max(waits) <= 0:
                 self.sent.append([now, tokens])
                 return self.sent[-1]
-            await self.sleep(wait)
+            await self.sleep(max(waits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1153,9 +1130,8 @@ ENDPOINT_SETTINGS = {  # what a person changes to fix each endpoint, named in it
 
 @dataclasses.dataclass(eq=False)
 class Asking:
-    """One item's requests, made in complete_item(): the run's stop, and whether a request is on the wire (its
-    reply is worth waiting for when stopping). The backends reach it through ASKING, and a pool tells the items
-    that fail on an endpoint apart by it."""
+    """One item's requests (complete_item()), reached through ASKING: the run's stop, and whether a request is on
+    the wire (its reply is worth waiting for when stopping). A pool tells failing items apart by it."""
 
     stopping: asyncio.Event
     in_flight: bool = False
@@ -1177,31 +1153,28 @@ def on_the_wire() -> None:
         spending["requests"] += 1
 
 
-async def done_or_set(awaitable, event: asyncio.Event) -> asyncio.Task:
-    """Start `awaitable` and wait until it is done or `event` is set; its task, done or not. Cancelled, it cancels
-    the task too."""
+async def unless_set(awaitable, event: asyncio.Event, error: Callable[[], BaseException],
+                     let_finish: Callable[[], bool] = lambda: False):
+    """Await `awaitable` unless `event` is set first: then cancel it (which wakes a wait in the rate limiter, for an
+    endpoint or in a backoff at once) and raise error(), unless let_finish() says it is worth waiting for still."""
     task = asyncio.ensure_future(awaitable)
     waiter = asyncio.ensure_future(event.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not task.done() and not let_finish():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
+                await task
+            raise error()
+        return await task
     finally:
         waiter.cancel()
-    return task
-
-
-async def abandon(task: asyncio.Task) -> None:
-    """Cancel a task and wait for it to end, whatever it raises."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Stopped, Exception):
-        await task
+        task.cancel()  # nothing once it is done; here when this is cancelled itself, so that the request is too
 
 
 class EndpointChat:
-    """chat.completions on one OpenAI-compatible endpoint: one request per complete(), under its rate limiter. The
-    client retries nothing: complete_item() owns an item's attempts, and the pool sees every request that fails."""
+    """chat.completions on one OpenAI-compatible endpoint, under its rate limiter. The client retries nothing:
+    complete_item() owns an item's attempts, and the pool sees every request that fails."""
 
     def __init__(self, base_url: str | None, api_key: str | None, model: str | None, limiter: RateLimiter,
                  timeout: float, max_tokens: int, temperature: float, stage: str = STAGE_LLM):
@@ -1216,69 +1189,41 @@ class EndpointChat:
                                          timeout=timeout)
         self.structured = True  # takes response_format; False once it refused it (a 400 naming it), for the run
 
-    def _estimate(self, messages: list[dict]) -> int:
-        """The tokens a request may spend, for --tpm; without a token limit, a vision request's ~100 KB of image
-        is not measured for nothing."""
-        if not self.limiter.tokens:
-            return 0
-        return estimate_tokens(json.dumps(messages)) + self.max_tokens
-
-    def _pause(self, response) -> None:
-        """A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this."""
-        retry_after = response.headers.get("retry-after")
-        if response.status_code in (429, 503) and retry_after:
-            with contextlib.suppress(ValueError):
-                self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
-
     async def check(self) -> str:
         """Fail fast, before any model loads, on an endpoint that is down, refuses the key or does not serve the
         model. Returns the model to use: the one configured, or without one the endpoint's only listed model."""
-        served = await self._served_models()
-        if self.model is None:
-            self.model = self._only_model(served)
-        elif served is None or self.model not in served:
-            await self._probe(served)  # llama.cpp lists one name and answers to any: only a request tells
-        return self.model
-
-    async def _served_models(self) -> list[str] | None:
-        """The model names the endpoint lists; None when it lists none (some servers have no /models)."""
-        o = self.openai
+        o, flag = self.openai, self.settings["model"]
         try:
             page = await self.client.with_options(max_retries=1, timeout=PREFLIGHT_TIMEOUT).models.list()
+            served = [m.id for m in page.data]
         except (o.AuthenticationError, o.PermissionDeniedError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIConnectionError as e:
             raise FatalEndpointError(f"cannot reach the endpoint {self._url()}: {type(e).__name__}; is the server "
                                      f"running and {self.settings['url']} right?") from e
         except o.APIError:
-            return None
-        return [m.id for m in page.data]
-
-    def _only_model(self, served: list[str] | None) -> str:
-        if served and len(served) == 1:
-            return served[0]
-        flag = self.settings["model"]
-        if not served:
-            raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} lists no models: "
-                                     f"name one with {flag} or OPENAI_MODEL")
-        raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} serves {len(served)} models "
-                                 f"({model_names(served)}): pick one with {flag} or OPENAI_MODEL")
-
-    async def _probe(self, served: list[str] | None) -> None:
-        """A one-token request for a model the endpoint does not list: vLLM and OpenAI refuse an unknown model with
-        404, a `transformers serve` pinned to one model with 400; a server that answers to any name says 200."""
-        o = self.openai
-        try:
-            await self.client.with_options(max_retries=1).chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
-        except (o.NotFoundError, o.BadRequestError) as e:
-            raise FatalEndpointError(f"the endpoint {self._url()} refused {self.settings['model']} {self.model!r} "
-                                     f"({e.status_code}: {self._reason(e)}); it serves: "
-                                     f"{model_names(served) if served else 'no models listed'}") from e
-        except (o.AuthenticationError, o.PermissionDeniedError) as e:
-            raise FatalEndpointError(self._explain(e)) from e
-        except o.APIError:
-            pass  # it answered (busy, rate limited, a broken reply) without refusing the name: the run will tell
+            served = []  # some servers have no /models
+        if self.model is None and len(served) == 1:
+            self.model = served[0]
+        elif self.model is None:
+            listed = f"serves {len(served)} models ({model_names(served)}): pick" if served else "lists no models: name"
+            raise FatalEndpointError(f"no {flag} given, and the endpoint {self._url()} {listed} one with {flag} or "
+                                     "OPENAI_MODEL")
+        elif self.model not in served:
+            # llama.cpp lists one name and answers to any: only a request tells. vLLM and OpenAI refuse an unknown
+            # model with 404, a `transformers serve` pinned to one model with 400.
+            try:
+                await self.client.with_options(max_retries=1).chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+            except (o.NotFoundError, o.BadRequestError) as e:
+                raise FatalEndpointError(f"the endpoint {self._url()} refused {flag} {self.model!r} "
+                                         f"({e.status_code}: {self._reason(e)}); it serves: "
+                                         f"{model_names(served) if served else 'no models listed'}") from e
+            except (o.AuthenticationError, o.PermissionDeniedError) as e:
+                raise FatalEndpointError(self._explain(e)) from e
+            except o.APIError:
+                pass  # it answered (busy, rate limited, a broken reply) without refusing the name: the run will tell
+        return self.model
 
     def _url(self) -> str:
         return redact(str(self.client.base_url), self.api_key)
@@ -1286,17 +1231,13 @@ class EndpointChat:
     def _reason(self, e: Exception) -> str:
         return server_reason(e, self.api_key)
 
-    def _explain(self, e: Exception) -> str:
-        url, key = self._url(), self.settings["key"]
-        status = getattr(e, "status_code", None)
-        if status == 401:
-            return f"the endpoint {url} rejected the API key (401: {self._reason(e)}); check {key}"
-        if status == 403:
-            return f"the endpoint {url} refused access (403: {self._reason(e)}); check {key} and its permissions"
-        if status == 404:
-            return (f"the endpoint {url} answered 404 for {self.settings['model']} {self.model!r} ({self._reason(e)}): "
-                    f"unknown model or wrong {self.settings['url']}")
-        return f"the endpoint {url} failed: {self._reason(e)}"
+    def _explain(self, e) -> str:
+        """A 401, 403 or 404, which every request would get, as what to change."""
+        url, reason, settings = self._url(), self._reason(e), self.settings
+        return {401: f"the endpoint {url} rejected the API key (401: {reason}); check {settings['key']}",
+                403: f"the endpoint {url} refused access (403: {reason}); check {settings['key']} and its permissions",
+                404: f"the endpoint {url} answered 404 for {settings['model']} {self.model!r} ({reason}): "
+                     f"unknown model or wrong {settings['url']}"}[e.status_code]
 
     async def complete(self, messages: list[dict], temperature: float | None = None,
                        response_format: dict | None = None) -> Reply:
@@ -1305,7 +1246,10 @@ class EndpointChat:
         if response_format is not None and not self.structured:
             messages, response_format = format_in_prompt(messages, response_format), None
         options = {"response_format": response_format} if response_format is not None else {}
-        entry = await self.limiter.acquire(self._estimate(messages))
+        # The tokens it may spend, for --tpm; without a token limit, a vision request's ~100 KB of image is not
+        # measured for nothing.
+        estimate = estimate_tokens(json.dumps(messages)) + self.max_tokens if self.limiter.tokens else 0
+        entry = await self.limiter.acquire(estimate)
         on_the_wire()
         try:
             response = await self.client.chat.completions.create(
@@ -1320,7 +1264,11 @@ class EndpointChat:
                 warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
                             "check asks for its JSON in the prompt instead")
                 return await self.complete(messages, temperature, response_format)
-            self._pause(e.response)
+            # A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this.
+            retry_after = e.response.headers.get("retry-after")
+            if e.status_code in (429, 503) and retry_after:
+                with contextlib.suppress(ValueError):
+                    self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
             if e.status_code == 429:
                 raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
             error = EndpointDown if e.status_code >= 500 else ItemError
@@ -1360,16 +1308,16 @@ class PoolMember:
 
 
 class EndpointPool:
-    """The endpoints of one stage, one or several servers of one model, in front of EndpointChat. A request goes to
-    the endpoint with the fewest in flight; each has its own limiter (so --rpm and --tpm hold per endpoint).
+    """The endpoints of one stage, one or several servers of one model, each with its own limiter (so --rpm and
+    --tpm hold per endpoint). A request goes to the one with the fewest in flight, then the fewest sent.
 
     An endpoint that stops answering is set aside with one warning line: at once when no connection can be made,
     else after SET_ASIDE_AFTER failed requests in a row (5xx, timeouts, dropped connections) from more than one
-    item (one item that fails alone is that item's fault, and its own attempts end it). It is tried again after
-    SET_ASIDE_SECONDS, one request at a time, the wait doubled each time it fails again on its return. Meanwhile
-    requests go to the others; with none left they wait, spending no attempts. Once every endpoint is set aside and
-    none has answered for `give_up_after` seconds since the stage's last answer (or its first request), it gives up:
-    every item waiting and every request in flight ends with GaveUp, so a hung server costs minutes, not hours."""
+    item (one item that fails alone is that item's fault). It is tried again after SET_ASIDE_SECONDS, one request at
+    a time, the wait doubled each time it fails again. Meanwhile requests go to the others; with none left they
+    wait, spending no attempts. Once every endpoint is set aside and none has answered for `give_up_after` seconds
+    since the stage's last answer (or its first request), every item waiting and every request in flight ends with
+    GaveUp, so a hung server costs minutes, not hours."""
 
     def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
                  give_up_after: float = GIVE_UP_AFTER, clock=time.monotonic):
@@ -1383,15 +1331,12 @@ class EndpointPool:
         self.watch: asyncio.Task | None = None
 
     async def check(self) -> str:
-        """Every endpoint's own check. The first settles the model (the one configured, or the one it lists); the
-        others must serve that model. Any one failing is an error that names it."""
-        first, *rest = self.members
-        model = await first.chat.check()
-        for member in rest:
+        """Every endpoint's own check, in turn. The first settles the model (the one configured, or the one it
+        lists); the others must serve that model."""
+        model = self.members[0].chat.model
+        for member in self.members:
             member.chat.model = model
-        for result in await asyncio.gather(*(m.chat.check() for m in rest), return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+            model = await member.chat.check()
         return model
 
     async def complete(self, messages: list[dict], **options) -> Reply:
@@ -1400,7 +1345,8 @@ class EndpointPool:
         member.in_flight += 1
         member.sent += 1
         try:
-            reply = await self._unless_given_up(member.chat.complete(messages, **options))
+            reply = await unless_set(member.chat.complete(messages, **options), self.over,
+                                     lambda: GaveUp(self.gave_up))
         except EndpointDown as e:
             self._failed(member, e)
             if len(self.members) > 1:
@@ -1416,8 +1362,7 @@ class EndpointPool:
         return reply
 
     async def _ready(self) -> PoolMember:
-        """The endpoint with the fewest requests in flight, then the fewest sent, of those not set aside; one back
-        from being set aside takes one request at a time until it answers. With none ready, wait for one."""
+        """The endpoint to send to; one back on trial takes one request at a time. With none ready, wait for one."""
         if self.watch is None:  # the stage's first request: it has had no chance to fail before
             self.answered = self.clock()
             self.watch = asyncio.ensure_future(self._watch())
@@ -1432,12 +1377,14 @@ class EndpointPool:
             await self._changes(min(back) if back else None)
 
     async def _watch(self) -> None:
-        """Give up once every endpoint is set aside (or back on trial, unanswered) and none has answered for
-        give_up_after seconds."""
         while True:
             left = self.answered + self.give_up_after - self.clock()
-            if left <= 0 and all(m.aside for m in self.members):
-                self.gave_up = self._last_words()
+            if left <= 0 and all(m.aside for m in self.members):  # set aside, or back on trial and unanswered
+                stage, plural = self.members[0].chat.stage, "s" if len(self.members) > 1 else ""
+                where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)  # each, and its last error
+                self.gave_up = (f"the {stage} endpoint{plural} {where}: no answer for "
+                                f"{self.clock() - self.answered:.0f} s (--give_up_after {self.give_up_after:g}); the "
+                                f"{stage} stage stopped, and what it had not done is left for the next run")
                 self.over.set()
                 self._wake()
                 return
@@ -1455,14 +1402,6 @@ class EndpointPool:
     def _wake(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
-
-    async def _unless_given_up(self, awaitable):
-        """Await a request unless the stage gives up first: then abandon it, and raise GaveUp."""
-        task = await done_or_set(awaitable, self.over)
-        if not task.done():
-            await abandon(task)
-            raise GaveUp(self.gave_up)
-        return task.result()
 
     def _answered(self, member: PoolMember) -> None:
         member.failures, member.aside = 0, 0.0
@@ -1486,14 +1425,6 @@ class EndpointPool:
                   + (f"its requests go to the others ({left} left)" if left else
                      f"requests wait for it (the stage gives up after --give_up_after {self.give_up_after:g} s "
                      "without an answer)"))
-
-    def _last_words(self) -> str:
-        """The one line that says why the stage stopped: each endpoint (redacted) and its last error."""
-        stage = self.members[0].chat.stage
-        where = "; ".join(f"{m.chat._url()} ({m.reason})" for m in self.members)
-        return (f"the {stage} endpoint{'s' if len(self.members) > 1 else ''} {where}: no answer for "
-                f"{self.clock() - self.answered:.0f} s (--give_up_after {self.give_up_after:g}); the {stage} stage "
-                "stopped, and what it had not done is left for the next run")
 
     async def close(self) -> None:
         if self.watch is not None:
@@ -1551,7 +1482,6 @@ class LocalChat:
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.queue:
             if len(self.queue) < self.batch_size:
                 await asyncio.sleep(0.02)  # let the other workers queue their requests into this batch
@@ -1559,7 +1489,7 @@ class LocalChat:
             batch = [q for q in self.queue if q[1] == temperature][: self.batch_size]
             self.queue = [q for q in self.queue if not any(q is b for b in batch)]
             try:
-                replies = await loop.run_in_executor(None, self._generate, [m for m, _, _ in batch], temperature)
+                replies = await asyncio.to_thread(self._generate, [m for m, _, _ in batch], temperature)
             except Exception as e:  # one broken batch fails its items, not the run
                 for _, _, future in batch:
                     future.set_exception(ItemError(f"local LLM failed: {e}"))
@@ -1585,9 +1515,6 @@ class LocalChat:
                       "stop" if eos.intersection(row) or len(row) < self.max_tokens else "length")
                 for row in new.tolist()]
 
-    async def check(self) -> None:
-        pass
-
     async def close(self) -> None:
         pass
 
@@ -1609,24 +1536,23 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
                         must_keep: Sequence[str] = (), *, stopping: asyncio.Event | None = None,
                         sleep=asyncio.sleep, too_long: Callable[[str], str | None] | None = None,
                         on_cut: Callable[[], None] | None = None, options: dict | None = None) -> str:
-    """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A request
-    that fails on the way (a 5xx, a timeout, a dropped connection, a 429, a broken reply) and a reply that cannot be
-    used (empty, refused, cut off) are asked again after a backoff; a pool sends the next try to another endpoint
-    where it has one, and a 429's Retry-After holds back the endpoint's limiter. The kept tokens are put first by
-    construction. A reply that `too_long` finds over the token budget is asked again with its count and the limit;
-    OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a served
-    vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set, and sends
-    nothing after it. `options` go to the backend with each request (the check's temperature and response_format)."""
+    """The one retry layer: ask until the reply is usable, in at most max_retries + 1 requests in all. A failed
+    request (5xx, timeout, dropped connection, 429, broken reply) and an unusable reply (empty, refused, cut off) are
+    asked again after a backoff. A reply that `too_long` finds over the budget is asked again with its count and the
+    limit; OverBudget carries the last one when none fits. With `on_cut`, a reply cut at the token limit is kept (a
+    served vision caption, as a local one is) and on_cut() says so. Raises Stopped once `stopping` is set."""
     asking = Asking(stopping or asyncio.Event())
     token = ASKING.set(asking)
     try:
         problem = "no attempt made"
         for attempt in range(max_retries + 1):
             if attempt:  # asked before: back off
-                await unless_stopped(sleep(scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))),
-                                     asking)
+                backoff = scaled_wait(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                await unless_set(sleep(backoff), asking.stopping, Stopped)
             try:
-                reply = await unless_stopped(backend.complete(messages, **(options or {})), asking)
+                # A request on the wire is let finish when stopping: its reply is saved.
+                reply = await unless_set(backend.complete(messages, **(options or {})), asking.stopping, Stopped,
+                                         lambda: asking.in_flight)
             except (RetryableReply, EndpointDown) as e:
                 problem = str(e)
                 continue
@@ -1653,17 +1579,6 @@ async def complete_item(backend, messages: list[dict], max_retries: int, manual:
     raise ItemError(f"{problem} (after {max_retries + 1} attempts)")
 
 
-async def unless_stopped(awaitable, asking: Asking):
-    """Await `awaitable` unless the run stops first: then cancel it, which wakes a wait in the rate limiter, for an
-    endpoint to come back or in a backoff at once, and raise Stopped. A request on the wire (asking.in_flight) is
-    let finish: its reply is saved."""
-    task = await done_or_set(awaitable, asking.stopping)
-    if not task.done() and not asking.in_flight:
-        await abandon(task)
-        raise Stopped
-    return await task
-
-
 # --------------------------------------------------------------------------------------------
 # --verify: a merged caption checked against the captions it was made from
 # --------------------------------------------------------------------------------------------
@@ -1673,10 +1588,6 @@ CHECK_FORMAT = {"type": "json_schema", "json_schema": {"name": "caption_check", 
     "type": "object", "properties": {key: {"type": "array", "items": {"type": "string"}} for key in CHECK_KEYS},
     "required": list(CHECK_KEYS), "additionalProperties": False}}}
 FORMAT_REFUSED = re.compile(r"response_format|json_schema", re.IGNORECASE)  # in a 400: a server without them
-
-
-class CheckFailed(ItemError):
-    """The check gave no answer of the asked shape: it counts as failed, never as passed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1702,8 +1613,7 @@ class Check:
 
 def format_in_prompt(messages: list[dict], response_format: dict) -> list[dict]:
     """The JSON a response_format asks for, asked in words at the end of the last user turn instead."""
-    schema = response_format.get("json_schema", {}).get("schema", {})
-    keys = ", ".join(f'"{key}"' for key in schema.get("properties", {}))
+    keys = ", ".join(f'"{key}"' for key in response_format["json_schema"]["schema"]["properties"])
     ask = (f"Answer with one JSON object only, no other text, with exactly the keys {keys}, each a list of strings "
            "(empty when there is nothing to report).")
     *head, last = messages
@@ -1724,18 +1634,15 @@ def check_messages(prompt: str, manual: str | None, generated: str, caption: str
 def parse_check(text: str) -> Check | None:
     """The check's answer, strictly: one JSON object (possibly in a code fence) with exactly the three keys, each a
     list of strings. None for anything else."""
-    text = text.strip()
-    fenced = CODE_FENCE.match(text)
+    fenced = CODE_FENCE.match(text.strip())
     try:
         data = json.loads(fenced.group(1) if fenced else text)
     except ValueError:
         return None
-    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS):
+    if not isinstance(data, dict) or set(data) != set(CHECK_KEYS) or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()):
         return None
-    lists = [data[key] for key in CHECK_KEYS]
-    if not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in lists):
-        return None
-    return Check(*(tuple(s.strip() for s in v if s.strip()) for v in lists))
+    return Check(*(tuple(s.strip() for s in data[key] if s.strip()) for key in CHECK_KEYS))
 
 
 def with_findings(messages: list[dict], check: Check) -> list[dict]:
@@ -1749,7 +1656,7 @@ def with_findings(messages: list[dict], check: Check) -> list[dict]:
 async def check_caption(backend, messages: list[dict], max_retries: int, *,
                         stopping: asyncio.Event | None = None) -> Check:
     """Ask the check at temperature 0 for its structured answer; an answer of the wrong shape is asked again once,
-    saying what was wrong. Raises CheckFailed after that (and ItemError when no answer came at all)."""
+    saying what was wrong. Raises ItemError after that (a failed check, never a pass)."""
     options = {"temperature": 0.0, "response_format": CHECK_FORMAT}
     for _ in range(2):
         text = await complete_item(backend, messages, max_retries, stopping=stopping, options=options)
@@ -1760,7 +1667,7 @@ async def check_caption(backend, messages: list[dict], max_retries: int, *,
                                {"role": "user", "content": "That is not a JSON object with exactly the keys "
                                 "unsupported, contradictions and missing, each a list of strings. Answer again with "
                                 "that object only."}]
-    raise CheckFailed(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
+    raise ItemError(f"the check's answer is not the JSON asked for, twice: {text[:80]!r}")
 
 
 # --------------------------------------------------------------------------------------------
