@@ -4282,7 +4282,8 @@ def run_audit(cfg: Config) -> int:
 APPROVALS_FILE = "approved.json"  # in RECORDS_DIR: {combined caption's key: hash of the bytes a person approved}
 THUMB_SIDE = 320
 PAGE_LIMIT = 200  # cards per request, at most
-REVIEW_FILTERS = ("all", "flagged", "stale", "edited", "failed")
+REVIEW_FILTERS = {"all": lambda e: True, "flagged": lambda e: bool(e.findings), "stale": lambda e: e.stale,
+                  "edited": lambda e: bool(e.item.kept), "failed": lambda e: bool(e.failures)}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 KIND_MANUAL, KIND_TRAINER = "manual", "trainer"
 REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
@@ -4355,10 +4356,6 @@ class ReviewEntry:
     def stale(self) -> bool:
         return bool(self.item.vision or any(m.reason for m in self.item.merges))
 
-    def matches(self, show: str, query: str) -> bool:
-        return query in self.text and {"all": True, "flagged": bool(self.findings), "stale": self.stale,
-                                       "edited": bool(self.item.kept), "failed": bool(self.failures)}[show]
-
 
 class Review:
     """What the review page shows and changes: one plan of the dataset, made at start and again when the page is
@@ -4430,10 +4427,10 @@ class Review:
         if refresh and not self.planned_unseen:  # a page loaded again: look at the folder again
             self.refresh()
         self.planned_unseen = False
-        entries, query = self.entries, query.casefold().strip()
-        chosen = [e for e in entries if e.matches(show, query)]
+        query = query.casefold().strip()
+        chosen = [e for e in self.entries if query in e.text and REVIEW_FILTERS[show](e)]
         return {"total": len(chosen), "offset": offset,
-                "counts": {name: sum(e.matches(name, "") for e in entries) for name in REVIEW_FILTERS},
+                "counts": {name: sum(map(shows, self.entries)) for name, shows in REVIEW_FILTERS.items()},
                 "notes": [f"{f.kind}: {f.detail}" for f in self.notes],
                 "items": [self.card(e) for e in chosen[offset:offset + limit]]}
 
@@ -4710,9 +4707,6 @@ into a pipe that closed (| head). accelerate launch turns any non-zero exit into
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows a flag's default where it has a meaningful one; keeps the epilog's line breaks."""
 
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=36, width=110)
-
     def _get_help_string(self, action):
         text = action.help or ""
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
@@ -4722,7 +4716,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enhance_captions.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=HelpFormatter)
+                                formatter_class=functools.partial(HelpFormatter, max_help_position=36, width=110))
     g = p.add_argument_group("input")
     g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
     g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
@@ -4870,14 +4864,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--dataset_dir {folder} does not exist")
     if not folder.is_dir():
         raise UsageError(f"--dataset_dir {folder} is a file, not a folder")
-    for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side", "limit",
+                 "max_caption_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens", "give_up_after"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
     if args.vlm_base_url and not args.vlm_model:
         raise UsageError("--vlm_base_url needs --vlm_model")
     if args.local_llm and args.base_url:
@@ -4955,8 +4948,6 @@ def caption_extension_of(value: str) -> str:
 
 def check_training_args(args: argparse.Namespace, folder: Path) -> None:
     """The training-caption flags: a budget needs its tokenizer, an export a format its trainer reads."""
-    if args.max_caption_tokens is not None and args.max_caption_tokens < 1:
-        raise UsageError("--max_caption_tokens must be at least 1")
     if args.max_caption_tokens and not args.caption_tokenizer:
         raise UsageError("--max_caption_tokens needs --caption_tokenizer (the trainer's tokenizer, to count with)")
     if args.caption_tokenizer and not args.max_caption_tokens:
@@ -5028,15 +5019,11 @@ def check_against_state(cfg: Config, state) -> None:
         raise UsageError("--device_map auto spreads one model over all GPUs: run it as one process")
 
 
-def agree(state, value):
+def agree(value):
     """The main process's value, seen by every process."""
-    if state.num_processes == 1:
-        return value
     from accelerate.utils import broadcast_object_list
 
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    return broadcast_object_list([value])[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -5054,17 +5041,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(dataset_root(cfg.dataset_dir))
     try:
-        plan, error, count_tokens = None, None, None
+        plan = error = count_tokens = None
         try:
             check_against_state(cfg, state)
             if not cfg.dry_run:  # a dry run loads nothing
                 count_tokens = caption_counter(cfg)  # the trainer's tokenizer, for --max_caption_tokens
+            if state.is_main_process:
+                cfg, plan, error = prepare(cfg, state, lock, count_tokens)
         except UsageError as e:
             error = str(e)
-        if state.is_main_process and error is None:
-            cfg, plan, error = prepare(cfg, state, lock, count_tokens)
         shared = plan_rows(plan, cfg.dataset_dir) if plan and state.num_processes > 1 and not cfg.dry_run else None
-        error, cfg, run_id, shared = agree(state, (error, cfg, uuid.uuid4().hex, shared))
+        error, cfg, run_id, shared = agree((error, cfg, uuid.uuid4().hex, shared))
         if error:
             if state.is_main_process:
                 print(printable(f"error: {error}"), file=sys.stderr)
@@ -5108,8 +5095,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str], int] | None
             ) -> tuple[Config, Plan | None, str | None]:
-    """The main process, before any work: the lock, the one plan (or the dry run's report), preflight.
-    Returns the Config with the model preflight found, the plan, and the error that stops the run, if any."""
+    """The main process, before any work: the lock, the one plan (or the dry run's report), preflight. Returns the
+    Config with the model preflight found, the plan, and the error that stops the run, if any."""
     if not cfg.dry_run and (error := lock.acquire()):
         return cfg, None, error
     plan = plan_work(cfg, count_tokens)
@@ -5134,11 +5121,11 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
     return checked, plan, None
 
 
-def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork | None = None) -> int:
+def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork) -> int:
     """Gather every process's Stats, print the summary, write the report and export. The main process's exit code
     is the run's; the others exit with their own (accelerate launch exits 1 if any process does not exit 0)."""
     plan.records.close()  # the journal is whole on disk before the main process folds it in
-    stats = (work or SharedWork()).gather(stats, reporter.info)
+    stats = work.gather(stats, reporter.info)
     if not state.is_main_process:
         return stats.exit_code()
     stats.failures[:0] = plan.failures
@@ -5152,7 +5139,11 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         with contextlib.suppress(OSError):  # without it, the next run only tries the bad inputs again
             remember_failing(plan, stats)
     for line in summary_lines(plan, stats):
-        say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+        stream = sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout
+        try:
+            print(printable(line), file=stream, flush=True)
+        except BrokenPipeError:  # the reader went away (`| head`): the report and export are still written
+            stream_closed(stream)
     if cfg.report:
         try:
             write_report(cfg.report, [*stats.failures, *stats.notes, *stats.flagged], report_summary(plan, stats))
@@ -5165,16 +5156,6 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
     return stats.exit_code()
 
 
-def say(line: str, stream=None) -> None:
-    """One line of the summary; where the reader went away (`| head`), the rest of it goes nowhere and the run still
-    writes its report and export."""
-    stream = stream or sys.stdout
-    try:
-        print(printable(line), file=stream, flush=True)
-    except BrokenPipeError:
-        stream_closed(stream)
-
-
 def stream_closed(stream) -> None:
     """The reader of this stream went away: what is left of the output goes to /dev/null, so neither a later print
     nor the interpreter's last flush prints a traceback about it."""
@@ -5184,22 +5165,10 @@ def stream_closed(stream) -> None:
         os.close(devnull)
 
 
-def closed_pipe_exit() -> int:
-    """A BrokenPipeError that reached the top (--dry_run or --audit piped into `head`): end quietly, as a tool
-    that SIGPIPE ended would."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            stream_closed(stream)
-    return EXIT_CLOSED_PIPE
-
-
 def exit_process(code: int) -> None:
-    """Exit with code. Once processes have met in a process group, skip the interpreter's teardown: gloo's threads
-    drop their last references to a collective's tensors just after it returns, and one that does so while the
-    interpreter finalizes cannot take the GIL and aborts the process (SIGABRT after a finished run, about one
-    two-process CPU run in eight). Everything is written and closed by now, so only the flush is left."""
+    """Once processes have met in a process group, skip the interpreter's teardown: a gloo thread that drops its
+    last reference to a collective's tensors while the interpreter finalizes aborts the process (SIGABRT after a
+    finished run, about one two-process CPU run in eight). Everything is written and closed by now."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         sys.stdout.flush()
@@ -5212,6 +5181,11 @@ if __name__ == "__main__":
     try:
         exit_code = main()
         sys.stdout.flush()  # here, not in the interpreter's teardown, where a closed pipe is a traceback
-    except BrokenPipeError:
-        exit_code = closed_pipe_exit()
+    except BrokenPipeError:  # --dry_run or --audit piped into `head`: end quietly, as a tool SIGPIPE ended would
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                stream_closed(stream)
+        exit_code = EXIT_CLOSED_PIPE
     exit_process(exit_code)
