@@ -4651,20 +4651,17 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
 
 def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
-    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request."""
+    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request. Raises UsageError
+    before the page is served."""
+    review = Review(cfg, secrets.token_urlsafe(24))
+    if not review.entries:
+        raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+    handler = type("Handler", (ReviewHandler,), {"review": review})
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        review = Review(cfg, secrets.token_urlsafe(24))
-        if not review.entries:
-            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
-        handler = type("Handler", (ReviewHandler,), {"review": review})
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
-        except OSError as e:
-            raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
+    except OSError as e:
+        raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
     if warning := exposure_warning(host):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
@@ -4871,8 +4868,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens", "give_up_after"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
-    if args.vlm_base_url and not args.vlm_model:
-        raise UsageError("--vlm_base_url needs --vlm_model")
+    for flag, needs, why in (("vlm_base_url", "vlm_model", ""), ("verify_prompt", "verify", ""),
+                             ("max_caption_tokens", "caption_tokenizer", " (the trainer's tokenizer, to count with)"),
+                             ("caption_tokenizer", "max_caption_tokens", " (the limit to count against)")):
+        if getattr(args, flag) and not getattr(args, needs):
+            raise UsageError(f"--{flag} needs --{needs}{why}")
     if args.local_llm and args.base_url:
         raise UsageError(f"--local_llm and --base_url both given: drop --base_url to merge in-process with "
                          f"{args.local_llm}, or drop --local_llm to merge through the endpoint")
@@ -4886,8 +4886,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     check_training_args(args, folder)
-    if args.verify_prompt and not args.verify:
-        raise UsageError("--verify_prompt needs --verify")
     check_review_args(args)
     derived = dict(  # every other field is the flag of its name, as given
         dataset_dir=folder.resolve(),
@@ -4925,15 +4923,12 @@ def endpoint_urls(urls: Sequence[str], flag: str) -> tuple[str, ...]:
     return tuple(url.strip() for url in urls)
 
 
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-
-
 def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """--variant NAME=FILE, each name once: (name, system prompt)."""
     variants: dict[str, str] = {}
     for value in values:
         name, _, file = value.partition("=")
-        if not VARIANT_NAME.match(name) or not file:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or not file:
             raise UsageError(f"--variant {value}: give NAME=FILE, NAME of letters, digits and dashes "
                              "(e.g. short=prompts/short.txt)")
         if name in variants:
@@ -4947,11 +4942,7 @@ def caption_extension_of(value: str) -> str:
 
 
 def check_training_args(args: argparse.Namespace, folder: Path) -> None:
-    """The training-caption flags: a budget needs its tokenizer, an export a format its trainer reads."""
-    if args.max_caption_tokens and not args.caption_tokenizer:
-        raise UsageError("--max_caption_tokens needs --caption_tokenizer (the trainer's tokenizer, to count with)")
-    if args.caption_tokenizer and not args.max_caption_tokens:
-        raise UsageError("--caption_tokenizer needs --max_caption_tokens (the limit to count against)")
+    """--write_captions: an extension no other file has; --export: a format its trainer reads."""
     if args.write_captions:
         ext, manual = caption_extension_of(args.write_captions), caption_extension_of(args.caption_extension)
         if not re.fullmatch(r"\.[A-Za-z0-9]+", ext):
@@ -4965,7 +4956,8 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              ".txt, or the reverse")
     if args.export:
         target = Path(args.export).expanduser()
-        if export_format(args.export) != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
+        if (export_format(args.export) != "kohya" and target.is_absolute()
+                and target.parent.resolve() != folder.resolve()):
             raise UsageError(f"--export {args.export}: Hugging Face imagefolder reads {target.name} from the dataset "
                              f"folder; give the name only")
 
@@ -5030,13 +5022,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
+            return run_review(cfg, args.host, args.port, args.open)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
         return run_audit(cfg)
-    if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
-        return run_review(cfg, args.host, args.port, args.open)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(dataset_root(cfg.dataset_dir))
