@@ -4585,15 +4585,13 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(200, self.review.page.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
                                {"Content-Security-Policy": policy})
         if url.path == "/api/items":
-            show = query.get("filter", "all")
-            try:
-                offset, limit = int(query.get("offset", 0)), int(query.get("limit", 50))
-            except ValueError:
-                offset = limit = -1
-            if show not in REVIEW_FILTERS or offset < 0 or not 0 < limit <= PAGE_LIMIT:
+            show, offset, limit = query.get("filter", "all"), query.get("offset", "0"), query.get("limit", "50")
+            valid = show in REVIEW_FILTERS and offset.isdecimal() and limit.isdecimal() and 0 < int(limit) <= PAGE_LIMIT
+            if not valid:
                 return self.answer(400, {"error": f"filter is one of {', '.join(REVIEW_FILTERS)}; offset >= 0; "
                                                   f"0 < limit <= {PAGE_LIMIT}"})
-            return self.answer(200, self.review.listing(show, query.get("q", ""), offset, limit, "refresh" in query))
+            listing = self.review.listing(show, query.get("q", ""), int(offset), int(limit), "refresh" in query)
+            return self.answer(200, listing)
         if url.path in ("/thumb", "/image"):
             entry = self.review.by_id.get(query.get("id", ""))
             if entry is None or not self.review.inside(entry.item.image):
@@ -4618,7 +4616,11 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(404, {"error": "not found"})
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
-            self.discard(length)
+            # a refused body of up to 16 MiB is read, so that the client sees the 413 rather than a reset connection
+            self.close_connection = True
+            left = int(length) if length.isdigit() and int(length) <= 16 * MAX_CHANGE_BYTES else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
             return self.answer(413, {"error": f"not a change: send a JSON object of at most {MAX_CHANGE_BYTES} bytes"})
         try:
             body = json.loads(self.rfile.read(int(length)) or b"{}")
@@ -4631,13 +4633,6 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self.answer(400, {"error": f"not a change: {e}"})
         except OSError as e:
             self.answer(500, {"error": f"not saved: {e.strerror or e}"})
-
-    def discard(self, length: str) -> None:
-        """Read a refused body of up to 16 MiB, so the client sees the 413 rather than a reset connection."""
-        self.close_connection = True
-        left = int(length) if length.isdigit() and int(length) <= 16 * MAX_CHANGE_BYTES else 0
-        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-            left -= len(chunk)
 
     def answer(self, status: int, body: dict | bytes, kind: str = "application/json", extra: dict | None = None):
         data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
