@@ -4677,8 +4677,6 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     return EXIT_FOR_SIGNAL[stop.signal]
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -4872,12 +4870,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--local_llm and --base_url both given: drop --base_url to merge in-process with "
                          f"{args.local_llm}, or drop --local_llm to merge through the endpoint")
     env_base_url = os.environ.get("OPENAI_BASE_URL") or None
-    base_url = endpoint_urls(args.base_url or (() if args.local_llm else url_list(env_base_url)), "--base_url")
+    env_urls = [url for url in re.split(r"[\s,]+", env_base_url or "") if url]  # one URL, or several
+    base_url = endpoint_urls(args.base_url or (() if args.local_llm else env_urls), "--base_url")
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
     vlm_base_url = endpoint_urls(args.vlm_base_url or (), "--vlm_base_url")
     vlm_api_key = args.vlm_api_key or os.environ.get("VLM_API_KEY") or None
-    llm_urls = args.base_url or url_list(env_base_url) or (DEFAULT_OPENAI_URL,)
+    llm_urls = args.base_url or env_urls or (DEFAULT_OPENAI_URL,)
     vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     check_training_args(args, folder)
@@ -4903,19 +4902,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{name: getattr(args, name) for name in flags}, **derived)
 
 
-def url_list(text: str | None) -> tuple[str, ...]:
-    """$OPENAI_BASE_URL: one URL, or several separated by commas or white space."""
-    return tuple(url for url in re.split(r"[\s,]+", text or "") if url)
-
-
 def endpoint_urls(urls: Sequence[str], flag: str) -> tuple[str, ...]:
     """Each endpoint once: the same server twice would get twice its --rpm and share of the work."""
-    seen: set[str] = set()
-    for url in urls:
-        if url.strip().rstrip("/") in seen:
+    urls = tuple(url.strip() for url in urls)
+    for i, url in enumerate(urls):
+        if url.rstrip("/") in {seen.rstrip("/") for seen in urls[:i]}:
             raise UsageError(f"{flag} {redact(url, None)} is given twice")
-        seen.add(url.strip().rstrip("/"))
-    return tuple(url.strip() for url in urls)
+    return urls
 
 
 def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
