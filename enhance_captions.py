@@ -4076,7 +4076,8 @@ def run_audit(cfg: Config) -> int:
 APPROVALS_FILE = "approved.json"  # in RECORDS_DIR: {combined caption's key: hash of the bytes a person approved}
 THUMB_SIDE = 320
 PAGE_LIMIT = 200  # cards per request, at most
-REVIEW_FILTERS = ("all", "flagged", "stale", "edited", "failed")
+REVIEW_FILTERS = {"all": lambda e: True, "flagged": lambda e: bool(e.findings), "stale": lambda e: e.stale,
+                  "edited": lambda e: bool(e.item.kept), "failed": lambda e: bool(e.failures)}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 KIND_MANUAL, KIND_TRAINER = "manual", "trainer"
 REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
@@ -4149,10 +4150,6 @@ class ReviewEntry:
     def stale(self) -> bool:
         return bool(self.item.vision or any(m.reason for m in self.item.merges))
 
-    def matches(self, show: str, query: str) -> bool:
-        return query in self.text and {"all": True, "flagged": bool(self.findings), "stale": self.stale,
-                                       "edited": bool(self.item.kept), "failed": bool(self.failures)}[show]
-
 
 class Review:
     """What the review page shows and changes: one plan of the dataset, made at start and again when the page is
@@ -4220,10 +4217,10 @@ class Review:
         if refresh and not self.planned_unseen:  # a page loaded again: look at the folder again
             self.refresh()
         self.planned_unseen = False
-        entries, query = self.entries, query.casefold().strip()
-        chosen = [e for e in entries if e.matches(show, query)]
+        query = query.casefold().strip()
+        chosen = [e for e in self.entries if query in e.text and REVIEW_FILTERS[show](e)]
         return {"total": len(chosen), "offset": offset,
-                "counts": {name: sum(e.matches(name, "") for e in entries) for name in REVIEW_FILTERS},
+                "counts": {name: sum(map(shows, self.entries)) for name, shows in REVIEW_FILTERS.items()},
                 "notes": [f"{f.kind}: {f.detail}" for f in self.notes],
                 "items": [self.card(e) for e in chosen[offset:offset + limit]]}
 
@@ -4378,15 +4375,13 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(200, REVIEW_PAGE.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
                                {"Content-Security-Policy": policy})
         if url.path == "/api/items":
-            show = query.get("filter", "all")
-            try:
-                offset, limit = int(query.get("offset", 0)), int(query.get("limit", 50))
-            except ValueError:
-                offset = limit = -1
-            if show not in REVIEW_FILTERS or offset < 0 or not 0 < limit <= PAGE_LIMIT:
+            show, offset, limit = query.get("filter", "all"), query.get("offset", "0"), query.get("limit", "50")
+            valid = show in REVIEW_FILTERS and offset.isdecimal() and limit.isdecimal() and 0 < int(limit) <= PAGE_LIMIT
+            if not valid:
                 return self.answer(400, {"error": f"filter is one of {', '.join(REVIEW_FILTERS)}; offset >= 0; "
                                                   f"0 < limit <= {PAGE_LIMIT}"})
-            return self.answer(200, self.review.listing(show, query.get("q", ""), offset, limit, "refresh" in query))
+            listing = self.review.listing(show, query.get("q", ""), int(offset), int(limit), "refresh" in query)
+            return self.answer(200, listing)
         if url.path in ("/thumb", "/image"):
             entry = self.review.by_id.get(query.get("id", ""))
             if entry is None or not self.review.inside(entry.item.image):
@@ -4411,7 +4406,11 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self.answer(404, {"error": "not found"})
         length = self.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > MAX_CHANGE_BYTES:
-            self.discard(length)
+            # a refused body of up to 16 MiB is read, so that the client sees the 413 rather than a reset connection
+            self.close_connection = True
+            left = int(length) if length.isdigit() and int(length) <= 16 * MAX_CHANGE_BYTES else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
             return self.answer(413, {"error": f"not a change: send a JSON object of at most {MAX_CHANGE_BYTES} bytes"})
         try:
             body = json.loads(self.rfile.read(int(length)) or b"{}")
@@ -4425,13 +4424,6 @@ class ReviewHandler(BaseHTTPRequestHandler):
         except OSError as e:
             self.answer(500, {"error": f"not saved: {e.strerror or e}"})
 
-    def discard(self, length: str) -> None:
-        """Read a refused body of up to 16 MiB, so the client sees the 413 rather than a reset connection."""
-        self.close_connection = True
-        left = int(length) if length.isdigit() and int(length) <= 16 * MAX_CHANGE_BYTES else 0
-        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-            left -= len(chunk)
-
     def answer(self, status: int, body: dict | bytes, kind: str = "application/json", extra: dict | None = None):
         data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
         self.send_response(status)
@@ -4444,20 +4436,17 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
 
 def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
-    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request."""
+    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request. Raises UsageError
+    before the page is served."""
+    review = Review(cfg, secrets.token_urlsafe(24))
+    if not review.entries:
+        raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+    handler = type("Handler", (ReviewHandler,), {"review": review})
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        review = Review(cfg, secrets.token_urlsafe(24))
-        if not review.entries:
-            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
-        handler = type("Handler", (ReviewHandler,), {"review": review})
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
-        except OSError as e:
-            raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
+    except OSError as e:
+        raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
     if warning := exposure_warning(host):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
@@ -4685,9 +4674,6 @@ into a pipe that closed (| head). accelerate launch turns any non-zero exit into
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows a flag's default where it has a meaningful one; keeps the epilog's line breaks."""
 
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=36, width=110)
-
     def _get_help_string(self, action):
         text = action.help or ""
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
@@ -4697,7 +4683,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enhance_captions.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=HelpFormatter)
+                                formatter_class=functools.partial(HelpFormatter, max_help_position=36, width=110))
     g = p.add_argument_group("input")
     g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
     g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
@@ -4845,31 +4831,32 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--dataset_dir {folder} does not exist")
     if not folder.is_dir():
         raise UsageError(f"--dataset_dir {folder} is a file, not a folder")
-    for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "concurrency", "max_new_tokens", "max_tokens", "vlm_max_side", "limit",
+                 "max_caption_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     for name in ("num_workers", "rpm", "tpm", "vlm_rpm", "max_retries", "keep_tokens", "give_up_after"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if args.vlm_base_url and not args.vlm_model:
-        raise UsageError("--vlm_base_url needs --vlm_model")
+    for flag, needs, why in (("vlm_base_url", "vlm_model", ""), ("verify_prompt", "verify", ""),
+                             ("max_caption_tokens", "caption_tokenizer", " (the trainer's tokenizer, to count with)"),
+                             ("caption_tokenizer", "max_caption_tokens", " (the limit to count against)")):
+        if getattr(args, flag) and not getattr(args, needs):
+            raise UsageError(f"--{flag} needs --{needs}{why}")
     if args.local_llm and args.base_url:
         raise UsageError(f"--local_llm and --base_url both given: drop --base_url to merge in-process with "
                          f"{args.local_llm}, or drop --local_llm to merge through the endpoint")
     env_base_url = os.environ.get("OPENAI_BASE_URL") or None
-    base_url = endpoint_urls(args.base_url or (() if args.local_llm else url_list(env_base_url)), "--base_url")
+    env_urls = [url for url in re.split(r"[\s,]+", env_base_url or "") if url]  # one URL, or several
+    base_url = endpoint_urls(args.base_url or (() if args.local_llm else env_urls), "--base_url")
     api_key = os.environ.get("OPENAI_API_KEY") or None
     local_llm = args.local_llm or (None if base_url or api_key else DEFAULT_LOCAL_LLM)
     vlm_base_url = endpoint_urls(args.vlm_base_url or (), "--vlm_base_url")
     vlm_api_key = args.vlm_api_key or os.environ.get("VLM_API_KEY") or None
-    llm_urls = args.base_url or url_list(env_base_url) or (DEFAULT_OPENAI_URL,)
+    llm_urls = args.base_url or env_urls or (DEFAULT_OPENAI_URL,)
     vlm_api_keys = tuple(vlm_api_key or (api_key if any(same_origin(url, llm) for llm in llm_urls) else None)
                          for url in vlm_base_url)  # the LLM endpoints' key, sent to no other server
     check_training_args(args, folder)
-    if args.verify_prompt and not args.verify:
-        raise UsageError("--verify_prompt needs --verify")
     check_review_args(args)
     derived = dict(  # every other field is the flag of its name, as given
         dataset_dir=folder.resolve(),
@@ -4892,22 +4879,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{name: getattr(args, name) for name in flags}, **derived)
 
 
-def url_list(text: str | None) -> tuple[str, ...]:
-    """$OPENAI_BASE_URL: one URL, or several separated by commas or white space."""
-    return tuple(url for url in re.split(r"[\s,]+", text or "") if url)
-
-
 def endpoint_urls(urls: Sequence[str], flag: str) -> tuple[str, ...]:
     """Each endpoint once: the same server twice would get twice its --rpm and share of the work."""
-    seen: set[str] = set()
-    for url in urls:
-        if url.strip().rstrip("/") in seen:
+    urls = tuple(url.strip() for url in urls)
+    for i, url in enumerate(urls):
+        if url.rstrip("/") in {seen.rstrip("/") for seen in urls[:i]}:
             raise UsageError(f"{flag} {redact(url, None)} is given twice")
-        seen.add(url.strip().rstrip("/"))
-    return tuple(url.strip() for url in urls)
-
-
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+    return urls
 
 
 def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -4915,7 +4893,7 @@ def parse_variants(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     variants: dict[str, str] = {}
     for value in values:
         name, _, file = value.partition("=")
-        if not VARIANT_NAME.match(name) or not file:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or not file:
             raise UsageError(f"--variant {value}: give NAME=FILE, NAME of letters, digits and dashes "
                              "(e.g. short=prompts/short.txt)")
         if name in variants:
@@ -4929,13 +4907,7 @@ def caption_extension_of(value: str) -> str:
 
 
 def check_training_args(args: argparse.Namespace, folder: Path) -> None:
-    """The training-caption flags: a budget needs its tokenizer, an export a format its trainer reads."""
-    if args.max_caption_tokens is not None and args.max_caption_tokens < 1:
-        raise UsageError("--max_caption_tokens must be at least 1")
-    if args.max_caption_tokens and not args.caption_tokenizer:
-        raise UsageError("--max_caption_tokens needs --caption_tokenizer (the trainer's tokenizer, to count with)")
-    if args.caption_tokenizer and not args.max_caption_tokens:
-        raise UsageError("--caption_tokenizer needs --max_caption_tokens (the limit to count against)")
+    """--write_captions: an extension no other file has; --export: a format its trainer reads."""
     if args.write_captions:
         ext, manual = caption_extension_of(args.write_captions), caption_extension_of(args.caption_extension)
         if not re.fullmatch(r"\.[A-Za-z0-9]+", ext):
@@ -4949,7 +4921,8 @@ def check_training_args(args: argparse.Namespace, folder: Path) -> None:
                              ".txt, or the reverse")
     if args.export:
         target = Path(args.export).expanduser()
-        if export_format(args.export) != "kohya" and target.is_absolute() and target.parent.resolve() != folder.resolve():
+        if (export_format(args.export) != "kohya" and target.is_absolute()
+                and target.parent.resolve() != folder.resolve()):
             raise UsageError(f"--export {args.export}: Hugging Face imagefolder reads {target.name} from the dataset "
                              f"folder; give the name only")
 
@@ -5003,43 +4976,39 @@ def check_against_state(cfg: Config, state) -> None:
         raise UsageError("--device_map auto spreads one model over all GPUs: run it as one process")
 
 
-def agree(state, value):
+def agree(value):
     """The main process's value, seen by every process."""
-    if state.num_processes == 1:
-        return value
     from accelerate.utils import broadcast_object_list
 
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    return broadcast_object_list([value])[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
+            return run_review(cfg, args.host, args.port, args.open)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
         return run_audit(cfg)
-    if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
-        return run_review(cfg, args.host, args.port, args.open)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(dataset_root(cfg.dataset_dir))
     try:
-        plan, error, count_tokens = None, None, None
+        plan = error = count_tokens = None
         try:
             check_against_state(cfg, state)
             if not cfg.dry_run:  # a dry run loads nothing
                 count_tokens = caption_counter(cfg)  # the trainer's tokenizer, for --max_caption_tokens
+            if state.is_main_process:
+                cfg, plan, error = prepare(cfg, state, lock, count_tokens)
         except UsageError as e:
             error = str(e)
-        if state.is_main_process and error is None:
-            cfg, plan, error = prepare(cfg, state, lock, count_tokens)
         shared = plan_rows(plan, cfg.dataset_dir) if plan and state.num_processes > 1 and not cfg.dry_run else None
-        error, cfg, run_id, shared = agree(state, (error, cfg, uuid.uuid4().hex, shared))
+        error, cfg, run_id, shared = agree((error, cfg, uuid.uuid4().hex, shared))
         if error:
             if state.is_main_process:
                 print(printable(f"error: {error}"), file=sys.stderr)
@@ -5083,8 +5052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str], int] | None
             ) -> tuple[Config, Plan | None, str | None]:
-    """The main process, before any work: the lock, the one plan (or the dry run's report), preflight.
-    Returns the Config with the model preflight found, the plan, and the error that stops the run, if any."""
+    """The main process, before any work: the lock, the one plan (or the dry run's report), preflight. Returns the
+    Config with the model preflight found, the plan, and the error that stops the run, if any."""
     if not cfg.dry_run and (error := lock.acquire()):
         return cfg, None, error
     plan = plan_work(cfg, count_tokens)
@@ -5109,11 +5078,11 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
     return checked, plan, None
 
 
-def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork | None = None) -> int:
+def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, work: SharedWork) -> int:
     """Gather every process's Stats, print the summary, write the report and export. The main process's exit code
     is the run's; the others exit with their own (accelerate launch exits 1 if any process does not exit 0)."""
     plan.records.close()  # the journal is whole on disk before the main process folds it in
-    stats = (work or SharedWork()).gather(stats, reporter.info)
+    stats = work.gather(stats, reporter.info)
     if not state.is_main_process:
         return stats.exit_code()
     stats.failures[:0] = plan.failures
@@ -5127,7 +5096,11 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         with contextlib.suppress(OSError):  # without it, the next run only tries the bad inputs again
             remember_failing(plan, stats)
     for line in summary_lines(plan, stats):
-        say(line, sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout)
+        stream = sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout
+        try:
+            print(printable(line), file=stream, flush=True)
+        except BrokenPipeError:  # the reader went away (`| head`): the report and export are still written
+            stream_closed(stream)
     if cfg.report:
         try:
             write_report(cfg.report, [*stats.failures, *stats.notes, *stats.flagged], report_summary(plan, stats))
@@ -5140,16 +5113,6 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
     return stats.exit_code()
 
 
-def say(line: str, stream=None) -> None:
-    """One line of the summary; where the reader went away (`| head`), the rest of it goes nowhere and the run still
-    writes its report and export."""
-    stream = stream or sys.stdout
-    try:
-        print(printable(line), file=stream, flush=True)
-    except BrokenPipeError:
-        stream_closed(stream)
-
-
 def stream_closed(stream) -> None:
     """The reader of this stream went away: what is left of the output goes to /dev/null, so neither a later print
     nor the interpreter's last flush prints a traceback about it."""
@@ -5159,22 +5122,10 @@ def stream_closed(stream) -> None:
         os.close(devnull)
 
 
-def closed_pipe_exit() -> int:
-    """A BrokenPipeError that reached the top (--dry_run or --audit piped into `head`): end quietly, as a tool
-    that SIGPIPE ended would."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            stream_closed(stream)
-    return EXIT_CLOSED_PIPE
-
-
 def exit_process(code: int) -> None:
-    """Exit with code. Once processes have met in a process group, skip the interpreter's teardown: gloo's threads
-    drop their last references to a collective's tensors just after it returns, and one that does so while the
-    interpreter finalizes cannot take the GIL and aborts the process (SIGABRT after a finished run, about one
-    two-process CPU run in eight). Everything is written and closed by now, so only the flush is left."""
+    """Once processes have met in a process group, skip the interpreter's teardown: a gloo thread that drops its
+    last reference to a collective's tensors while the interpreter finalizes aborts the process (SIGABRT after a
+    finished run, about one two-process CPU run in eight). Everything is written and closed by now."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         sys.stdout.flush()
@@ -5187,6 +5138,11 @@ if __name__ == "__main__":
     try:
         exit_code = main()
         sys.stdout.flush()  # here, not in the interpreter's teardown, where a closed pipe is a traceback
-    except BrokenPipeError:
-        exit_code = closed_pipe_exit()
+    except BrokenPipeError:  # --dry_run or --audit piped into `head`: end quietly, as a tool SIGPIPE ended would
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                stream_closed(stream)
+        exit_code = EXIT_CLOSED_PIPE
     exit_process(exit_code)
