@@ -1890,42 +1890,27 @@ TILE_COUNTS = ("max_image_tiles", "max_patches", "max_num_tiles", "dynamic_hd")
 def decode_side(image_processor) -> int:
     """The side both of an image's sides may be decoded down to without losing what the processor keeps: the
     largest size it may resize or tile to, or 0 (decode in full) where that size cannot be bounded."""
-    side = resize_side(image_processor)
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return 0
+    # Sides (height/width, shortest_edge, longest_edge), never maximum heights or pixel budgets, which we cannot
+    # bound. Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe.
+    values = {"longest_edge": size} if isinstance(size, int) else dict(size)  # a SizeDict yields only the keys set
+    sides = [values.pop(key) for key in ("height", "width", "shortest_edge", "longest_edge") if key in values]
+    if values or not all(isinstance(v, int) for v in sides):
+        return 0
+    side = max(sides, default=0)
     pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
     if side and pinpoints:  # LLaVA-NeXT, OneVision: the image is resized to one of these grids, then tiled
         return max([side] + [int(v) for point in pinpoints for v in point])
-    if not tiles(image_processor):
-        return side
+    switches = [v for v in (getattr(image_processor, name, None) for name in TILING_SWITCHES) if v is not None]
+    if not any(switches or [getattr(image_processor, name, None) for name in TILE_COUNTS]):
+        return side  # it does not tile: its switch says so, or, without one, it has no tile count
     tile = getattr(image_processor, "max_image_size", None)
     if side and getattr(image_processor, "do_image_splitting", False) and isinstance(tile, dict) \
             and set(tile) == {"longest_edge"}:  # Idefics3, SmolVLM: resized to `size`, split into tiles of this
         return max(side, int(tile["longest_edge"]))
     return 0  # tiles by a rule we cannot bound (crops of the full image, a grid of up to N tiles)
-
-
-def tiles(image_processor) -> bool:
-    """Whether the processor may cut the image into tiles: its switch says so, or, without one, it has a tile count."""
-    switches = [getattr(image_processor, name) for name in TILING_SWITCHES
-                if getattr(image_processor, name, None) is not None]
-    if switches:
-        return any(switches)
-    return any(getattr(image_processor, name, None) for name in TILE_COUNTS)
-
-
-def resize_side(image_processor) -> int:
-    """The largest side the processor's resize aims at (height/width, shortest_edge, longest_edge), or 0 when it
-    does not resize or sizes by anything else (maximum heights, pixel budgets) whose meaning we cannot bound.
-    Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe."""
-    size = getattr(image_processor, "size", None)
-    if not getattr(image_processor, "do_resize", False) or size is None:
-        return 0
-    if isinstance(size, int):
-        return size
-    values = dict(size)  # a dict or a SizeDict (which yields only the keys that are set)
-    sides = {key: values.pop(key) for key in ("height", "width", "shortest_edge", "longest_edge") if key in values}
-    if values or not sides or not all(isinstance(v, int) for v in sides.values()):
-        return 0
-    return max(sides.values())
 
 
 class LocalCaptioner:
