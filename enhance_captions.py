@@ -1914,13 +1914,8 @@ def decode_side(image_processor) -> int:
 
 
 class LocalCaptioner:
-    """A transformers image-to-text model. `prepare` runs in DataLoader workers, `caption` on the device.
-
-    How a batch is built and decoded depends only on what the processor offers:
-      post_process_generation -> task-token model (Florence-2): prompt as text, processor's post-processing
-      chat_template           -> chat model (Qwen-VL, SmolVLM, LLaVA, Janus, ...): a chat turn, new tokens only
-      otherwise               -> plain captioner (BLIP): image (and optional prompt prefix) in, text out
-    """
+    """A transformers image-to-text model, of the kind its processor's capabilities say (kind_of). `collate` runs
+    in DataLoader workers, `caption` on the device."""
 
     KINDS = "task-token models (Florence-2), chat-template vision models (Qwen-VL, SmolVLM, LLaVA, Janus, ...) " \
             "and plain image captioners (BLIP)"
@@ -1938,7 +1933,8 @@ class LocalCaptioner:
             tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
 
     def __getstate__(self) -> dict:
-        # Spawned decoding workers receive the captioner to prepare batches: the processor, never the model's weights.
+        # Decoding workers started by spawn (the default on macOS and Windows) unpickle the captioner with its
+        # collate: the processor, never the model's weights.
         return {key: value for key, value in self.__dict__.items() if key != "model"}
 
     @staticmethod
@@ -1946,11 +1942,11 @@ class LocalCaptioner:
         if getattr(processor, "image_processor", None) is None:  # a text-only tokenizer can have a chat template
             raise UsageError(f"{type(processor).__name__} takes no images; supported: {LocalCaptioner.KINDS}")
         if callable(getattr(processor, "post_process_generation", None)):
-            return "task"
+            return "task"  # the prompt is a task token; the processor's own post-processing makes the caption
         if getattr(processor, "chat_template", None):
-            return "chat"
+            return "chat"  # a chat turn in, the new tokens out
         if getattr(processor, "tokenizer", None) is not None:
-            return "plain"
+            return "plain"  # the image (and an optional prompt prefix) in, text out
         raise UsageError(f"{type(processor).__name__} fits no supported kind; supported: {LocalCaptioner.KINDS}")
 
     def prepare(self, images: list) -> Any:
@@ -1962,6 +1958,29 @@ class LocalCaptioner:
             inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt",
                                     padding=True)
         return inputs, [img.info.get("full_size", img.size) for img in images]
+
+    def collate(self, batch: list) -> tuple[list[int], Any, list[tuple[int, str]]]:
+        """The DataLoader's collate_fn: ImageFolder's (position, image, error) reads become the processor's inputs
+        in the worker. Returns the positions captioned, their inputs, and each other position's error."""
+        good = [(i, img) for i, img, _ in batch if img is not None]
+        errors = [(i, err) for i, _, err in batch if err is not None]
+        try:
+            prepared = self.prepare([img for _, img in good]) if good else None
+        except Exception:  # an image the processor refuses (Qwen-VL: aspect ratio over 200) must not sink its batch
+            kept = []
+            for index, img in good:
+                try:
+                    self.prepare([img])
+                    kept.append((index, img))
+                except Exception as e:
+                    width, height = img.info.get("full_size", img.size)
+                    errors.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
+                                          f"{first_line(e)}"))
+            good = kept
+            prepared = self.prepare([img for _, img in good]) if good else None
+        if prepared is not None:
+            inline_small_tensors(prepared[0])
+        return [i for i, _ in good], prepared, errors
 
     def conversation(self, image) -> list[dict]:
         turns = []
@@ -2149,28 +2168,6 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-class Collate:
-    """The DataLoader's collate_fn: a batch of decoded images becomes the processor's inputs, in the worker.
-    A class, not a closure: workers started by spawn (the default on macOS and Windows) unpickle it."""
-
-    def __init__(self, captioner: LocalCaptioner):
-        self.captioner = captioner
-
-    def __call__(self, batch):
-        captioner = self.captioner
-        good = [(i, img) for i, img, _ in batch if img is not None]
-        errors = [(i, err) for i, _, err in batch if err is not None]
-        try:
-            prepared = captioner.prepare([img for _, img in good]) if good else None
-        except Exception:  # an image the processor refuses (Qwen-VL: aspect ratio over 200) must not sink its batch
-            good, refused = refuse_one_by_one(captioner, good)
-            errors += refused
-            prepared = captioner.prepare([img for _, img in good]) if good else None
-        if prepared is not None:
-            inline_small_tensors(prepared[0])
-        return [i for i, _ in good], prepared, errors
-
-
 def inline_small_tensors(inputs) -> None:
     """Let a worker hand over small tensors (token ids, masks, small pixel arrays) as numpy arrays inside its
     pickle. torch gives every tensor its own shared-memory segment, and fetching a segment's descriptor from the
@@ -2182,20 +2179,6 @@ def inline_small_tensors(inputs) -> None:
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.nbytes < INLINE_TENSOR_BYTES and value.dtype != torch.bfloat16:
             inputs[key] = value.numpy()  # numpy has no bfloat16
-
-
-def refuse_one_by_one(captioner: LocalCaptioner, good: list) -> tuple[list, list]:
-    """Split a batch the processor failed on into the images it takes alone and the errors of the rest."""
-    kept, refused = [], []
-    for index, img in good:
-        try:
-            captioner.prepare([img])
-            kept.append((index, img))
-        except Exception as e:
-            width, height = img.info.get("full_size", img.size)
-            refused.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
-                                   f"{first_line(e)}"))
-    return kept, refused
 
 
 # --------------------------------------------------------------------------------------------
@@ -2473,7 +2456,7 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
     # the workers decode them: claiming stays here, decoding stays in the workers.
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_sampler=batches,
-                        num_workers=cfg.num_workers, collate_fn=Collate(captioner),
+                        num_workers=cfg.num_workers, collate_fn=captioner.collate,
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     threads = model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())
