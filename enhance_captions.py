@@ -1983,12 +1983,9 @@ class LocalCaptioner:
         return [i for i, _ in good], prepared, errors
 
     def conversation(self, image) -> list[dict]:
-        turns = []
-        if self.system_prompt:
-            turns.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        turns.append({"role": "user", "content": [{"type": "image", "image": image},
-                                                   {"type": "text", "text": self.prompt}]})
-        return turns
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]}
+        return (system if self.system_prompt else []) + [user]
 
     def to_model(self, inputs):
         """Inputs on the model's device; pixel values in its dtype, ids stay integers."""
@@ -2198,14 +2195,20 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if self.is_main and self.verbosity >= 1:
-            self._write(message)
+            self.warn(message)
 
     def detail(self, message: str) -> None:
         if self.verbosity >= 2:
-            self._write(message)
+            self.warn(message)
 
     def warn(self, message: str) -> None:
-        self._write(message)
+        from tqdm import tqdm
+
+        with self.lock:
+            try:
+                tqdm.write(printable(message), file=self.stream)
+            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
+                stream_closed(self.stream)
 
     def stopping(self, stop: threading.Event) -> None:
         """Once, on the main thread, after a signal handler recorded the stop (a handler that printed could wait
@@ -2214,15 +2217,6 @@ class Reporter:
         if signum and not self.said_stop:
             self.said_stop = True
             self.warn(f"{signal.Signals(signum).name}: stopping after the work in flight (again to abort)")
-
-    def _write(self, message: str) -> None:
-        from tqdm import tqdm
-
-        with self.lock:
-            try:
-                tqdm.write(printable(message), file=self.stream)
-            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
-                stream_closed(self.stream)
 
     def progress(self, name: str, total: int | None) -> Progress:
         """Counts this process's items; only the main process prints, so with several the label says it is a share.
@@ -2241,34 +2235,31 @@ class Progress:
     def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool):
         self.reporter, self.name, self.total, self.enabled = reporter, name, total, enabled
         self.done, self.start, self.last = 0, None, time.monotonic()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.bar = None
 
     def begin(self) -> None:
         with self.lock:
-            self._begin()
+            if self.start is not None:
+                return
+            self.start = self.last = time.monotonic()
+            if self.enabled and self.reporter.tty:
+                from tqdm import tqdm
 
-    def _begin(self) -> None:
-        if self.start is not None:
-            return
-        self.start = self.last = time.monotonic()
-        if self.enabled and self.reporter.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
-                            dynamic_ncols=True)
+                self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
+                                dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled:
             return
         with self.lock:
-            self._begin()
+            self.begin()
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
             elif time.monotonic() - self.last >= self.every or self.done == self.total:
                 self.last = time.monotonic()
-                self.reporter._write(self.line())
+                self.reporter.warn(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - (self.start or time.monotonic()), 1e-9)
@@ -2282,7 +2273,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and self.total is None:  # no total reached to print the last count at (0: none here)
-            self.reporter._write(self.line())
+            self.reporter.warn(self.line())
 
 
 # --------------------------------------------------------------------------------------------
@@ -2291,13 +2282,10 @@ class Progress:
 
 
 class AsyncStage:
-    """Bounded concurrent workers on an event loop thread; any thread can submit items.
-
-    `handle(item)` does one item and returns what to count ("done" when it says nothing), raises ItemError to
-    fail it; FatalEndpointError stops the run; GaveUp stops the stage, and what it has not done is left for the
-    next run. Once start()ed, the workers take the items of `source` first (this process's claimed chunks, see
-    SharedWork), then what submit() passed on (before the start, too), until close().
-    """
+    """Bounded concurrent workers on an event loop thread. `handle(item)` returns what to count ("done" when it
+    says nothing) or raises: ItemError fails the item, FatalEndpointError stops the run, GaveUp stops the stage
+    (the next run does the rest). The workers take `source`'s items first (this process's claimed chunks, see
+    SharedWork), then what any thread submit()s, until close()."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
                  handle: Callable[[Any], Any], stats: Stats, progress: Progress, stop: threading.Event,
@@ -2366,26 +2354,22 @@ class StopEvent(threading.Event):
 
     def __init__(self):
         super().__init__()
-        self.wakers: list[Callable[[], None]] = []
+        self.waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.signal: int | None = None  # the signal that stops the run
 
     def set(self) -> None:
         super().set()
-        for wake in list(self.wakers):
-            wake()
+        for loop, event in list(self.waiting):
+            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
+                loop.call_soon_threadsafe(event.set)
 
     def on_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
         """An asyncio.Event on `loop` that is set when this one is. No lock: a signal handler may call set()
         while this runs, on the same thread; the is_set() after the append catches a set() that came first."""
         event = asyncio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
-                loop.call_soon_threadsafe(event.set)
-
-        self.wakers.append(wake)
+        self.waiting.append((loop, event))
         if self.is_set():
-            wake()
+            self.set()  # setting the others again is harmless
         return event
 
 
@@ -2433,26 +2417,6 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         except Exception as e:  # nothing on this thread may be lost: the item fails, saying why
             stats.fail(item.image, STAGE_VISION, f"cannot keep the caption: {type(e).__name__}: {first_line(e)}")
 
-    def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
-        for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
-            stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
-            reporter.detail(f"failed {items[index].image}: {error}")
-        try:
-            captions = captioner.caption(prepared) if indices else []
-        except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
-            if worker_died(e):
-                raise
-            captions = []
-            for index in indices:
-                stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
-        for index, text in zip(indices, captions):
-            item, text = items[index], " ".join(text.split())
-            if not text:
-                stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
-                continue
-            writer.submit(save, item, text)
-        progress.update(len(indices) + len(errors))
-
     # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
     # the workers decode them: claiming stays here, decoding stays in the workers.
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_sampler=batches,
@@ -2463,7 +2427,22 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     with torch_threads_set(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
-                caption_batch(writer, indices, prepared, errors)
+                for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
+                    stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
+                    reporter.detail(f"failed {items[index].image}: {error}")
+                failure = "the vision model returned an empty caption"
+                try:
+                    captions = captioner.caption(prepared) if indices else []
+                except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
+                    if worker_died(e):
+                        raise
+                    failure, captions = f"generation failed: {type(e).__name__}: {e}", [""] * len(indices)
+                for index, text in zip(indices, captions):
+                    if text.strip():
+                        writer.submit(save, items[index], " ".join(text.split()))
+                    else:
+                        stats.fail(items[index].image, STAGE_VISION, failure)
+                progress.update(len(indices) + len(errors))
                 if stop.is_set():
                     reporter.stopping(stop)
                     break
@@ -2502,12 +2481,9 @@ def worker_died(error: BaseException) -> bool:
 
 
 def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
-    messages = []
-    if cfg.vlm_system_prompt:
-        messages.append({"role": "system", "content": cfg.vlm_system_prompt})
-    messages.append({"role": "user", "content": [{"type": "text", "text": prompt},
-                                                 {"type": "image_url", "image_url": {"url": url}}]})
-    return messages
+    system = [{"role": "system", "content": cfg.vlm_system_prompt}] if cfg.vlm_system_prompt else []
+    return system + [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                                  {"type": "image_url", "image_url": {"url": url}}]}]
 
 
 def llm_messages(item: Item, system_prompt: str, manual: str | None) -> list[dict]:
