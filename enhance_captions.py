@@ -2369,17 +2369,16 @@ class StopEvent(threading.Event):
         event = asyncio.Event()
         self.waiting.append((loop, event))
         if self.is_set():
-            self.set()  # setting the others again is harmless
+            loop.call_soon_threadsafe(event.set)
         return event
 
 
 class EventLoopThread:
-    """An asyncio loop in a background thread, for the request stages while torch runs in the main one.
-    `stopping` is the run's stop flag as an asyncio.Event on that loop."""
+    """An asyncio loop in a background thread, for the request stages while torch runs in the main one."""
 
     def __init__(self, stop: StopEvent):
         self.loop = asyncio.new_event_loop()
-        self.stopping = stop.on_loop(self.loop)
+        self.stopping = stop.on_loop(self.loop)  # the run's stop flag, for tasks on this loop to wait on
         self.thread = threading.Thread(target=self.loop.run_forever, name="requests", daemon=True)
         self.thread.start()
 
@@ -2403,9 +2402,9 @@ def wait_future(future, every_slice: Callable[[], None] = lambda: None) -> None:
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
                     keep: Callable[[Item, str], str | None], batches: Iterable[range]) -> None:
-    """The vision loop: decode in DataLoader workers, generate per batch, keep each batch's captions at once
-    (`keep(item, text)` writes the cache on the writer thread and passes the item on). `batches` are the
-    positions in `items` of this process's batches, claimed as the DataLoader asks for the next."""
+    """The vision loop: DataLoader workers decode, the model generates per batch, and the writer thread keeps each
+    caption at once (`keep(item, text)` writes its cache and passes the item on). `batches` (positions in `items`)
+    are claimed here as the loader asks for them, a few batches ahead of the model (2 per worker)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -2417,8 +2416,6 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         except Exception as e:  # nothing on this thread may be lost: the item fails, saying why
             stats.fail(item.image, STAGE_VISION, f"cannot keep the caption: {type(e).__name__}: {first_line(e)}")
 
-    # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
-    # the workers decode them: claiming stays here, decoding stays in the workers.
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_sampler=batches,
                         num_workers=cfg.num_workers, collate_fn=captioner.collate,
                         worker_init_fn=worker_init if cfg.num_workers else None,
