@@ -1684,12 +1684,22 @@ TILE_COUNTS = ("max_image_tiles", "max_patches", "max_num_tiles", "dynamic_hd")
 def decode_side(image_processor) -> int:
     """The side both of an image's sides may be decoded down to without losing what the processor keeps: the
     largest size it may resize or tile to, or 0 (decode in full) where that size cannot be bounded."""
-    side = resize_side(image_processor)
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return 0
+    # Sides (height/width, shortest_edge, longest_edge), never maximum heights or pixel budgets, which we cannot
+    # bound. Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe.
+    values = {"longest_edge": size} if isinstance(size, int) else dict(size)  # a SizeDict yields only the keys set
+    sides = [values.pop(key) for key in ("height", "width", "shortest_edge", "longest_edge") if key in values]
+    if values or not all(isinstance(v, int) for v in sides):
+        return 0
+    side = max(sides, default=0)
     pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
     if side and pinpoints:  # LLaVA-NeXT, OneVision: the image is resized to one of these grids, then tiled
         return max([side] + [int(v) for point in pinpoints for v in point])
-    if not tiles(image_processor):
-        return side
+    switches = [v for v in (getattr(image_processor, name, None) for name in TILING_SWITCHES) if v is not None]
+    if not any(switches or [getattr(image_processor, name, None) for name in TILE_COUNTS]):
+        return side  # it does not tile: its switch says so, or, without one, it has no tile count
     tile = getattr(image_processor, "max_image_size", None)
     if side and getattr(image_processor, "do_image_splitting", False) and isinstance(tile, dict) \
             and set(tile) == {"longest_edge"}:  # Idefics3, SmolVLM: resized to `size`, split into tiles of this
@@ -1697,39 +1707,9 @@ def decode_side(image_processor) -> int:
     return 0  # tiles by a rule we cannot bound (crops of the full image, a grid of up to N tiles)
 
 
-def tiles(image_processor) -> bool:
-    """Whether the processor may cut the image into tiles: its switch says so, or, without one, it has a tile count."""
-    switches = [getattr(image_processor, name) for name in TILING_SWITCHES
-                if getattr(image_processor, name, None) is not None]
-    if switches:
-        return any(switches)
-    return any(getattr(image_processor, name, None) for name in TILE_COUNTS)
-
-
-def resize_side(image_processor) -> int:
-    """The largest side the processor's resize aims at (height/width, shortest_edge, longest_edge), or 0 when it
-    does not resize or sizes by anything else (maximum heights, pixel budgets) whose meaning we cannot bound.
-    Qwen-VL keeps pixel counts under shortest_edge/longest_edge: read as sides they are only larger, so safe."""
-    size = getattr(image_processor, "size", None)
-    if not getattr(image_processor, "do_resize", False) or size is None:
-        return 0
-    if isinstance(size, int):
-        return size
-    values = dict(size)  # a dict or a SizeDict (which yields only the keys that are set)
-    sides = {key: values.pop(key) for key in ("height", "width", "shortest_edge", "longest_edge") if key in values}
-    if values or not sides or not all(isinstance(v, int) for v in sides.values()):
-        return 0
-    return max(sides.values())
-
-
 class LocalCaptioner:
-    """A transformers image-to-text model. `prepare` runs in DataLoader workers, `caption` on the device.
-
-    How a batch is built and decoded depends only on what the processor offers:
-      post_process_generation -> task-token model (Florence-2): prompt as text, processor's post-processing
-      chat_template           -> chat model (Qwen-VL, SmolVLM, LLaVA, Janus, ...): a chat turn, new tokens only
-      otherwise               -> plain captioner (BLIP): image (and optional prompt prefix) in, text out
-    """
+    """A transformers image-to-text model, of the kind its processor's capabilities say (kind_of). `collate` runs
+    in DataLoader workers, `caption` on the device."""
 
     KINDS = "task-token models (Florence-2), chat-template vision models (Qwen-VL, SmolVLM, LLaVA, Janus, ...) " \
             "and plain image captioners (BLIP)"
@@ -1747,7 +1727,8 @@ class LocalCaptioner:
             tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
 
     def __getstate__(self) -> dict:
-        # Spawned decoding workers receive the captioner to prepare batches: the processor, never the model's weights.
+        # Decoding workers started by spawn (the default on macOS and Windows) unpickle the captioner with its
+        # collate: the processor, never the model's weights.
         return {key: value for key, value in self.__dict__.items() if key != "model"}
 
     @staticmethod
@@ -1755,11 +1736,11 @@ class LocalCaptioner:
         if getattr(processor, "image_processor", None) is None:  # a text-only tokenizer can have a chat template
             raise UsageError(f"{type(processor).__name__} takes no images; supported: {LocalCaptioner.KINDS}")
         if callable(getattr(processor, "post_process_generation", None)):
-            return "task"
+            return "task"  # the prompt is a task token; the processor's own post-processing makes the caption
         if getattr(processor, "chat_template", None):
-            return "chat"
+            return "chat"  # a chat turn in, the new tokens out
         if getattr(processor, "tokenizer", None) is not None:
-            return "plain"
+            return "plain"  # the image (and an optional prompt prefix) in, text out
         raise UsageError(f"{type(processor).__name__} fits no supported kind; supported: {LocalCaptioner.KINDS}")
 
     def prepare(self, images: list) -> Any:
@@ -1772,13 +1753,33 @@ class LocalCaptioner:
                                     padding=True)
         return inputs, [img.info.get("full_size", img.size) for img in images]
 
+    def collate(self, batch: list) -> tuple[list[int], Any, list[tuple[int, str]]]:
+        """The DataLoader's collate_fn: ImageFolder's (position, image, error) reads become the processor's inputs
+        in the worker. Returns the positions captioned, their inputs, and each other position's error."""
+        good = [(i, img) for i, img, _ in batch if img is not None]
+        errors = [(i, err) for i, _, err in batch if err is not None]
+        try:
+            prepared = self.prepare([img for _, img in good]) if good else None
+        except Exception:  # an image the processor refuses (Qwen-VL: aspect ratio over 200) must not sink its batch
+            kept = []
+            for index, img in good:
+                try:
+                    self.prepare([img])
+                    kept.append((index, img))
+                except Exception as e:
+                    width, height = img.info.get("full_size", img.size)
+                    errors.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
+                                          f"{first_line(e)}"))
+            good = kept
+            prepared = self.prepare([img for _, img in good]) if good else None
+        if prepared is not None:
+            inline_small_tensors(prepared[0])
+        return [i for i, _ in good], prepared, errors
+
     def conversation(self, image) -> list[dict]:
-        turns = []
-        if self.system_prompt:
-            turns.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        turns.append({"role": "user", "content": [{"type": "image", "image": image},
-                                                   {"type": "text", "text": self.prompt}]})
-        return turns
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]}
+        return (system if self.system_prompt else []) + [user]
 
     def to_model(self, inputs):
         """Inputs on the model's device; pixel values in its dtype, ids stay integers."""
@@ -1930,18 +1931,15 @@ def release_memory() -> None:
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # nothing to do where CUDA was never initialised
 
 
 class ImageFolder:
-    """A torch Dataset of items: each read returns (position, image or None, error or None)."""
+    """A torch Dataset of items: each read returns (position, image or None, error or None). No __len__: the
+    DataLoader takes its positions from the batch sampler alone."""
 
     def __init__(self, items: Sequence[Item], min_side: int = 0):
         self.items, self.min_side = items, min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, index: int):
         try:
@@ -1958,53 +1956,16 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-class Collate:
-    """The DataLoader's collate_fn: a batch of decoded images becomes the processor's inputs, in the worker.
-    A class, not a closure: workers started by spawn (the default on macOS and Windows) unpickle it."""
-
-    def __init__(self, captioner: LocalCaptioner):
-        self.captioner = captioner
-
-    def __call__(self, batch):
-        captioner = self.captioner
-        good = [(i, img) for i, img, _ in batch if img is not None]
-        errors = [(i, err) for i, _, err in batch if err is not None]
-        try:
-            prepared = captioner.prepare([img for _, img in good]) if good else None
-        except Exception:  # an image the processor refuses (Qwen-VL: aspect ratio over 200) must not sink its batch
-            good, refused = refuse_one_by_one(captioner, good)
-            errors += refused
-            prepared = captioner.prepare([img for _, img in good]) if good else None
-        if prepared is not None:
-            inline_small_tensors(prepared[0])
-        return [i for i, _ in good], prepared, errors
-
-
 def inline_small_tensors(inputs) -> None:
-    """Let a worker hand over small tensors (token ids, masks, small pixel arrays) as numpy arrays inside its
-    pickle. torch gives every tensor its own shared-memory segment, and fetching a segment's descriptor from the
-    worker is an authenticated socket round trip. On 2 CPU cores (tiny Florence-2, batch 8) the main process
-    waited a median 4.1 ms per batch for three tensors, 1.0 ms with them inline. Large pixel arrays still go
-    through shared memory, where one round trip is cheap beside copying them."""
+    """Small tensors (token ids, masks, small pixel arrays) leave a worker as numpy arrays inside its pickle: torch
+    gives every tensor a shared-memory segment whose descriptor costs an authenticated socket round trip. On 2 CPU
+    cores (tiny Florence-2, batch 8) that was a median 4.1 ms per batch for three tensors, 1.0 ms inline. Large
+    pixel arrays still go through shared memory, where one round trip is cheap beside copying them."""
     import torch
 
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.nbytes < INLINE_TENSOR_BYTES and value.dtype != torch.bfloat16:
             inputs[key] = value.numpy()  # numpy has no bfloat16
-
-
-def refuse_one_by_one(captioner: LocalCaptioner, good: list) -> tuple[list, list]:
-    """Split a batch the processor failed on into the images it takes alone and the errors of the rest."""
-    kept, refused = [], []
-    for index, img in good:
-        try:
-            captioner.prepare([img])
-            kept.append((index, img))
-        except Exception as e:
-            width, height = img.info.get("full_size", img.size)
-            refused.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
-                                   f"{first_line(e)}"))
-    return kept, refused
 
 
 # --------------------------------------------------------------------------------------------
@@ -2024,14 +1985,20 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if self.is_main and self.verbosity >= 1:
-            self._write(message)
+            self.warn(message)
 
     def detail(self, message: str) -> None:
         if self.verbosity >= 2:
-            self._write(message)
+            self.warn(message)
 
     def warn(self, message: str) -> None:
-        self._write(message)
+        from tqdm import tqdm
+
+        with self.lock:
+            try:
+                tqdm.write(printable(message), file=self.stream)
+            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
+                stream_closed(self.stream)
 
     def stopping(self, stop: threading.Event) -> None:
         """Once, on the main thread, after a signal handler recorded the stop (a handler that printed could wait
@@ -2040,15 +2007,6 @@ class Reporter:
         if signum and not self.said_stop:
             self.said_stop = True
             self.warn(f"{signal.Signals(signum).name}: stopping after the work in flight (again to abort)")
-
-    def _write(self, message: str) -> None:
-        from tqdm import tqdm
-
-        with self.lock:
-            try:
-                tqdm.write(printable(message), file=self.stream)
-            except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
-                stream_closed(self.stream)
 
     def progress(self, name: str, total: int | None) -> Progress:
         """Counts this process's items; only the main process prints, so with several the label says it is a share.
@@ -2067,34 +2025,31 @@ class Progress:
     def __init__(self, reporter: Reporter, name: str, total: int | None, enabled: bool):
         self.reporter, self.name, self.total, self.enabled = reporter, name, total, enabled
         self.done, self.start, self.last = 0, None, time.monotonic()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.bar = None
 
     def begin(self) -> None:
         with self.lock:
-            self._begin()
+            if self.start is not None:
+                return
+            self.start = self.last = time.monotonic()
+            if self.enabled and self.reporter.tty:
+                from tqdm import tqdm
 
-    def _begin(self) -> None:
-        if self.start is not None:
-            return
-        self.start = self.last = time.monotonic()
-        if self.enabled and self.reporter.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
-                            dynamic_ncols=True)
+                self.bar = tqdm(total=self.total, desc=self.name, unit="img", file=self.reporter.stream,
+                                dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled:
             return
         with self.lock:
-            self._begin()
+            self.begin()
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
             elif time.monotonic() - self.last >= self.every or self.done == self.total:
                 self.last = time.monotonic()
-                self.reporter._write(self.line())
+                self.reporter.warn(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - (self.start or time.monotonic()), 1e-9)
@@ -2108,7 +2063,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and self.total is None:  # no total reached to print the last count at (0: none here)
-            self.reporter._write(self.line())
+            self.reporter.warn(self.line())
 
 
 # --------------------------------------------------------------------------------------------
@@ -2117,13 +2072,10 @@ class Progress:
 
 
 class AsyncStage:
-    """Bounded concurrent workers on an event loop thread; any thread can submit items.
-
-    `handle(item)` does one item and returns what to count ("done" when it says nothing), raises ItemError to
-    fail it; FatalEndpointError stops the run; GaveUp stops the stage, and what it has not done is left for the
-    next run. Once start()ed, the workers take the items of `source` first (this process's claimed chunks, see
-    SharedWork), then what submit() passed on (before the start, too), until close().
-    """
+    """Bounded concurrent workers on an event loop thread. `handle(item)` returns what to count ("done" when it
+    says nothing) or raises: ItemError fails the item, FatalEndpointError stops the run, GaveUp stops the stage
+    (the next run does the rest). The workers take `source`'s items first (this process's claimed chunks, see
+    SharedWork), then what any thread submit()s, until close()."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, concurrency: int,
                  handle: Callable[[Any], Any], stats: Stats, progress: Progress, stop: threading.Event,
@@ -2192,36 +2144,31 @@ class StopEvent(threading.Event):
 
     def __init__(self):
         super().__init__()
-        self.wakers: list[Callable[[], None]] = []
+        self.waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.signal: int | None = None  # the signal that stops the run
 
     def set(self) -> None:
         super().set()
-        for wake in list(self.wakers):
-            wake()
+        for loop, event in list(self.waiting):
+            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
+                loop.call_soon_threadsafe(event.set)
 
     def on_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
         """An asyncio.Event on `loop` that is set when this one is. No lock: a signal handler may call set()
         while this runs, on the same thread; the is_set() after the append catches a set() that came first."""
         event = asyncio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing waits any more
-                loop.call_soon_threadsafe(event.set)
-
-        self.wakers.append(wake)
+        self.waiting.append((loop, event))
         if self.is_set():
-            wake()
+            loop.call_soon_threadsafe(event.set)
         return event
 
 
 class EventLoopThread:
-    """An asyncio loop in a background thread, for the request stages while torch runs in the main one.
-    `stopping` is the run's stop flag as an asyncio.Event on that loop."""
+    """An asyncio loop in a background thread, for the request stages while torch runs in the main one."""
 
     def __init__(self, stop: StopEvent):
         self.loop = asyncio.new_event_loop()
-        self.stopping = stop.on_loop(self.loop)
+        self.stopping = stop.on_loop(self.loop)  # the run's stop flag, for tasks on this loop to wait on
         self.thread = threading.Thread(target=self.loop.run_forever, name="requests", daemon=True)
         self.thread.start()
 
@@ -2245,9 +2192,9 @@ def wait_future(future, every_slice: Callable[[], None] = lambda: None) -> None:
 def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Config, stats: Stats,
                     progress: Progress, reporter: Reporter, stop: threading.Event,
                     keep: Callable[[Item, str], str | None], batches: Iterable[range]) -> None:
-    """The vision loop: decode in DataLoader workers, generate per batch, keep each batch's captions at once
-    (`keep(item, text)` writes the cache on the writer thread and passes the item on). `batches` are the
-    positions in `items` of this process's batches, claimed as the DataLoader asks for the next."""
+    """The vision loop: DataLoader workers decode, the model generates per batch, and the writer thread keeps each
+    caption at once (`keep(item, text)` writes its cache and passes the item on). `batches` (positions in `items`)
+    are claimed here as the loader asks for them, a few batches ahead of the model (2 per worker)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -2259,37 +2206,30 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
         except Exception as e:  # nothing on this thread may be lost: the item fails, saying why
             stats.fail(item.image, STAGE_VISION, f"cannot keep the caption: {type(e).__name__}: {first_line(e)}")
 
-    def caption_batch(writer: ThreadPoolExecutor, indices: list[int], prepared, errors: list[tuple[int, str]]) -> None:
-        for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
-            stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
-            reporter.detail(f"failed {items[index].image}: {error}")
-        try:
-            captions = captioner.caption(prepared) if indices else []
-        except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
-            if worker_died(e):
-                raise
-            captions = []
-            for index in indices:
-                stats.fail(items[index].image, STAGE_VISION, f"generation failed: {type(e).__name__}: {e}")
-        for index, text in zip(indices, captions):
-            item, text = items[index], " ".join(text.split())
-            if not text:
-                stats.fail(item.image, STAGE_VISION, "the vision model returned an empty caption")
-                continue
-            writer.submit(save, item, text)
-        progress.update(len(indices) + len(errors))
-
-    # The loader draws a batch's positions in this process, a few batches ahead of the model (2 per worker), and
-    # the workers decode them: claiming stays here, decoding stays in the workers.
     loader = DataLoader(ImageFolder(items, captioner.decode_side), batch_sampler=batches,
-                        num_workers=cfg.num_workers, collate_fn=Collate(captioner),
+                        num_workers=cfg.num_workers, collate_fn=captioner.collate,
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     threads = model_threads(captioner.model.device, cfg.num_workers, torch.get_num_threads())
     with torch_threads_set(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
-                caption_batch(writer, indices, prepared, errors)
+                for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
+                    stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
+                    reporter.detail(f"failed {items[index].image}: {error}")
+                failure = "the vision model returned an empty caption"
+                try:
+                    captions = captioner.caption(prepared) if indices else []
+                except Exception as e:  # one bad batch does not stop the run; a dead worker does (below)
+                    if worker_died(e):
+                        raise
+                    failure, captions = f"generation failed: {type(e).__name__}: {e}", [""] * len(indices)
+                for index, text in zip(indices, captions):
+                    if text.strip():
+                        writer.submit(save, items[index], " ".join(text.split()))
+                    else:
+                        stats.fail(items[index].image, STAGE_VISION, failure)
+                progress.update(len(indices) + len(errors))
                 if stop.is_set():
                     reporter.stopping(stop)
                     break
@@ -2328,12 +2268,9 @@ def worker_died(error: BaseException) -> bool:
 
 
 def vision_messages(url: str, cfg: Config, prompt: str) -> list[dict]:
-    messages = []
-    if cfg.vlm_system_prompt:
-        messages.append({"role": "system", "content": cfg.vlm_system_prompt})
-    messages.append({"role": "user", "content": [{"type": "text", "text": prompt},
-                                                 {"type": "image_url", "image_url": {"url": url}}]})
-    return messages
+    system = [{"role": "system", "content": cfg.vlm_system_prompt}] if cfg.vlm_system_prompt else []
+    return system + [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                                  {"type": "image_url", "image_url": {"url": url}}]}]
 
 
 def llm_messages(item: Item, system_prompt: str, manual: str | None) -> list[dict]:

@@ -240,8 +240,8 @@ def test_collate_pickles_without_the_model(tmp_path, model_dir):
     import pickle
 
     captioner = captioner_for(tmp_path, model_dir("florence2"))
-    collate = pickle.loads(pickle.dumps(ec.Collate(captioner)))
-    assert "model" not in vars(collate.captioner) and collate.captioner.prompt == captioner.prompt
+    collate = pickle.loads(pickle.dumps(captioner.collate))
+    assert "model" not in vars(collate.__self__) and collate.__self__.prompt == captioner.prompt
     indices, prepared, errors = collate([(0, ec.load_image(make_image(tmp_path / "a.png", 1)), None),
                                          (1, None, "empty file (0 bytes)")])
     assert indices == [0] and errors == [(1, "empty file (0 bytes)")] and prepared is not None
