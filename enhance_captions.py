@@ -1451,16 +1451,9 @@ class LocalChat:
 
         common = {"revision": revision, "trust_remote_code": trust_remote_code}
         check_model_source(model_id, "--local_llm", revision)
-        try:
+        with loading(f"--local_llm {model_id}"):
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, **common)
             self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **common).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load --local_llm {model_id}: {first_line(e)}") from e
-        except Exception as e:
-            if not is_damaged_weights(e):
-                raise
-            raise UsageError(f"cannot load --local_llm {model_id}: its weights are damaged ({first_line(e)}); "
-                             "download it again") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -1866,18 +1859,13 @@ def load_captioner(cfg: Config, device) -> LocalCaptioner:
             **{f"load_in_{cfg.quantization}": True}, bnb_4bit_compute_dtype=dtype)  # load_in_4bit or load_in_8bit
         kwargs.setdefault("device_map", {"": device})
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):  # remote-code models may register only the latter
-        try:
-            model = auto.from_pretrained(cfg.model_id, **kwargs)
-            break
-        except (ValueError, OSError) as e:
-            if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
-                continue  # not this auto class: try the next
-            raise UsageError(f"cannot load {cfg.model_id}: {first_line(e)}") from e
-        except Exception as e:  # a damaged weights file (safetensors' own error) or a broken checkpoint
-            if not is_damaged_weights(e):
-                raise
-            raise UsageError(f"cannot load {cfg.model_id}: its weights are damaged ({first_line(e)}); download "
-                             "it again") from e
+        with loading(cfg.model_id):
+            try:
+                model = auto.from_pretrained(cfg.model_id, **kwargs)
+                break
+            except ValueError as e:
+                if "Unrecognized configuration class" not in str(e):
+                    raise  # not "not this auto class, try the next"
     else:  # no auto class took its configuration
         raise UsageError(f"{cfg.model_id} is not an image-to-text model; supported: {LocalCaptioner.KINDS}")
     if "device_map" not in kwargs:
@@ -1921,9 +1909,18 @@ def check_model_source(name: str, flag: str, revision: str = "main") -> None:
                          f"({type(e).__name__}); {offline}") from e
 
 
-def is_damaged_weights(error: Exception) -> bool:
-    """safetensors reports a truncated or garbled file with its own exception type, outside OSError/ValueError."""
-    return type(error).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError")
+@contextlib.contextmanager
+def loading(what: str):
+    """One line for a model that cannot load: a missing file or a bad configuration, or damaged weights (safetensors
+    reports a truncated or garbled file with its own exception type, outside OSError/ValueError)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load {what}: {first_line(e)}") from e
+    except Exception as e:
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
+            raise
+        raise UsageError(f"cannot load {what}: its weights are damaged ({first_line(e)}); download it again") from e
 
 
 def release_memory() -> None:
