@@ -2620,18 +2620,14 @@ def settings_change(records: Records, sid: str, current_id: str, current: dict) 
     old = records.settings.get(sid)
     if old is None:
         return "other settings"
-    keys = [k for k in sorted(current.keys() | old.keys()) if old.get(k) != current.get(k)]
-    if not keys:  # recorded in an older layout, with the same values
-        return None
-
-    def words(key: str) -> str:
+    words = []
+    for key in sorted(current.keys() | old.keys()):
+        if old.get(key) == current.get(key):
+            continue
         name = SETTING_WORDS.get(key, f"--{key}")
-        if key in UNSHOWN_SETTINGS:
-            return f"another {name}"
-        shown = [str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key))]
-        return f"another {name} ({shown[0]} → {shown[1]})"
-
-    return " and ".join(words(k) for k in keys)
+        before, after = (str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key)))
+        words.append(f"another {name}" if key in UNSHOWN_SETTINGS else f"another {name} ({before} → {after})")
+    return " and ".join(words) or None  # None: recorded in an older layout, with the same values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2724,19 +2720,18 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 merge.reason = None
         merges = [m for m in item.merges if m.reason]
         if (item.vision or merges) and budget is not None:
-            if budget <= 0:
+            budget -= 1
+            if budget < 0:
                 plan.limited += 1
-                item.vision, merges = None, []
+                item.vision = None
                 for merge in item.merges:
                     merge.reason = None
                 continue
-            budget -= 1
         plan.cached_generated += item.generated is not None and item.vision is None
         plan.cached_combined += sum(m.text is not None and m.reason is None for m in item.merges)
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
-    plan.count = None  # needed while planning only; a closure would not travel with the plan to other processes
     return plan
 
 
@@ -2773,7 +2768,10 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         elif gen.status == UNRECORDED:
             adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
-            item.vision = stale_vision(gen.record, item, cfg, settings)
+            if gen.record.image != item.stamp:
+                item.vision = REASON_IMAGE
+            elif cfg.refresh == "settings" and gen.record.settings != settings.vision_id:
+                item.vision = REASON_SETTINGS
             change = settings_change(records, gen.record.settings, settings.vision_id, settings.vision)
             if item.vision is None and change:
                 plan.differ[(KIND_GENERATED, f"were made with {change}")] += 1
@@ -2801,32 +2799,19 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
         pass
     elif found.status == EDITED:
         item.kept += (merge.variant.kind,)
-    elif found.status == UNRECORDED:
-        record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
-        merge.record = adopt(plan, item, merge.variant.kind, record)
-        stale_merge(record, merge, cfg, plan)  # adopted as it is now; a vision caption made again may change it
-        stale_check(merge, cfg, settings)
     else:
-        merge.record = found.record
-        stale_merge(found.record, merge, cfg, plan)
+        if found.status == UNRECORDED:  # adopted as it is now; a vision caption made again may change it
+            merge.record = adopt(plan, item, merge.variant.kind, Record(
+                found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
+                generated=item.generated_sha))
+        stale_merge(merge, cfg, plan)
         stale_check(merge, cfg, settings)
 
 
-def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
-    if record.image != item.stamp:
-        return REASON_IMAGE
-    if cfg.refresh == "settings" and record.settings != settings.vision_id:
-        return REASON_SETTINGS
-    return None
-
-
-def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
-    """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
-    the merge waits for it: it is redone only if the new caption differs from the one it was made from. One that
-    stands may still get this run's --keep_tokens, --prefix, --suffix or budget (refinish), or be counted as made
-    with other settings."""
-    item, settings, name = merge.item, plan.settings, merge.variant.name
+def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
+    """Why a merge made by this script is out of date, if it is. One whose vision caption is made again is redone
+    only if that caption changes; one that stands may be re-finished, or counted as made with other settings."""
+    item, settings, name, record = merge.item, plan.settings, merge.variant.name, merge.record
     # a record without `finish` is older than the split: its settings held the finishing ones too
     current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
     change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
@@ -2850,15 +2835,13 @@ def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
 
 
 def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
-    """What the LLM's cleaned reply becomes in the file: the kept parts first, the fixed text, and (with `count`)
-    the cut to the budget."""
+    """The LLM's cleaned reply as the file has it: kept parts first, the fixed text, with `count` cut to the budget."""
     return training_caption(keep_tokens_first(reply, kept), kept, cfg, count)
 
 
 def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> None:
-    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. A reply that would be over a
-    new --max_caption_tokens needs the LLM (asked again for a shorter one): counted, or with --refresh settings
-    redone."""
+    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. One over a new
+    --max_caption_tokens needs the LLM to shorten it: counted, or with --refresh settings redone."""
     settings = plan.settings
     reply = record.reply if record.reply is not None else merge.text
     text = finish_reply(reply, keep_token_parts(merge.item.manual, cfg.keep_tokens), cfg)
@@ -2943,8 +2926,7 @@ def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
 
 def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
     """The plan as the main process sends it to the others: where the records are, and each item with work, in
-    order, with its decisions; no records, no cached text they do not need. Paths are relative to the dataset
-    folder, which each process names."""
+    order, with its decisions, but no cached text they do not need. Paths are relative to the dataset folder."""
     rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
     for item in plan.items:
         merges = tuple((n, m.sha, m.reason, m.unless, m.record, m.check_only, m.text if m.check_only else None)
@@ -2974,15 +2956,13 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
 
 
 class SharedWork:
-    """How the processes of one run share its work, through the key-value store that torch.distributed already
-    runs for the process group. Every process has the main process's plan (plan_rows), so a chunk number names the
-    same items everywhere; each stage hands out chunk numbers from its own counter (the store's atomic add), so a
-    process that drew slow work takes fewer and all finish close together. One that dies leaves only its claimed
-    chunks undone. At the end each process leaves its Stats in the store, and the main process waits for them while
-    their process's heartbeat goes on (silent for HEARTBEAT_LOST: dead or hung, given up on): a collective there
-    times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the summary,
-    the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees old
-    counts. One process has no store, and takes every chunk in order."""
+    """How the processes of one run share its work, through torch.distributed's key-value store. Every process has
+    the main process's plan, so a chunk number names the same items everywhere; each stage hands out chunk numbers
+    from its own counter, so a process that drew slow work takes fewer, and one that dies leaves only its claimed
+    chunks undone. At the end the main process waits for each one's Stats while its heartbeat goes on: a collective
+    there times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the
+    summary, the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees
+    old counts. One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -3021,18 +3001,16 @@ class SharedWork:
         if self.rank:
             self.store.set(self.key(f"stats/{self.rank}"), pickle.dumps(stats))
             return stats
-        total = Stats()
-        total.merge(stats)
         for rank in range(1, self.processes):
             key = self.key(f"stats/{rank}")
             if self.wait(key, rank, lambda: waiting(f"waiting for process {rank + 1} of {self.processes} to finish "
                                                      "its work")):
-                total.merge(pickle.loads(self.store.get(key)))
-            elif not total.gave_up:
-                total.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
+                stats.merge(pickle.loads(self.store.get(key)))
+            elif not stats.gave_up:
+                stats.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
                                  f"{scaled_wait(HEARTBEAT_LOST):.0f} s): the work it had claimed and not reported "
                                  "is left for the next run")
-        return total
+        return stats
 
     def finished(self) -> None:
         """The main process says the run is over; the others wait for that (while it is alive) before they exit:
@@ -3066,8 +3044,7 @@ class SharedWork:
 
 
 def make_chat(cfg: Config, state):
-    """The LLM client factory: the endpoint (or a pool of them) with this process's share of the rate limits, or a
-    local LLM."""
+    """The LLM client factory: the endpoint (or a pool of them), or a local LLM."""
     if cfg.local_llm:
         quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
@@ -3106,8 +3083,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     stats, work = Stats(), work or SharedWork()
     if not plan.to_generate and not plan.to_combine:
         return stats
-    captioning = {id(i) for i in plan.to_generate}
-    llm_only = [m for m in plan.to_combine if id(m.item) not in captioning]
+    llm_only = [m for m in plan.to_combine if not m.item.vision]
     events = EventLoopThread(stop)
     merger = Merger(cfg, plan, stats, reporter, events.stopping, count_tokens)
     merges = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merger, stats,
@@ -3218,8 +3194,7 @@ class Merger:
 
     async def merge(self, job: Merge) -> str:
         if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
-            if job.record is not None:
-                self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
+            self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
             return "unchanged"
         cfg, item = self.cfg, job.item
         kept = keep_token_parts(item.manual, cfg.keep_tokens)
@@ -3325,8 +3300,7 @@ class Merger:
 
 
 def waiting_merges(plan: Plan, stats: Stats, progress: Progress) -> None:
-    """The merges of images whose vision caption failed here wait for the next run: counted, so that the progress
-    and the summary add up."""
+    """The merges of images whose vision caption failed wait for the next run: counted, so the summary adds up."""
     failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
     for job in (m for item in plan.to_generate if str(item.image) in failed for m in item.merges if m.reason):
         stats.count(job.variant.kind, "waiting")
