@@ -3272,15 +3272,13 @@ class Merger:
         if found is not None and not found.clean:
             (reply, text), again = await self.ask(job, with_findings(messages, found), kept), True
             found = await self.check(job, text)
-        if found is None:  # counted and reported by check()
-            return reply, text, None
-        if found.clean:
+        if found is not None and found.clean:  # (a failed check, None, is counted and reported by check())
             stats.tally("checks", "fixed" if again else "clean")
-            return reply, text, found
-        stats.tally("checks", "flagged")
-        if self.cfg.verify == "strict":
-            raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
-        stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
+        elif found is not None:
+            stats.tally("checks", "flagged")
+            if self.cfg.verify == "strict":
+                raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
+            stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
         return reply, text, found
 
     async def write(self, job: Merge, reply: str, text: str, found: Check | None = None) -> str:
@@ -3312,7 +3310,6 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
                    every_slice: Callable[[], None] = lambda: None) -> None:
     """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
     chat = make_vision_chat(cfg, state)
-    prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
     async def describe(item: Item) -> str | None:
         try:
@@ -3322,7 +3319,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
         except BadInput:
             stats.bad_input(item.image)
             raise
-        messages = vision_messages(url, cfg, prompt)
+        messages = vision_messages(url, cfg, cfg.prompt or DEFAULT_CHAT_PROMPT)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping, on_cut=lambda: stats.note(
             item.image, STAGE_VISION, f"{item.generated_path.name}: cut at --max_new_tokens {cfg.max_new_tokens}"))
         return await asyncio.to_thread(keep, item, text)
