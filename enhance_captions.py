@@ -3049,9 +3049,8 @@ def make_chat(cfg: Config, state):
         quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
                          cfg.max_tokens, cfg.temperature, cfg.revision, cfg.trust_remote_code)
-    urls = cfg.base_url or (None,)
-    return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in urls], cfg.model, cfg.rpm, cfg.tpm,
-                         cfg.max_tokens, cfg.temperature)
+    return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in cfg.base_url or (None,)], cfg.model,
+                         cfg.rpm, cfg.tpm, cfg.max_tokens, cfg.temperature)
 
 
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
