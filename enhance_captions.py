@@ -2924,33 +2924,27 @@ def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     return record
 
 
-def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
+def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
     """The plan as the main process sends it to the others: where the records are, and each item with work, in
-    order, with its decisions, but no cached text they do not need. Paths are relative to the dataset folder."""
-    rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
+    order, with the merges it makes, but no cached text they do not need. Paths are relative to the dataset folder."""
+    rows = []
     for item in plan.items:
-        merges = tuple((n, m.sha, m.reason, m.unless, m.record, m.check_only, m.text if m.check_only else None)
-                       for n, m in enumerate(item.merges) if m.reason)
+        merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
-            rows.append((str(item.image)[prefix:], item.stamp, item.manual, item.manual_sha, item.generated,
-                         item.generated_sha, item.vision, merges))
+            row = dataclasses.replace(item, image=item.image.relative_to(folder),
+                                      caption_path=item.caption_path.relative_to(folder))
+            row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
+            rows.append(row)
     return plan.records.root, rows
 
 
-def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
+def plan_from_rows(cfg: Config, root: Path, rows: list[Item]) -> Plan:
     """The main process's plan, in another process: the same items in the same order, so that a chunk number
     names the same work everywhere. This process walks no folder and reads no records."""
-    settings = run_settings(cfg)
-    plan = Plan([], [], [], [], records=Records(root), settings=settings)
-    for name, stamp, manual, manual_sha, generated, generated_sha, vision, merges in rows:
-        image = cfg.dataset_dir / name
-        item = Item(image, image.with_suffix(cfg.caption_extension), generated=generated, manual=manual,
-                    manual_sha=manual_sha, generated_sha=generated_sha, stamp=stamp, vision=vision)
-        item.merges = [Merge(item, settings.variants[n], text=text, sha=sha, reason=reason, unless=unless,
-                             record=record, check_only=check_only)
-                       for n, sha, reason, unless, record, check_only, text in merges]
-        plan.items.append(item)
-        plan.to_generate += [item] if vision else []
+    plan = Plan(rows, [], [], [], records=Records(root), settings=run_settings(cfg))
+    for item in rows:
+        item.image, item.caption_path = cfg.dataset_dir / item.image, cfg.dataset_dir / item.caption_path
+        plan.to_generate += [item] if item.vision else []
         plan.to_combine += item.merges
     return plan
 
