@@ -3086,7 +3086,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         if plan.to_combine and cfg.overlap and not cfg.local_llm:  # a local LLM waits for the GPU to be free
             merger.start(state, merges)
         if plan.to_generate:
-            caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges, reporter))
+            caption(cfg, plan, state, events, stats, reporter, stop, work, merges)
             waiting_merges(plan, stats, merges.progress)
         if plan.to_combine and merges.done is None and not stop.is_set():
             merger.start(state, merges)
@@ -3106,19 +3106,20 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
 
 
 def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stats, reporter: Reporter,
-            stop: StopEvent, work: SharedWork, keep: NewCaptions) -> None:
-    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one."""
+            stop: StopEvent, work: SharedWork, merges: AsyncStage) -> None:
+    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one; each
+    caption made goes on to `merges`."""
     items = plan.to_generate
     progress = reporter.progress("vision", len(items) if work.store is None else None)
     if cfg.vlm_base_url:
         progress.begin()
         caption_served(cfg, state, events, work.items(STAGE_VISION, items, min(REQUEST_CHUNK, cfg.concurrency)),
-                       stats, progress, stop, keep, lambda: reporter.stopping(stop))
+                       stats, progress, stop, NewCaptions(cfg, plan, merges, reporter), lambda: reporter.stopping(stop))
     else:
         reporter.info(f"loading {cfg.model_id} …")
         captioner = load_captioner(cfg, state.device)
         progress.begin()
-        keep.commit = getattr(captioner.model.config, "_commit_hash", None)
+        keep = NewCaptions(cfg, plan, merges, reporter, getattr(captioner.model.config, "_commit_hash", None))
         caption_locally(items, captioner, cfg, stats, progress, reporter, stop, keep,
                         work.chunks(STAGE_VISION, len(items), cfg.batch_size))
         del captioner
@@ -3130,10 +3131,9 @@ class NewCaptions:
     """Where a new vision caption goes (on the thread that saves it): its cache, after a last look, then its merges
     to the merge stage, which decides on its own thread whether each is still wanted (Merge.wanted)."""
 
-    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage, reporter: Reporter):
+    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage, reporter: Reporter, commit: str | None = None):
         self.cfg, self.records, self.settings, self.merges = cfg, plan.records, plan.settings, merges
-        self.reporter = reporter
-        self.commit: str | None = None  # the vision model's resolved revision, once it is loaded
+        self.reporter, self.commit = reporter, commit  # the local vision model's resolved revision
 
     def __call__(self, item: Item, text: str) -> str:
         if self.cfg.verbosity >= 2:  # the old caption is still on disk: what changed, in its first words
