@@ -3087,7 +3087,6 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
             merger.start(state, merges)
         if plan.to_generate:
             caption(cfg, plan, state, events, stats, reporter, stop, work, merges)
-            waiting_merges(plan, stats, merges.progress)
         if plan.to_combine and merges.done is None and not stop.is_set():
             merger.start(state, merges)
         if merges.done is not None:
@@ -3107,8 +3106,8 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
 
 def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stats, reporter: Reporter,
             stop: StopEvent, work: SharedWork, merges: AsyncStage) -> None:
-    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one; each
-    caption made goes on to `merges`."""
+    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one. Each
+    image's merges go on to `merges` with its new caption, or, where it failed, wait for the next run."""
     items = plan.to_generate
     progress = reporter.progress("vision", len(items) if work.store is None else None)
     if cfg.vlm_base_url:
@@ -3125,6 +3124,10 @@ def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stat
         del captioner
         release_memory()
     progress.close()
+    failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
+    for job in (m for item in items if str(item.image) in failed for m in item.merges if m.reason):
+        stats.count(job.variant.kind, "waiting")  # counted, so that the summary adds up
+        merges.progress.update()
 
 
 class NewCaptions:
@@ -3288,14 +3291,6 @@ class Merger:
         self.reporter.detail(f"merged {job.path} ({job.reason}): {first_words(job.text)} → {first_words(text)}")
         job.text = text
         return "done"
-
-
-def waiting_merges(plan: Plan, stats: Stats, progress: Progress) -> None:
-    """The merges of images whose vision caption failed wait for the next run: counted, so the summary adds up."""
-    failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
-    for job in (m for item in plan.to_generate if str(item.image) in failed for m in item.merges if m.reason):
-        stats.count(job.variant.kind, "waiting")
-        progress.update()
 
 
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
