@@ -2348,18 +2348,14 @@ def settings_change(records: Records, sid: str, current_id: str, current: dict) 
     old = records.settings.get(sid)
     if old is None:
         return "other settings"
-    keys = [k for k in sorted(current.keys() | old.keys()) if old.get(k) != current.get(k)]
-    if not keys:  # recorded in an older layout, with the same values
-        return None
-
-    def words(key: str) -> str:
+    words = []
+    for key in sorted(current.keys() | old.keys()):
+        if old.get(key) == current.get(key):
+            continue
         name = SETTING_WORDS.get(key, f"--{key}")
-        if key in UNSHOWN_SETTINGS:
-            return f"another {name}"
-        shown = [str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key))]
-        return f"another {name} ({shown[0]} → {shown[1]})"
-
-    return " and ".join(words(k) for k in keys)
+        before, after = (str(v) if v not in (None, "") else "none" for v in (old.get(key), current.get(key)))
+        words.append(f"another {name}" if key in UNSHOWN_SETTINGS else f"another {name} ({before} → {after})")
+    return " and ".join(words) or None  # None: recorded in an older layout, with the same values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2452,19 +2448,18 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 merge.reason = None
         merges = [m for m in item.merges if m.reason]
         if (item.vision or merges) and budget is not None:
-            if budget <= 0:
+            budget -= 1
+            if budget < 0:
                 plan.limited += 1
-                item.vision, merges = None, []
+                item.vision = None
                 for merge in item.merges:
                     merge.reason = None
                 continue
-            budget -= 1
         plan.cached_generated += item.generated is not None and item.vision is None
         plan.cached_combined += sum(m.text is not None and m.reason is None for m in item.merges)
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
-    plan.count = None  # needed while planning only; a closure would not travel with the plan to other processes
     return plan
 
 
@@ -2501,7 +2496,10 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         elif gen.status == UNRECORDED:
             adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
-            item.vision = stale_vision(gen.record, item, cfg, settings)
+            if gen.record.image != item.stamp:
+                item.vision = REASON_IMAGE
+            elif cfg.refresh == "settings" and gen.record.settings != settings.vision_id:
+                item.vision = REASON_SETTINGS
             change = settings_change(records, gen.record.settings, settings.vision_id, settings.vision)
             if item.vision is None and change:
                 plan.differ[(KIND_GENERATED, f"were made with {change}")] += 1
@@ -2529,32 +2527,19 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
         pass
     elif found.status == EDITED:
         item.kept += (merge.variant.kind,)
-    elif found.status == UNRECORDED:
-        record = Record(found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
-                        generated=item.generated_sha)
-        merge.record = adopt(plan, item, merge.variant.kind, record)
-        stale_merge(record, merge, cfg, plan)  # adopted as it is now; a vision caption made again may change it
-        stale_check(merge, cfg, settings)
     else:
-        merge.record = found.record
-        stale_merge(found.record, merge, cfg, plan)
+        if found.status == UNRECORDED:  # adopted as it is now; a vision caption made again may change it
+            merge.record = adopt(plan, item, merge.variant.kind, Record(
+                found.sha, settings.merge_ids[merge.variant.name], image=item.stamp, manual=item.manual_sha,
+                generated=item.generated_sha))
+        stale_merge(merge, cfg, plan)
         stale_check(merge, cfg, settings)
 
 
-def stale_vision(record: Record, item: Item, cfg: Config, settings: Settings) -> str | None:
-    if record.image != item.stamp:
-        return REASON_IMAGE
-    if cfg.refresh == "settings" and record.settings != settings.vision_id:
-        return REASON_SETTINGS
-    return None
-
-
-def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
-    """Why a merge made by this script is out of date, if it is. Where the vision caption is being made again,
-    the merge waits for it: it is redone only if the new caption differs from the one it was made from. One that
-    stands may still get this run's --keep_tokens, --prefix, --suffix or budget (refinish), or be counted as made
-    with other settings."""
-    item, settings, name = merge.item, plan.settings, merge.variant.name
+def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
+    """Why a merge made by this script is out of date, if it is. One whose vision caption is made again is redone
+    only if that caption changes; one that stands may be re-finished, or counted as made with other settings."""
+    item, settings, name, record = merge.item, plan.settings, merge.variant.name, merge.record
     # a record without `finish` is older than the split: its settings held the finishing ones too
     current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
     change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
@@ -2578,15 +2563,13 @@ def stale_merge(record: Record, merge: Merge, cfg: Config, plan: Plan) -> None:
 
 
 def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
-    """What the LLM's cleaned reply becomes in the file: the kept parts first, the fixed text, and (with `count`)
-    the cut to the budget."""
+    """The LLM's cleaned reply as the file has it: kept parts first, the fixed text, with `count` cut to the budget."""
     return training_caption(keep_tokens_first(reply, kept), kept, cfg, count)
 
 
 def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> None:
-    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. A reply that would be over a
-    new --max_caption_tokens needs the LLM (asked again for a shorter one): counted, or with --refresh settings
-    redone."""
+    """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. One over a new
+    --max_caption_tokens needs the LLM to shorten it: counted, or with --refresh settings redone."""
     settings = plan.settings
     reply = record.reply if record.reply is not None else merge.text
     text = finish_reply(reply, keep_token_parts(merge.item.manual, cfg.keep_tokens), cfg)
@@ -2669,48 +2652,39 @@ def adopt(plan: Plan, item: Item, kind: str, record: Record) -> Record:
     return record
 
 
-def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[tuple]]:
+def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
     """The plan as the main process sends it to the others: where the records are, and each item with work, in
-    order, with its decisions; no records, no cached text they do not need. Paths are relative to the dataset
-    folder, which each process names."""
-    rows, prefix = [], len(str(folder)) + 1  # every image was found under the folder (as Records.key does)
+    order, with the merges it makes, but no cached text they do not need. Paths are relative to the dataset folder."""
+    rows = []
     for item in plan.items:
-        merges = tuple((n, m.sha, m.reason, m.unless, m.record, m.check_only, m.text if m.check_only else None)
-                       for n, m in enumerate(item.merges) if m.reason)
+        merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
-            rows.append((str(item.image)[prefix:], item.stamp, item.manual, item.manual_sha, item.generated,
-                         item.generated_sha, item.vision, merges))
+            row = dataclasses.replace(item, image=item.image.relative_to(folder),
+                                      caption_path=item.caption_path.relative_to(folder))
+            row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
+            rows.append(row)
     return plan.records.root, rows
 
 
-def plan_from_rows(cfg: Config, root: Path, rows: list[tuple]) -> Plan:
+def plan_from_rows(cfg: Config, root: Path, rows: list[Item]) -> Plan:
     """The main process's plan, in another process: the same items in the same order, so that a chunk number
     names the same work everywhere. This process walks no folder and reads no records."""
-    settings = run_settings(cfg)
-    plan = Plan([], [], [], [], records=Records(root), settings=settings)
-    for name, stamp, manual, manual_sha, generated, generated_sha, vision, merges in rows:
-        image = cfg.dataset_dir / name
-        item = Item(image, image.with_suffix(cfg.caption_extension), generated=generated, manual=manual,
-                    manual_sha=manual_sha, generated_sha=generated_sha, stamp=stamp, vision=vision)
-        item.merges = [Merge(item, settings.variants[n], text=text, sha=sha, reason=reason, unless=unless,
-                             record=record, check_only=check_only)
-                       for n, sha, reason, unless, record, check_only, text in merges]
-        plan.items.append(item)
-        plan.to_generate += [item] if vision else []
+    plan = Plan(rows, [], [], [], records=Records(root), settings=run_settings(cfg))
+    for item in rows:
+        item.image, item.caption_path = cfg.dataset_dir / item.image, cfg.dataset_dir / item.caption_path
+        plan.to_generate += [item] if item.vision else []
         plan.to_combine += item.merges
     return plan
 
 
 class SharedWork:
-    """How the processes of one run share its work, through the key-value store that torch.distributed already
-    runs for the process group. Every process has the main process's plan (plan_rows), so a chunk number names the
-    same items everywhere; each stage hands out chunk numbers from its own counter (the store's atomic add), so a
-    process that drew slow work takes fewer and all finish close together. One that dies leaves only its claimed
-    chunks undone. At the end each process leaves its Stats in the store, and the main process waits for them while
-    their process's heartbeat goes on (silent for HEARTBEAT_LOST: dead or hung, given up on): a collective there
-    times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the summary,
-    the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees old
-    counts. One process has no store, and takes every chunk in order."""
+    """How the processes of one run share its work, through torch.distributed's key-value store. Every process has
+    the main process's plan, so a chunk number names the same items everywhere; each stage hands out chunk numbers
+    from its own counter, so a process that drew slow work takes fewer, and one that dies leaves only its claimed
+    chunks undone. At the end the main process waits for each one's Stats while its heartbeat goes on: a collective
+    there times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the
+    summary, the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees
+    old counts. One process has no store, and takes every chunk in order."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -2749,18 +2723,16 @@ class SharedWork:
         if self.rank:
             self.store.set(self.key(f"stats/{self.rank}"), pickle.dumps(stats))
             return stats
-        total = Stats()
-        total.merge(stats)
         for rank in range(1, self.processes):
             key = self.key(f"stats/{rank}")
             if self.wait(key, rank, lambda: waiting(f"waiting for process {rank + 1} of {self.processes} to finish "
                                                      "its work")):
-                total.merge(pickle.loads(self.store.get(key)))
-            elif not total.gave_up:
-                total.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
+                stats.merge(pickle.loads(self.store.get(key)))
+            elif not stats.gave_up:
+                stats.gave_up = (f"process {rank + 1} of {self.processes} stopped (no heartbeat for "
                                  f"{scaled_wait(HEARTBEAT_LOST):.0f} s): the work it had claimed and not reported "
                                  "is left for the next run")
-        return total
+        return stats
 
     def finished(self) -> None:
         """The main process says the run is over; the others wait for that (while it is alive) before they exit:
@@ -2794,15 +2766,13 @@ class SharedWork:
 
 
 def make_chat(cfg: Config, state):
-    """The LLM client factory: the endpoint (or a pool of them) with this process's share of the rate limits, or a
-    local LLM."""
+    """The LLM client factory: the endpoint (or a pool of them), or a local LLM."""
     if cfg.local_llm:
         quiet_transformers(cfg.verbosity)
         return LocalChat(cfg.local_llm, state.device, resolve_dtype(cfg.dtype, state.device), cfg.batch_size,
                          cfg.max_tokens, cfg.temperature, cfg.revision, cfg.trust_remote_code)
-    urls = cfg.base_url or (None,)
-    return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in urls], cfg.model, cfg.rpm, cfg.tpm,
-                         cfg.max_tokens, cfg.temperature)
+    return endpoint_chat(cfg, state, STAGE_LLM, [(url, cfg.api_key) for url in cfg.base_url or (None,)], cfg.model,
+                         cfg.rpm, cfg.tpm, cfg.max_tokens, cfg.temperature)
 
 
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
@@ -2834,8 +2804,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
     stats, work = Stats(), work or SharedWork()
     if not plan.to_generate and not plan.to_combine:
         return stats
-    captioning = {id(i) for i in plan.to_generate}
-    llm_only = [m for m in plan.to_combine if id(m.item) not in captioning]
+    llm_only = [m for m in plan.to_combine if not m.item.vision]
     events = EventLoopThread(stop)
     merger = Merger(cfg, plan, stats, reporter, events.stopping, count_tokens)
     merges = AsyncStage(events.loop, STAGE_LLM, cfg.concurrency, merger, stats,
@@ -2845,8 +2814,7 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         if plan.to_combine and cfg.overlap and not cfg.local_llm:  # a local LLM waits for the GPU to be free
             merger.start(state, merges)
         if plan.to_generate:
-            caption(cfg, plan, state, events, stats, reporter, stop, work, NewCaptions(cfg, plan, merges, reporter))
-            waiting_merges(plan, stats, merges.progress)
+            caption(cfg, plan, state, events, stats, reporter, stop, work, merges)
         if plan.to_combine and merges.done is None and not stop.is_set():
             merger.start(state, merges)
         if merges.done is not None:
@@ -2865,34 +2833,38 @@ def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
 
 
 def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stats, reporter: Reporter,
-            stop: StopEvent, work: SharedWork, keep: NewCaptions) -> None:
-    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one."""
+            stop: StopEvent, work: SharedWork, merges: AsyncStage) -> None:
+    """The vision stage: this process's chunks of plan.to_generate, through a served model or a local one. Each
+    image's merges go on to `merges` with its new caption, or, where it failed, wait for the next run."""
     items = plan.to_generate
     progress = reporter.progress("vision", len(items) if work.store is None else None)
     if cfg.vlm_base_url:
         progress.begin()
         caption_served(cfg, state, events, work.items(STAGE_VISION, items, min(REQUEST_CHUNK, cfg.concurrency)),
-                       stats, progress, stop, keep, lambda: reporter.stopping(stop))
+                       stats, progress, stop, NewCaptions(cfg, plan, merges, reporter), lambda: reporter.stopping(stop))
     else:
         reporter.info(f"loading {cfg.model_id} …")
         captioner = load_captioner(cfg, state.device)
         progress.begin()
-        keep.commit = getattr(captioner.model.config, "_commit_hash", None)
+        keep = NewCaptions(cfg, plan, merges, reporter, getattr(captioner.model.config, "_commit_hash", None))
         caption_locally(items, captioner, cfg, stats, progress, reporter, stop, keep,
                         work.chunks(STAGE_VISION, len(items), cfg.batch_size))
         del captioner
         release_memory()
     progress.close()
+    failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
+    for job in (m for item in items if str(item.image) in failed for m in item.merges if m.reason):
+        stats.count(job.variant.kind, "waiting")  # counted, so that the summary adds up
+        merges.progress.update()
 
 
 class NewCaptions:
     """Where a new vision caption goes (on the thread that saves it): its cache, after a last look, then its merges
     to the merge stage, which decides on its own thread whether each is still wanted (Merge.wanted)."""
 
-    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage, reporter: Reporter):
+    def __init__(self, cfg: Config, plan: Plan, merges: AsyncStage, reporter: Reporter, commit: str | None = None):
         self.cfg, self.records, self.settings, self.merges = cfg, plan.records, plan.settings, merges
-        self.reporter = reporter
-        self.commit: str | None = None  # the vision model's resolved revision, once it is loaded
+        self.reporter, self.commit = reporter, commit  # the local vision model's resolved revision
 
     def __call__(self, item: Item, text: str) -> str:
         if self.cfg.verbosity >= 2:  # the old caption is still on disk: what changed, in its first words
@@ -2946,8 +2918,7 @@ class Merger:
 
     async def merge(self, job: Merge) -> str:
         if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
-            if job.record is not None:
-                self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
+            self.records.write(job.path, dataclasses.replace(job.record, image=job.item.stamp))
             return "unchanged"
         cfg, item = self.cfg, job.item
         kept = keep_token_parts(item.manual, cfg.keep_tokens)
@@ -3025,15 +2996,13 @@ class Merger:
         if found is not None and not found.clean:
             (reply, text), again = await self.ask(job, with_findings(messages, found), kept), True
             found = await self.check(job, text)
-        if found is None:  # counted and reported by check()
-            return reply, text, None
-        if found.clean:
+        if found is not None and found.clean:  # (a failed check, None, is counted and reported by check())
             stats.tally("checks", "fixed" if again else "clean")
-            return reply, text, found
-        stats.tally("checks", "flagged")
-        if self.cfg.verify == "strict":
-            raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
-        stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
+        elif found is not None:
+            stats.tally("checks", "flagged")
+            if self.cfg.verify == "strict":
+                raise ItemError(f"{job.path.name}: {'; '.join(found.lines())} (--verify strict: not written)")
+            stats.flag(Flagged(str(job.path), STAGE_VERIFY, found.unsupported, found.contradictions, found.missing))
         return reply, text, found
 
     async def write(self, job: Merge, reply: str, text: str, found: Check | None = None) -> str:
@@ -3052,21 +3021,11 @@ class Merger:
         return "done"
 
 
-def waiting_merges(plan: Plan, stats: Stats, progress: Progress) -> None:
-    """The merges of images whose vision caption failed here wait for the next run: counted, so that the progress
-    and the summary add up."""
-    failed = {f.path for f in stats.failures if f.stage == STAGE_VISION}
-    for job in (m for item in plan.to_generate if str(item.image) in failed for m in item.merges if m.reason):
-        stats.count(job.variant.kind, "waiting")
-        progress.update()
-
-
 def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[Item], stats: Stats,
                    progress: Progress, stop: threading.Event, keep: Callable[[Item, str], str | None],
                    every_slice: Callable[[], None] = lambda: None) -> None:
     """The vision stage through an OpenAI-compatible vision endpoint: no torch model is loaded."""
     chat = make_vision_chat(cfg, state)
-    prompt = cfg.prompt or DEFAULT_CHAT_PROMPT
 
     async def describe(item: Item) -> str | None:
         try:
@@ -3076,7 +3035,7 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
         except BadInput:
             stats.bad_input(item.image)
             raise
-        messages = vision_messages(url, cfg, prompt)
+        messages = vision_messages(url, cfg, cfg.prompt or DEFAULT_CHAT_PROMPT)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping, on_cut=lambda: stats.note(
             item.image, STAGE_VISION, f"{item.generated_path.name}: cut at --max_new_tokens {cfg.max_new_tokens}"))
         return await asyncio.to_thread(keep, item, text)
