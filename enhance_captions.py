@@ -3436,13 +3436,17 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     if plan.to_generate and not cfg.vlm_base_url:
         check_torchvision()
         check_model_source(cfg.model_id, "--model_id", cfg.revision)
-    llm = vision = None
-    if plan.to_combine and cfg.local_llm:
-        check_local_model(cfg)
-    elif plan.to_combine:
-        llm = make_chat(cfg, state)
-    if plan.to_generate and cfg.vlm_base_url:
-        vision = make_vision_chat(cfg, state)
+    if plan.to_combine and cfg.local_llm:  # its config found (cache, path or Hub) before the vision stage's hour
+        from transformers import AutoConfig
+
+        check_model_source(cfg.local_llm, "--local_llm", cfg.revision)
+        quiet_transformers(cfg.verbosity)
+        try:
+            AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
+    llm = make_chat(cfg, state) if plan.to_combine and not cfg.local_llm else None
+    vision = make_vision_chat(cfg, state) if plan.to_generate and cfg.vlm_base_url else None
 
     async def check_all() -> str | None:
         try:
@@ -3451,9 +3455,8 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
                 await vision.check()
             return model
         finally:
-            for chat in (llm, vision):
-                if chat:
-                    await chat.close()
+            for chat in filter(None, (llm, vision)):
+                await chat.close()
 
     model = asyncio.run(check_all()) if llm or vision else cfg.model
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
@@ -3472,18 +3475,6 @@ def check_torchvision() -> None:
 
         raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
                          "pair built together: pip install --upgrade torch torchvision") from e
-
-
-def check_local_model(cfg: Config) -> None:
-    """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
-    from transformers import AutoConfig
-
-    check_model_source(cfg.local_llm, "--local_llm", cfg.revision)
-    quiet_transformers(cfg.verbosity)
-    try:
-        AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
 
 def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
@@ -3556,31 +3547,6 @@ def output_label(kind: str) -> str:
     return f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
 
 
-def plan_lines(plan: Plan) -> list[str]:
-    """What planning decided, counted by reason (the dry run)."""
-    vision = collections.Counter(i.vision for i in plan.to_generate)
-    merge = collections.Counter(m.reason for m in plan.to_combine if not m.check_only)
-    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
-    stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
-                                if why)  # images, once per reason: not each of their caches
-    conditional = sum(m.unless is not None for m in plan.to_combine)
-    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
-    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
-    lines = [
-        f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
-        f"  to merge: {sum(merge.values())} ({breakdown(merge)})"
-        + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
-        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
-        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
-          if plan.refinish else []),
-        *kept_lines(plan),
-        *settings_lines(plan),
-    ]
-    if check_only:  # --verify: current captions that only need their check
-        lines.append(f"  to check without merging again: {sum(check_only.values())} ({breakdown(check_only)})")
-    return lines
-
-
 def kept_lines(plan: Plan) -> list[str]:
     kept = collections.Counter(k for i in plan.items for k in i.kept)
     adopted = collections.Counter(k for i in plan.items for k in i.adopted)
@@ -3610,7 +3576,7 @@ def plan_items(plan: Plan) -> Iterable[str]:
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
-    """What a run would do, without loading a model or calling anything."""
+    """What a run would do, counted by reason, without loading a model or calling anything."""
     from PIL import Image
 
     problems = list(plan.failures)
@@ -3625,6 +3591,12 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
     prompt_tokens = sum(estimate_tokens(m.variant.system_prompt + build_user_message(m.item.manual, ""))
                         + (estimate_tokens(m.item.generated) if m.item.generated else cfg.max_new_tokens)
                         for m in merges)
+    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
+    stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
+                                if why)  # images, once per reason: not each of their caches
+    conditional = sum(m.unless is not None for m in plan.to_combine)
+    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
+    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
     return [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
@@ -3633,7 +3605,15 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         *([f"  checks to make (--verify): {len(plan.to_combine)} ({len(plan.to_combine) - len(merges)} of them of "
            "captions made already); each caption with a finding adds a merge and a check"]
           if plan.settings.check_id else []),
-        *plan_lines(plan),
+        f"  to caption: {len(plan.to_generate)} ({breakdown(collections.Counter(i.vision for i in plan.to_generate))})",
+        f"  to merge: {len(merges)} ({breakdown(collections.Counter(m.reason for m in merges))})"
+        + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
+        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
+        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
+          if plan.refinish else []),
+        *kept_lines(plan),
+        *settings_lines(plan),
+        *([f"  to check without merging again: {check_only.total()} ({breakdown(check_only)})"] if check_only else []),
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
@@ -3644,8 +3624,14 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
-    return [*stage_lines(plan, stats), *done_lines(plan, stats), *verify_lines(stats), *left_lines(plan, stats),
-            *problem_lines(stats)]
+    lines = [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
+             for stage, c in stage_counts(plan, stats).items()]
+    lines += done_lines(plan, stats) + verify_lines(stats) + left_lines(plan, stats)
+    lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
+    lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
+    if stats.fatal or stats.gave_up:
+        lines.append(f"error: {stats.fatal or stats.gave_up}")
+    return lines
 
 
 def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
@@ -3653,11 +3639,6 @@ def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     return {stage: {"done": stats.counts[stage]["done"], "cached": n + stats.counts[stage]["unchanged"],
                     "failed": stats.counts[stage]["failed"]} for stage, n in cached.items()}
-
-
-def stage_lines(plan: Plan, stats: Stats) -> list[str]:
-    return [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
-            for stage, c in stage_counts(plan, stats).items()]
 
 
 SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
@@ -3708,14 +3689,6 @@ def left_lines(plan: Plan, stats: Stats) -> list[str]:
     lines += settings_lines(plan)
     if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
         lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
-    return lines
-
-
-def problem_lines(stats: Stats) -> list[str]:
-    lines = [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
-    lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
-    if stats.fatal or stats.gave_up:
-        lines.append(f"error: {stats.fatal or stats.gave_up}")
     return lines
 
 
