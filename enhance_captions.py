@@ -3788,7 +3788,9 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
         # --full_path); a bare stem would be searched for in one image_dir only, so images in subfolders would not be
         # found. imagefolder: the path from the metadata file's folder, the dataset root, with forward slashes.
         key = str(item.image) if fmt == "kohya" else item.image.relative_to(cfg.dataset_dir).as_posix()
-        if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
+        try:
+            key.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
+        except UnicodeEncodeError:  # JSON and Arrow strings are UTF-8: one such name would make the file unloadable
             warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
         columns = caption_columns(fmt, captions)
@@ -3797,7 +3799,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
                         "generated": read_cache(item.generated_path) or item.generated or "",
                         "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
-    atomic_write(target, EXPORT_WRITERS[fmt](rows))
+    atomic_write(target, export_text(fmt, rows))
     return len(rows)
 
 
@@ -3806,29 +3808,20 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def load_caption_tokenizer(name: str):
-    """The trainer's text tokenizer (a Hub id or a folder), so that a caption is measured the way it will be cut."""
+def caption_counter(cfg: Config) -> Callable[[str], int] | None:
+    """count(text): a caption's length as the trainer counts it with --caption_tokenizer (a Hub id or a folder), start
+    and end tokens included: CLIP's 77 positions hold <|startoftext|>, 75 tokens and <|endoftext|> (kohya's
+    --max_token_length 75 is 77 here), T5's 512 hold its </s>. None without a --max_caption_tokens budget."""
+    if not cfg.max_caption_tokens:
+        return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.caption_tokenizer)
     except (OSError, ValueError, ImportError, KeyError) as e:
-        raise UsageError(f"cannot load --caption_tokenizer {name}: {first_line(e)}") from e
-
-
-def count_caption_tokens(tokenizer, text: str) -> int:
-    """The caption's length as the trainer counts it, start and end tokens included: CLIP's 77 positions hold
-    <|startoftext|>, 75 tokens and <|endoftext|> (kohya's --max_token_length 75 is 77 here), T5's 512 hold its </s>."""
+        raise UsageError(f"cannot load --caption_tokenizer {cfg.caption_tokenizer}: {first_line(e)}") from e
     # verbose=False: a caption over model_max_length is what is being measured here, not a mistake to warn about
-    return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
-
-
-def caption_counter(cfg: Config) -> Callable[[str], int] | None:
-    """count(text) with --caption_tokenizer, or None without a --max_caption_tokens budget."""
-    if not cfg.max_caption_tokens:
-        return None
-    tokenizer = load_caption_tokenizer(cfg.caption_tokenizer)
-    return lambda text: count_caption_tokens(tokenizer, text)
+    return lambda text: len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
 
 def budget_problem(text: str, budget: int, count: Callable[[str], int], what: str = "reply") -> str | None:
@@ -3943,14 +3936,12 @@ def training_caption(text: str, kept_parts: Sequence[str], cfg: Config,
     return text
 
 
-IMAGEFOLDER_NAMES = {"metadata.jsonl": "jsonl", "metadata.csv": "csv"}  # the names Hugging Face imagefolder looks for
-
-
 def export_format(path: str) -> str:
-    """The trainer format that an --export file name stands for: jsonl, csv or kohya."""
+    """The trainer format that an --export file name stands for: jsonl or csv (the names Hugging Face imagefolder
+    looks for), or kohya."""
     name = Path(path).name
-    if name in IMAGEFOLDER_NAMES:
-        return IMAGEFOLDER_NAMES[name]
+    if name in ("metadata.jsonl", "metadata.csv"):
+        return name.removeprefix("metadata.")
     if name.lower().endswith(".json"):
         return "kohya"
     raise UsageError(f"--export {path}: unknown format; name it metadata.jsonl or metadata.csv (Hugging Face "
@@ -3975,33 +3966,18 @@ def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
     return {base + (f"_{name}" if name else ""): text for name, text in captions.items()}
 
 
-def is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def jsonl_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    return "\n".join(json.dumps({"file_name": key, **columns}, ensure_ascii=False) for key, columns in rows)
-
-
-def csv_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    names = ["file_name"] + list(dict.fromkeys(name for _, columns in rows for name in columns))
+def export_text(fmt: str, rows: list[tuple[str, dict[str, str]]]) -> str:
+    """The rows (a file key and its columns) as the format's file: JSON lines, kohya's JSON, or CSV."""
+    if fmt == "jsonl":
+        return "\n".join(json.dumps({"file_name": key, **columns}, ensure_ascii=False) for key, columns in rows)
+    if fmt == "kohya":
+        return json.dumps(dict(rows), ensure_ascii=False, indent=2)
     buffer = io.StringIO()
+    names = ["file_name"] + list(dict.fromkeys(name for _, columns in rows for name in columns))
     writer = csv.DictWriter(buffer, fieldnames=names, restval="", lineterminator="\n")
     writer.writeheader()
-    for key, columns in rows:
-        writer.writerow({"file_name": key, **columns})
+    writer.writerows({"file_name": key, **columns} for key, columns in rows)
     return buffer.getvalue()
-
-
-def kohya_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    return json.dumps(dict(rows), ensure_ascii=False, indent=2)
-
-
-EXPORT_WRITERS = {"jsonl": jsonl_export, "csv": csv_export, "kohya": kohya_export}
 
 
 @dataclasses.dataclass(frozen=True)
