@@ -4005,11 +4005,8 @@ def phrase_words(text: str) -> list[list[str]]:
 
 
 def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
-    grams = set()
-    for words in phrase_words(text):
-        for n in sizes:
-            grams.update(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-    return grams
+    return {" ".join(words[i:i + n]) for words in phrase_words(text) for n in sizes
+            for i in range(len(words) - n + 1)}
 
 
 def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
@@ -4037,11 +4034,8 @@ def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[
 def phrase_core(gram: str) -> str:
     """A phrase without the stop words at its ends: "in ohwx style" is the person's "ohwx style"."""
     words = gram.split()
-    while words and words[0] in PHRASE_STOP_WORDS:
-        words.pop(0)
-    while words and words[-1] in PHRASE_STOP_WORDS:
-        words.pop()
-    return " ".join(words)
+    inner = [i for i, word in enumerate(words) if word not in PHRASE_STOP_WORDS]
+    return " ".join(words[inner[0]:inner[-1] + 1]) if inner else ""
 
 
 def chain_phrases(grams: list[str]) -> list[str]:
@@ -4083,38 +4077,32 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
         text = read_text(path)
     except ItemError as e:
         return None, Finding(str(path), "unreadable", str(e))
+    if text is None and path.exists():
+        return None, Finding(str(path), "empty", "blank file")
     if text is None:
-        exists = path.exists()
-        return None, Finding(str(path), "empty" if exists else "missing",
-                             "blank file" if exists else "no combined caption yet (run without --audit to make it)")
-    problem = reply_problem(text, None)
-    if problem:
+        return None, Finding(str(path), "missing", "no combined caption yet (run without --audit to make it)")
+    if problem := reply_problem(text, None):
         return None, Finding(str(path), "refusal" if problem.startswith("refusal") else "empty", problem)
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: Path) -> list[Finding]:
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: str) -> list[Finding]:
     """One finished caption (at path) against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(path)
+    findings = []
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
-    missing = [part for part in kept if part not in text]
-    parts = caption_parts(text)
-    if missing:
+    if missing := [part for part in kept if part not in text]:
         findings.append(Finding(path, "keep_tokens", f"kept part {missing[0]!r} (part {kept.index(missing[0]) + 1} "
                                                      f"of {item.caption_path.name}) is not in the caption"))
-    else:
-        for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
-            found = parts[i] if i < len(parts) else None
+    else:  # the first comma part that is not the one the trainer keeps there
+        for i, (part, found) in enumerate(zip(lead, caption_parts(text) + [None] * len(lead))):
             if found is None or not same_text(found, part):
                 findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
                                                              f"not {found!r}; the caption starts {', '.join(lead)!r} "
                                                              "for the trainer to keep"))
                 break
-    if count is not None:
-        problem = budget_problem(text, cfg.max_caption_tokens, count, what="caption")
-        if problem:
-            findings.append(Finding(path, "over_budget", problem))
+    if count is not None and (problem := budget_problem(text, cfg.max_caption_tokens, count, what="caption")):
+        findings.append(Finding(path, "over_budget", problem))
     return findings
 
 
@@ -4133,27 +4121,22 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
     bad = {f.path: f.error for f in plan.failures}
     texts: list[tuple[Item, str]] = []
-    fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
-    manual = []
     for item in plan.items:
         path = finished_path(item, cfg)
         text, problem = read_finished(path)
-        if problem and problem.kind == "missing" and str(item.image) in bad:  # bad input: name the file to fix
-            error = bad[str(item.image)]
+        if problem and problem.kind == "missing" and (error := bad.get(str(item.image))) is not None:  # name the file
             culprit = item.caption_path if item.caption_path.name in error else item.image
             problem = Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
         if problem:
             findings.append(problem)
         else:
             texts.append((item, text))
-            findings += audit_item(item, cfg, text, count, path)
-        fixed += keep_token_parts(item.manual, cfg.keep_tokens)
-        manual.append(item.manual or "")
-        problem = generated_finding(item)
-        if problem:
-            findings.append(problem)
-    findings += duplicate_findings(cfg, texts)
-    findings += check_findings(plan)
+            findings += audit_item(item, cfg, text, count, str(path))
+        findings += generated_findings(item)
+    fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+    fixed += [part for item in plan.items for part in keep_token_parts(item.manual, cfg.keep_tokens)]
+    manual = [item.manual or "" for item in plan.items]
+    findings += duplicate_findings(cfg, texts) + check_findings(plan)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
                  for gram, n in common_phrases([text for _, text in texts], fixed, manual)]
     return findings
@@ -4175,15 +4158,13 @@ def check_findings(plan: Plan) -> list[Finding]:
     return findings
 
 
-def generated_finding(item: Item) -> Finding | None:
+def generated_findings(item: Item) -> list[Finding]:
     """A vision caption that a loop or a refusal spoilt: the merge carries its flaw into the combined caption."""
-    text = read_cache(item.generated_path)
-    if text is None:
-        return None
-    if is_refusal(text):
-        return Finding(str(item.generated_path), "refusal", f"refusal: {text[:60]!r}")
-    loop = find_loop(text)
-    return Finding(str(item.generated_path), "loop", loop) if loop else None
+    path, text = str(item.generated_path), read_cache(item.generated_path)
+    if text is not None and is_refusal(text):
+        return [Finding(path, "refusal", f"refusal: {text[:60]!r}")]
+    loop = text is not None and find_loop(text)
+    return [Finding(path, "loop", loop)] if loop else []
 
 
 def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[Finding]:
