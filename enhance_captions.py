@@ -3403,8 +3403,7 @@ class DatasetLock:
     def release(self) -> None:
         if self.file is not None:
             self.file.truncate(0)
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
+            self.file.close()  # and with it the flock
             self.file = None
 
 
@@ -3505,11 +3504,9 @@ def backend_switch(cfg: Config, plan: Plan) -> str | None:
     if not cfg.local_llm_by_default or not plan.to_combine:
         return None
     records = plan.records if plan.records.latest else Records(cfg.dataset_dir).load()  # --refresh none reads none
-    makers: collections.Counter = collections.Counter()
-    for record in records.latest.values():
-        values = records.settings.get(record.settings) or {}
-        if "backend" in values and (values["backend"], values.get("model")) != ("local", cfg.local_llm):
-            makers[values["backend"], values.get("model")] += 1
+    made_with = (records.settings.get(record.settings) or {} for record in records.latest.values())
+    makers = collections.Counter((used["backend"], used.get("model")) for used in made_with if "backend" in used)
+    del makers["local", cfg.local_llm]
     if not makers:
         return None
     (backend, model), count = makers.most_common(1)[0]
@@ -3540,11 +3537,8 @@ def breakdown(counter) -> str:
 
 def output_label(kind: str) -> str:
     """A kind of cache in words: vision captions, combined captions, NAME variant captions."""
-    if kind == KIND_GENERATED:
-        return "vision captions"
-    if kind == KIND_COMBINED:
-        return "combined captions"
-    return f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
+    labels = {KIND_GENERATED: "vision captions", KIND_COMBINED: "combined captions"}
+    return labels.get(kind) or f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
 
 
 def kept_lines(plan: Plan) -> list[str]:
@@ -3781,9 +3775,13 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     approvals = load_approvals(cfg.dataset_dir)
     rows = []
     for item in plan.items:
-        captions = export_captions(item, cfg)
-        if captions is None:
+        # by variant name, from the files (other processes made some): "" is the combined caption, or the
+        # --write_captions file the trainer reads, where a person may have edited it
+        captions = {m.variant.name: read_cache(m.path) for m in item.merges}
+        if captions.get("") is None:
             continue
+        if cfg.write_captions:
+            captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
         # kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py
         # --full_path); a bare stem would be searched for in one image_dir only, so images in subfolders would not be
         # found. imagefolder: the path from the metadata file's folder, the dataset root, with forward slashes.
@@ -3793,7 +3791,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
         except UnicodeEncodeError:  # JSON and Arrow strings are UTF-8: one such name would make the file unloadable
             warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
-        columns = caption_columns(fmt, captions)
+        columns = caption_columns(fmt, {name: text or "" for name, text in captions.items()})
         if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
             columns |= {"manual": item.manual or "",
                         "generated": read_cache(item.generated_path) or item.generated or "",
@@ -3937,8 +3935,7 @@ def training_caption(text: str, kept_parts: Sequence[str], cfg: Config,
 
 
 def export_format(path: str) -> str:
-    """The trainer format that an --export file name stands for: jsonl or csv (the names Hugging Face imagefolder
-    looks for), or kohya."""
+    """jsonl or csv (the names Hugging Face imagefolder looks for) or kohya, from an --export file name."""
     name = Path(path).name
     if name in ("metadata.jsonl", "metadata.csv"):
         return name.removeprefix("metadata.")
@@ -3946,18 +3943,6 @@ def export_format(path: str) -> str:
         return "kohya"
     raise UsageError(f"--export {path}: unknown format; name it metadata.jsonl or metadata.csv (Hugging Face "
                      "imagefolder) or NAME.json (kohya fine-tuning metadata)")
-
-
-def export_captions(item: Item, cfg: Config) -> dict[str, str] | None:
-    """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
-    file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
-    processes made some of them."""
-    captions = {m.variant.name: read_cache(m.path) for m in item.merges}
-    if cfg.write_captions and captions.get("") is not None:
-        captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
-    if captions.get("") is None:
-        return None
-    return {name: text or "" for name, text in captions.items()}
 
 
 def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
@@ -4146,8 +4131,7 @@ STALE_CHECK = "verify_stale"  # a flagged caption edited by hand since: shown, b
 
 
 def check_findings(plan: Plan) -> list[Finding]:
-    """The captions --verify's check flagged, from their records; one edited by hand since shows its old findings,
-    marked stale."""
+    """The captions --verify's check flagged, from their records; marked stale where edited by hand since."""
     findings = []
     for item in plan.items:
         for merge in item.merges:
@@ -4184,12 +4168,10 @@ def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
         count = caption_counter(cfg)
+        if not (plan := plan_work(cfg)).items:
+            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    plan = plan_work(cfg)
-    if not plan.items:
-        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)
