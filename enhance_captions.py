@@ -3433,7 +3433,17 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     """Find every model and reach every endpoint that the plan needs before any model loads; raise
     FatalEndpointError or UsageError if one fails. Returns cfg with the LLM's model where the endpoint chose it."""
     if plan.to_generate and not cfg.vlm_base_url:
-        check_torchvision()
+        # A torchvision built for another torch fails deep inside an image processor, after planning, in a long
+        # traceback; importing it now (a second) names the fix instead. A missing one is the processor's to report.
+        try:
+            import torchvision  # noqa: F401
+        except ModuleNotFoundError:
+            pass
+        except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
+            import torch
+
+            raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
+                             "pair built together: pip install --upgrade torch torchvision") from e
         check_model_source(cfg.model_id, "--model_id", cfg.revision)
     if plan.to_combine and cfg.local_llm:  # its config found (cache, path or Hub) before the vision stage's hour
         from transformers import AutoConfig
@@ -3459,21 +3469,6 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
 
     model = asyncio.run(check_all()) if llm or vision else cfg.model
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
-
-
-def check_torchvision() -> None:
-    """A torchvision built for another torch fails deep inside an image processor, after planning, in a long
-    traceback; importing it now (a second, and only where a local vision model will load) names the fix instead.
-    One that is not installed is left to the processor that needs it."""
-    try:
-        import torchvision  # noqa: F401
-    except ModuleNotFoundError:
-        return
-    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
-        import torch
-
-        raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
-                         "pair built together: pip install --upgrade torch torchvision") from e
 
 
 def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
@@ -3620,7 +3615,17 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
     lines = [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
              for stage, c in stage_counts(plan, stats).items()]
-    lines += done_lines(plan, stats) + verify_lines(stats) + left_lines(plan, stats)
+    lines += done_lines(plan, stats) + verify_lines(stats) + kept_lines(plan)
+    if edited := edited_during_run(plan, stats):  # what the run left, and why
+        lines.append(f"  edited during the run (kept): {edited}")
+    if any(stats.left.values()):
+        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
+                     f"{stats.left[STAGE_LLM]} to merge")
+    if plan.limited:
+        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
+    lines += settings_lines(plan)
+    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
+        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
     lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
     lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
     if stats.fatal or stats.gave_up:
@@ -3667,22 +3672,6 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
         c = plan.trainer_captions
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
                      f"{c['kept']} edited by hand (kept)")
-    return lines
-
-
-def left_lines(plan: Plan, stats: Stats) -> list[str]:
-    """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
-    lines = kept_lines(plan)
-    if edited := edited_during_run(plan, stats):
-        lines.append(f"  edited during the run (kept): {edited}")
-    if any(stats.left.values()):
-        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
-                     f"{stats.left[STAGE_LLM]} to merge")
-    if plan.limited:
-        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
-    lines += settings_lines(plan)
-    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
-        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
     return lines
 
 
@@ -3767,9 +3756,8 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
 
 
 def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
-    """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
-    metadata.csv (Hugging Face imagefolder, at the dataset root, with an `approved` column from --review) or *.json
-    (kohya fine-tuning metadata)."""
+    """Every image with a combined caption, in the trainer format that --export's file name names (export_format);
+    imagefolder's rows also hold both inputs of the merge and an `approved` column from --review."""
     fmt = export_format(cfg.export)
     target = cfg.dataset_dir / Path(cfg.export).expanduser()  # an absolute --export path replaces the root
     approvals = load_approvals(cfg.dataset_dir)
@@ -3888,11 +3876,10 @@ def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str]
 
 def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
     """What leads every caption and is never cut: the prefix, then the kept parts, each once."""
-    head: list[str] = []
+    head: dict[str, str] = {}
     for part in filter(None, [prefix, *kept_parts]):
-        if not any(same_text(part, h) for h in head):
-            head.append(part)
-    return head
+        head.setdefault(part.casefold(), part)
+    return list(head.values())
 
 
 def shorter_bodies(body: str) -> list[str]:
@@ -3995,11 +3982,9 @@ def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
 
 
 def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
-    """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
-    suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
-    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases
-    inside it, and overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a
-    watercolor")."""
+    """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, but not the fixed text, the person's own phrases
+    (in the manual captions of at least half the captions that have them: a trigger word, a style tag) or stop words
+    only. Each once: not the shorter phrases inside it, and overlapping ones chained into one."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
@@ -4027,20 +4012,14 @@ def chain_phrases(grams: list[str]) -> list[str]:
     """Join phrases of one length that overlap in all but one word: "a b c d" and "b c d e" make "a b c d e"."""
     chains = []
     for size in sorted({len(g.split()) for g in grams}, reverse=True):
-        group = [g.split() for g in grams if len(g.split()) == size]
+        group, n = [g.split() for g in grams if len(g.split()) == size], size - 1
         while group:
             chain = group.pop(0)
-            while other := next((o for o in group if goes_on(chain, o) or goes_on(o, chain)), None):
+            while other := next((o for o in group if chain[-n:] == o[:n] or o[-n:] == chain[:n]), None):
                 group.remove(other)
-                chain = chain + other[size - 1:] if goes_on(chain, other) else other + chain[size - 1:]
+                chain = chain + other[n:] if chain[-n:] == other[:n] else other + chain[n:]
             chains.append(" ".join(chain))
     return chains
-
-
-def goes_on(a: list[str], b: list[str]) -> bool:
-    """Phrase b goes on where a ends: they overlap in all but one word of the shorter (a phrase, or a chain of them)."""
-    n = min(len(a), len(b)) - 1
-    return a[-n:] == b[:n]
 
 
 def find_loop(text: str) -> str | None:
