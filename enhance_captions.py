@@ -3382,7 +3382,7 @@ class DatasetLock:
             fd, tmp = create_temporary(self.path)  # caches are written beside the images: find out now, not per image
             os.close(fd)
             os.unlink(tmp)
-            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
+            handle = open(self.path, "a+", encoding="utf-8")
         except OSError as e:
             return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
                    "written beside the images, so the folder must be writable"
@@ -3393,8 +3393,7 @@ class DatasetLock:
             owner = handle.read().strip() or "another process"
             handle.close()
             return f"another run ({owner}) is already working on {self.path.parent}; wait for it to finish"
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         self.file = handle
@@ -3492,10 +3491,9 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
 
 
 def backend_switch(cfg: Config, plan: Plan) -> str | None:
-    """Why this run must not merge, if it must not: the local LLM it would use came by default, only because this
-    environment names no endpoint (cron runs without the shell's variables), while the combined captions on record
-    were made by another backend or model. A change asked for by a flag or a variable goes ahead, and --refresh
-    settings decides what it redoes."""
+    """Why this run must not merge, if it must not: the local LLM came by default, only because this environment names
+    no endpoint (cron runs without the shell's variables), while the combined captions on record were made by another
+    backend or model. A change asked for by a flag or a variable goes ahead."""
     if not cfg.local_llm_by_default or not plan.to_combine:
         return None
     records = plan.records if plan.records.latest else Records(cfg.dataset_dir).load()  # --refresh none reads none
@@ -3702,9 +3700,8 @@ def findings_text(findings: dict) -> str:
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
-    """--write_captions: each image's combined caption also at {stem}EXT, where the trainer reads it, kept in step
-    with _combined.txt on every run. A file there that this script did not write, or that was edited since, is a
-    person's: it is kept and reported. Returns a line per file kept (-v)."""
+    """--write_captions: each combined caption also at {stem}EXT, where the trainer reads it, on every run. A file there
+    that this script did not write, or that was edited since, is a person's: kept, and a line for -v returned."""
     records, settings = plan.records, settings_id("trainer", {"copy_of": KIND_COMBINED})
     counts, kept = collections.Counter(), []
     for item in plan.items:
@@ -3834,20 +3831,16 @@ def same_text(a: str, b: str) -> bool:
     return a.casefold() == b.casefold()
 
 
-def word_at(text: str, start: int, end: int) -> bool:
-    """text[start:end] is whole words: no letter or digit runs on into it from either side."""
-    return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())
-
-
 def starts_with(text: str, part: str) -> bool:
-    return same_text(text[:len(part)], part) and word_at(text, 0, len(part))
+    """At the start, in any case, as whole words: no letter or digit runs on from it."""
+    return same_text(text[:len(part)], part) and not text[len(part):len(part) + 1].isalnum()
 
 
 def ends_with(text: str, part: str) -> bool:
-    """At the end, in any case; a closing full stop does not count."""
+    """At the end, in any case, as whole words; a closing full stop does not count."""
     text = text.rstrip(" .")
     start = len(text) - len(part)
-    return start >= 0 and same_text(text[start:], part) and word_at(text, start, len(text))
+    return start >= 0 and same_text(text[start:], part) and not text[start - 1:start].isalnum()
 
 
 def without_comma_part(text: str, part: str) -> str:
