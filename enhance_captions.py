@@ -3680,8 +3680,7 @@ def edited_during_run(plan: Plan, stats: Stats) -> int:
 
 
 def verify_lines(stats: Stats) -> list[str]:
-    """--verify in the summary: the checks by outcome, the requests (and tokens, where the server reports them) of
-    merging and of checking, and each flagged caption."""
+    """--verify in the summary: the checks by outcome, the requests and tokens of merging and checking, each flag."""
     checks, spent = stats.checks, stats.spent
     if not checks["checked"]:
         return []
@@ -3875,20 +3874,10 @@ def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
     return list(head.values())
 
 
-def shorter_bodies(body: str) -> list[str]:
-    """Cuts of body, longest first: after a sentence or before a comma; at a word only where no such cut is left."""
-    clauses = [body[:m.end()] for m in re.finditer(r"[.!?](?=\s|$)", body)]
-    clauses += [body[:m.start()] for m in re.finditer(",", body)]
-    clauses = sorted({c.strip(" ,;:") for c in clauses} - {""}, key=len, reverse=True)
-    words = {body[:m.start()].strip(" ,;:") for m in re.finditer(r"\s+", body)} - set(clauses) - {""}
-    return clauses + sorted(words, key=len, reverse=True)
-
-
 def fit_to_budget(text: str, kept_parts: Sequence[str], budget: int, count: Callable[[str], int],
                   prefix: str = "", suffix: str = "") -> str:
-    """A caption of at most `budget` tokens: the prefix and kept parts intact at the front, the suffix at the end, and
-    the description between them cut at its last sentence or comma boundary that fits. A trainer would cut it at
-    the budget wherever that falls, kept tokens and suffix included."""
+    """At most `budget` tokens: the prefix and kept parts intact in front, the suffix at the end, the description
+    between cut at its last sentence or comma that fits (a trainer would cut anywhere, kept tokens included)."""
     if count(text) <= budget:
         return text
     head = budget_head(kept_parts, prefix)
@@ -3898,7 +3887,12 @@ def fit_to_budget(text: str, kept_parts: Sequence[str], budget: int, count: Call
     if suffix:
         body = body.rstrip(" .")[:-len(suffix)].rstrip(" ,;:") if ends_with(body, suffix) else \
             without_comma_part(body, suffix)
-    for cut in shorter_bodies(body):
+    # cuts of the body, longest first: after a sentence or before a comma; at a word only where no such cut is left
+    clauses = [body[:m.end()] for m in re.finditer(r"[.!?](?=\s|$)", body)]
+    clauses += [body[:m.start()] for m in re.finditer(",", body)]
+    clauses = sorted({c.strip(" ,;:") for c in clauses} - {""}, key=len, reverse=True)
+    words = {body[:m.start()].strip(" ,;:") for m in re.finditer(r"\s+", body)} - set(clauses) - {""}
+    for cut in clauses + sorted(words, key=len, reverse=True):
         candidate = join_caption([*head, cut, suffix])
         if count(candidate) <= budget:
             return candidate
@@ -4064,8 +4058,7 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
 
 
 def finished_path(item: Item, cfg: Config) -> Path:
-    """The caption the trainer reads: the --write_captions file where there is one (an edit there is the person's
-    last word), else the combined caption."""
+    """The caption the trainer reads: the --write_captions file where there is one (a person's edit), else combined."""
     if cfg.write_captions:
         trainer = item.image.with_suffix(cfg.write_captions)
         if trainer.exists():
