@@ -3453,20 +3453,16 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
             AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
-    llm = make_chat(cfg, state) if plan.to_combine and not cfg.local_llm else None
-    vision = make_vision_chat(cfg, state) if plan.to_generate and cfg.vlm_base_url else None
 
-    async def check_all() -> str | None:
+    async def checked(chat) -> str | None:
         try:
-            model = await llm.check() if llm else cfg.model
-            if vision:
-                await vision.check()
-            return model
+            return await chat.check()
         finally:
-            for chat in filter(None, (llm, vision)):
-                await chat.close()
+            await chat.close()
 
-    model = asyncio.run(check_all()) if llm or vision else cfg.model
+    model = asyncio.run(checked(make_chat(cfg, state))) if plan.to_combine and not cfg.local_llm else cfg.model
+    if plan.to_generate and cfg.vlm_base_url:
+        asyncio.run(checked(make_vision_chat(cfg, state)))
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
 
 
