@@ -3787,9 +3787,8 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
 
 
 def caption_counter(cfg: Config) -> Callable[[str], int] | None:
-    """count(text): a caption's length as the trainer counts it with --caption_tokenizer (a Hub id or a folder), start
-    and end tokens included: CLIP's 77 positions hold <|startoftext|>, 75 tokens and <|endoftext|> (kohya's
-    --max_token_length 75 is 77 here), T5's 512 hold its </s>. None without a --max_caption_tokens budget."""
+    """count(text) by --caption_tokenizer, start and end tokens included, as the trainer counts (CLIP's 77 positions
+    hold <|startoftext|>, 75 tokens and <|endoftext|>); None without a --max_caption_tokens budget."""
     if not cfg.max_caption_tokens:
         return None
     from transformers import AutoTokenizer
@@ -3845,10 +3844,9 @@ def without_comma_part(text: str, part: str) -> str:
 
 
 def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str] = ()) -> str:
-    """The fixed --prefix first, in front of the --keep_tokens parts, and the --suffix last, each exactly once and
-    spelt as given: a reply that has one already, in any case, at its start or end stays as it is; one that has it as
-    a comma part elsewhere gets it moved there rather than doubled. A suffix that is itself a kept part stays in front
-    with the kept parts."""
+    """The --prefix first, before the --keep_tokens parts, and the --suffix last, each once and spelt as given: one
+    already at its start or end, in any case, stays; one that is a comma part elsewhere moves there, not doubled.
+    A suffix that is itself a kept part stays in front with them."""
     if prefix:
         if starts_with(text, prefix):
             text = prefix + text[len(prefix):]
@@ -4055,11 +4053,8 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
 
 def finished_path(item: Item, cfg: Config) -> Path:
     """The caption the trainer reads: the --write_captions file where there is one (a person's edit), else combined."""
-    if cfg.write_captions:
-        trainer = item.image.with_suffix(cfg.write_captions)
-        if trainer.exists():
-            return trainer
-    return item.combined_path
+    trainer = cfg.write_captions and item.image.with_suffix(cfg.write_captions)
+    return trainer if trainer and trainer.exists() else item.combined_path
 
 
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
@@ -4082,7 +4077,8 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
     fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
     fixed += [part for item in plan.items for part in keep_token_parts(item.manual, cfg.keep_tokens)]
     manual = [item.manual or "" for item in plan.items]
-    findings += duplicate_findings(cfg, texts) + check_findings(plan)
+    findings += duplicate_findings(cfg, texts)
+    findings += check_findings(plan)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
                  for gram, n in common_phrases([text for _, text in texts], fixed, manual)]
     return findings
@@ -4091,16 +4087,14 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
 STALE_CHECK = "verify_stale"  # a flagged caption edited by hand since: shown, but the person's word stands
 
 
-def check_findings(plan: Plan) -> list[Finding]:
+def check_findings(plan: Plan) -> Iterator[Finding]:
     """The captions --verify's check flagged, from their records; marked stale where edited by hand since."""
-    findings = []
     for item in plan.items:
         for merge in item.merges:
             if merge.record is not None and merge.record.findings:
                 stale = merge.variant.kind in item.kept
                 detail = findings_text(merge.record.findings) + (" (stale: edited by hand since)" if stale else "")
-                findings.append(Finding(str(merge.path), STALE_CHECK if stale else "verify", detail))
-    return findings
+                yield Finding(str(merge.path), STALE_CHECK if stale else "verify", detail)
 
 
 def generated_findings(item: Item) -> list[Finding]:
@@ -4112,17 +4106,15 @@ def generated_findings(item: Item) -> list[Finding]:
     return [Finding(path, "loop", loop)] if loop else []
 
 
-def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[Finding]:
+def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> Iterator[Finding]:
     """Different images with the same caption teach the trainer that they look the same."""
     groups = collections.defaultdict(list)
     for item, text in texts:
         groups[" ".join(text.casefold().split())].append(item)
-    findings = []
     for group in (g for g in groups.values() if len(g) > 1):
         for item in group:
             others = ", ".join(o.image.relative_to(cfg.dataset_dir).as_posix() for o in group if o is not item)
-            findings.append(Finding(str(item.combined_path), "duplicate", f"same caption as {others}"))
-    return findings
+            yield Finding(str(item.combined_path), "duplicate", f"same caption as {others}")
 
 
 def run_audit(cfg: Config) -> int:
