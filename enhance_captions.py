@@ -3469,13 +3469,12 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
 def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
     """Write the merged captions that get this run's --keep_tokens, --prefix, --suffix (or budget) from their recorded
     reply (main process, once the lock is ours): no request, the record keeps the reply and the request's settings."""
-    settings = plan.settings
     for job in plan.refinish:
         merge = job.merge
-        record = dataclasses.replace(job.record, finish=settings.finish_id,
+        record = dataclasses.replace(job.record, finish=plan.settings.finish_id,
                                      reply=job.reply if job.reply.strip() != job.text.strip() else None)
         try:
-            if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, settings.finish):
+            if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, plan.settings.finish):
                 stats.count(STAGE_LLM, "edited")  # a person's file, written since planning: theirs stays
                 continue
         except ItemError as e:
@@ -3815,9 +3814,8 @@ def caption_parts(text: str) -> list[str]:
 def join_caption(parts: Iterable[str]) -> str:
     """Parts joined by commas, so each stays a part of its own; after a finished sentence a space is enough."""
     text = ""
-    for part in (p.strip() for p in parts):
-        if part:
-            text = part if not text else text + (" " if text[-1] in ".!?:;" else ", ") + part
+    for part in filter(None, (p.strip() for p in parts)):
+        text = part if not text else text + (" " if text[-1] in ".!?:;" else ", ") + part
     return text
 
 
