@@ -3069,7 +3069,7 @@ class DatasetLock:
             fd, tmp = create_temporary(self.path)  # caches are written beside the images: find out now, not per image
             os.close(fd)
             os.unlink(tmp)
-            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
+            handle = open(self.path, "a+", encoding="utf-8")
         except OSError as e:
             return f"cannot write in the dataset folder {self.path.parent}: {e.strerror or e}; the caches are " \
                    "written beside the images, so the folder must be writable"
@@ -3080,8 +3080,7 @@ class DatasetLock:
             owner = handle.read().strip() or "another process"
             handle.close()
             return f"another run ({owner}) is already working on {self.path.parent}; wait for it to finish"
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         self.file = handle
@@ -3090,8 +3089,7 @@ class DatasetLock:
     def release(self) -> None:
         if self.file is not None:
             self.file.truncate(0)
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
+            self.file.close()  # and with it the flock
             self.file = None
 
 
@@ -3121,68 +3119,49 @@ def preflight(cfg: Config, plan: Plan, state) -> Config:
     """Find every model and reach every endpoint that the plan needs before any model loads; raise
     FatalEndpointError or UsageError if one fails. Returns cfg with the LLM's model where the endpoint chose it."""
     if plan.to_generate and not cfg.vlm_base_url:
-        check_torchvision()
-        check_model_source(cfg.model_id, "--model_id", cfg.revision)
-    llm = vision = None
-    if plan.to_combine and cfg.local_llm:
-        check_local_model(cfg)
-    elif plan.to_combine:
-        llm = make_chat(cfg, state)
-    if plan.to_generate and cfg.vlm_base_url:
-        vision = make_vision_chat(cfg, state)
-
-    async def check_all() -> str | None:
+        # A torchvision built for another torch fails deep inside an image processor, after planning, in a long
+        # traceback; importing it now (a second) names the fix instead. A missing one is the processor's to report.
         try:
-            model = await llm.check() if llm else cfg.model
-            if vision:
-                await vision.check()
-            return model
+            import torchvision  # noqa: F401
+        except ModuleNotFoundError:
+            pass
+        except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
+            import torch
+
+            raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
+                             "pair built together: pip install --upgrade torch torchvision") from e
+        check_model_source(cfg.model_id, "--model_id", cfg.revision)
+    if plan.to_combine and cfg.local_llm:  # its config found (cache, path or Hub) before the vision stage's hour
+        from transformers import AutoConfig
+
+        check_model_source(cfg.local_llm, "--local_llm", cfg.revision)
+        quiet_transformers(cfg.verbosity)
+        try:
+            AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
+
+    async def checked(chat) -> str | None:
+        try:
+            return await chat.check()
         finally:
-            for chat in (llm, vision):
-                if chat:
-                    await chat.close()
+            await chat.close()
 
-    model = asyncio.run(check_all()) if llm or vision else cfg.model
+    model = asyncio.run(checked(make_chat(cfg, state))) if plan.to_combine and not cfg.local_llm else cfg.model
+    if plan.to_generate and cfg.vlm_base_url:
+        asyncio.run(checked(make_vision_chat(cfg, state)))
     return dataclasses.replace(cfg, model=model, model_from_list=True) if model != cfg.model else cfg
-
-
-def check_torchvision() -> None:
-    """A torchvision built for another torch fails deep inside an image processor, after planning, in a long
-    traceback; importing it now (a second, and only where a local vision model will load) names the fix instead.
-    One that is not installed is left to the processor that needs it."""
-    try:
-        import torchvision  # noqa: F401
-    except ModuleNotFoundError:
-        return
-    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", or an undefined symbol
-        import torch
-
-        raise UsageError(f"torchvision does not match torch {torch.__version__} ({first_line(e)}); install the "
-                         "pair built together: pip install --upgrade torch torchvision") from e
-
-
-def check_local_model(cfg: Config) -> None:
-    """Find the local LLM's config (cache, path or Hub) before the vision stage spends an hour."""
-    from transformers import AutoConfig
-
-    check_model_source(cfg.local_llm, "--local_llm", cfg.revision)
-    quiet_transformers(cfg.verbosity)
-    try:
-        AutoConfig.from_pretrained(cfg.local_llm, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FatalEndpointError(f"cannot load --local_llm {cfg.local_llm}: {first_line(e)}") from e
 
 
 def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
     """Write the merged captions that get this run's --keep_tokens, --prefix, --suffix (or budget) from their recorded
     reply (main process, once the lock is ours): no request, the record keeps the reply and the request's settings."""
-    settings = plan.settings
     for job in plan.refinish:
         merge = job.merge
-        record = dataclasses.replace(job.record, finish=settings.finish_id,
+        record = dataclasses.replace(job.record, finish=plan.settings.finish_id,
                                      reply=job.reply if job.reply.strip() != job.text.strip() else None)
         try:
-            if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, settings.finish):
+            if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, plan.settings.finish):
                 stats.count(STAGE_LLM, "edited")  # a person's file, written since planning: theirs stays
                 continue
         except ItemError as e:
@@ -3194,18 +3173,15 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
 
 
 def backend_switch(cfg: Config, plan: Plan) -> str | None:
-    """Why this run must not merge, if it must not: the local LLM it would use came by default, only because this
-    environment names no endpoint (cron runs without the shell's variables), while the combined captions on record
-    were made by another backend or model. A change asked for by a flag or a variable goes ahead, and --refresh
-    settings decides what it redoes."""
+    """Why this run must not merge, if it must not: the local LLM came by default, only because this environment names
+    no endpoint (cron runs without the shell's variables), while the combined captions on record were made by another
+    backend or model. A change asked for by a flag or a variable goes ahead."""
     if not cfg.local_llm_by_default or not plan.to_combine:
         return None
     records = plan.records if plan.records.latest else Records(cfg.dataset_dir).load()  # --refresh none reads none
-    makers: collections.Counter = collections.Counter()
-    for record in records.latest.values():
-        values = records.settings.get(record.settings) or {}
-        if "backend" in values and (values["backend"], values.get("model")) != ("local", cfg.local_llm):
-            makers[values["backend"], values.get("model")] += 1
+    made_with = (records.settings.get(record.settings) or {} for record in records.latest.values())
+    makers = collections.Counter((used["backend"], used.get("model")) for used in made_with if "backend" in used)
+    del makers["local", cfg.local_llm]
     if not makers:
         return None
     (backend, model), count = makers.most_common(1)[0]
@@ -3236,36 +3212,8 @@ def breakdown(counter) -> str:
 
 def output_label(kind: str) -> str:
     """A kind of cache in words: vision captions, combined captions, NAME variant captions."""
-    if kind == KIND_GENERATED:
-        return "vision captions"
-    if kind == KIND_COMBINED:
-        return "combined captions"
-    return f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
-
-
-def plan_lines(plan: Plan) -> list[str]:
-    """What planning decided, counted by reason (the dry run)."""
-    vision = collections.Counter(i.vision for i in plan.to_generate)
-    merge = collections.Counter(m.reason for m in plan.to_combine if not m.check_only)
-    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
-    stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
-                                if why)  # images, once per reason: not each of their caches
-    conditional = sum(m.unless is not None for m in plan.to_combine)
-    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
-    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
-    lines = [
-        f"  to caption: {len(plan.to_generate)} ({breakdown(vision)})",
-        f"  to merge: {sum(merge.values())} ({breakdown(merge)})"
-        + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
-        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
-        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
-          if plan.refinish else []),
-        *kept_lines(plan),
-        *settings_lines(plan),
-    ]
-    if check_only:  # --verify: current captions that only need their check
-        lines.append(f"  to check without merging again: {sum(check_only.values())} ({breakdown(check_only)})")
-    return lines
+    labels = {KIND_GENERATED: "vision captions", KIND_COMBINED: "combined captions"}
+    return labels.get(kind) or f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
 
 
 def kept_lines(plan: Plan) -> list[str]:
@@ -3297,7 +3245,7 @@ def plan_items(plan: Plan) -> Iterable[str]:
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
-    """What a run would do, without loading a model or calling anything."""
+    """What a run would do, counted by reason, without loading a model or calling anything."""
     from PIL import Image
 
     problems = list(plan.failures)
@@ -3312,6 +3260,12 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
     prompt_tokens = sum(estimate_tokens(m.variant.system_prompt + build_user_message(m.item.manual, ""))
                         + (estimate_tokens(m.item.generated) if m.item.generated else cfg.max_new_tokens)
                         for m in merges)
+    check_only = collections.Counter(m.reason for m in plan.to_combine if m.check_only)
+    stale = collections.Counter(why for i in plan.items for why in {i.vision, *(m.reason for m in i.merges)}
+                                if why)  # images, once per reason: not each of their caches
+    conditional = sum(m.unless is not None for m in plan.to_combine)
+    reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
+    refinished = "; ".join(sorted({job.change for job in plan.refinish}))
     return [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
@@ -3320,7 +3274,15 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         *([f"  checks to make (--verify): {len(plan.to_combine)} ({len(plan.to_combine) - len(merges)} of them of "
            "captions made already); each caption with a finding adds a merge and a check"]
           if plan.settings.check_id else []),
-        *plan_lines(plan),
+        f"  to caption: {len(plan.to_generate)} ({breakdown(collections.Counter(i.vision for i in plan.to_generate))})",
+        f"  to merge: {len(merges)} ({breakdown(collections.Counter(m.reason for m in merges))})"
+        + (f", {conditional} of them only if the new vision caption differs" if conditional else ""),
+        "  stale images: " + ", ".join(f"{stale[why]} {why}" for why in reasons),
+        *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
+          if plan.refinish else []),
+        *kept_lines(plan),
+        *settings_lines(plan),
+        *([f"  to check without merging again: {check_only.total()} ({breakdown(check_only)})"] if check_only else []),
         *(plan_items(plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
@@ -3331,8 +3293,24 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
 def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     """The run's summary, one block: the totals per stage, what was made per kind of output, what was left and why,
     then each note and failure. No line repeats the plan; each count agrees with the progress of its stage."""
-    return [*stage_lines(plan, stats), *done_lines(plan, stats), *verify_lines(stats), *left_lines(plan, stats),
-            *problem_lines(stats)]
+    lines = [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
+             for stage, c in stage_counts(plan, stats).items()]
+    lines += done_lines(plan, stats) + verify_lines(stats) + kept_lines(plan)
+    if edited := edited_during_run(plan, stats):  # what the run left, and why
+        lines.append(f"  edited during the run (kept): {edited}")
+    if any(stats.left.values()):
+        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
+                     f"{stats.left[STAGE_LLM]} to merge")
+    if plan.limited:
+        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
+    lines += settings_lines(plan)
+    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
+        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
+    lines += [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
+    lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
+    if stats.fatal or stats.gave_up:
+        lines.append(f"error: {stats.fatal or stats.gave_up}")
+    return lines
 
 
 def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
@@ -3340,11 +3318,6 @@ def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
     cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
     return {stage: {"done": stats.counts[stage]["done"], "cached": n + stats.counts[stage]["unchanged"],
                     "failed": stats.counts[stage]["failed"]} for stage, n in cached.items()}
-
-
-def stage_lines(plan: Plan, stats: Stats) -> list[str]:
-    return [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
-            for stage, c in stage_counts(plan, stats).items()]
 
 
 SUMMARY_COUNTS = (("checked", "checked without merging again (--verify)"),
@@ -3382,30 +3355,6 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
     return lines
 
 
-def left_lines(plan: Plan, stats: Stats) -> list[str]:
-    """What the run left, and why: hand edits, --limit, other settings, bad inputs."""
-    lines = kept_lines(plan)
-    if edited := edited_during_run(plan, stats):
-        lines.append(f"  edited during the run (kept): {edited}")
-    if any(stats.left.values()):
-        lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
-                     f"{stats.left[STAGE_LLM]} to merge")
-    if plan.limited:
-        lines.append(f"  left by --limit: {plan.limited} images, for the next run")
-    lines += settings_lines(plan)
-    if inputs := sum(f.stage == STAGE_INPUT for f in stats.failures):
-        lines.append(f"  bad input: {inputs} (exit 1 until each file is fixed or removed)")
-    return lines
-
-
-def problem_lines(stats: Stats) -> list[str]:
-    lines = [f"NOTE {n.path} [{n.stage}]: {n.note}" for n in stats.notes]
-    lines += [f"FAILED {f.path} [{f.stage}]: {f.error}" for f in stats.failures]
-    if stats.fatal or stats.gave_up:
-        lines.append(f"error: {stats.fatal or stats.gave_up}")
-    return lines
-
-
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
     trainer = plan.trainer_captions or collections.Counter()
@@ -3413,8 +3362,7 @@ def edited_during_run(plan: Plan, stats: Stats) -> int:
 
 
 def verify_lines(stats: Stats) -> list[str]:
-    """--verify in the summary: the checks by outcome, the requests (and tokens, where the server reports them) of
-    merging and of checking, and each flagged caption."""
+    """--verify in the summary: the checks by outcome, the requests and tokens of merging and checking, each flag."""
     checks, spent = stats.checks, stats.spent
     if not checks["checked"]:
         return []
@@ -3433,9 +3381,8 @@ def findings_text(findings: dict) -> str:
 
 
 def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
-    """--write_captions: each image's combined caption also at {stem}EXT, where the trainer reads it, kept in step
-    with _combined.txt on every run. A file there that this script did not write, or that was edited since, is a
-    person's: it is kept and reported. Returns a line per file kept (-v)."""
+    """--write_captions: each combined caption also at {stem}EXT, where the trainer reads it, on every run. A file there
+    that this script did not write, or that was edited since, is a person's: kept, and a line for -v returned."""
     records, settings = plan.records, settings_id("trainer", {"copy_of": KIND_COMBINED})
     counts, kept = collections.Counter(), []
     for item in plan.items:
@@ -3487,31 +3434,36 @@ def report_summary(plan: Plan, stats: Stats) -> dict:
 
 
 def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
-    """Every image with a combined caption, in the trainer format that --export's file name names: metadata.jsonl or
-    metadata.csv (Hugging Face imagefolder, at the dataset root, with an `approved` column from --review) or *.json
-    (kohya fine-tuning metadata)."""
+    """Every image with a combined caption, in the trainer format that --export's file name names (export_format);
+    imagefolder's rows also hold both inputs of the merge and an `approved` column from --review."""
     fmt = export_format(cfg.export)
     target = cfg.dataset_dir / Path(cfg.export).expanduser()  # an absolute --export path replaces the root
     approvals = load_approvals(cfg.dataset_dir)
     rows = []
     for item in plan.items:
-        captions = export_captions(item, cfg)
-        if captions is None:
+        # by variant name, from the files (other processes made some): "" is the combined caption, or the
+        # --write_captions file the trainer reads, where a person may have edited it
+        captions = {m.variant.name: read_cache(m.path) for m in item.merges}
+        if captions.get("") is None:
             continue
+        if cfg.write_captions:
+            captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
         # kohya: the full path, which its fine-tuning dataset opens as it is (merge_captions_to_metadata.py
         # --full_path); a bare stem would be searched for in one image_dir only, so images in subfolders would not be
         # found. imagefolder: the path from the metadata file's folder, the dataset root, with forward slashes.
         key = str(item.image) if fmt == "kohya" else item.image.relative_to(cfg.dataset_dir).as_posix()
-        if not is_utf8(key):  # JSON and Arrow strings are UTF-8: one such name would make the whole file unloadable
+        try:
+            key.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
+        except UnicodeEncodeError:  # JSON and Arrow strings are UTF-8: one such name would make the file unloadable
             warn(f"warning: export skips {str(item.image)!r}: its file name is not valid UTF-8; rename it")
             continue
-        columns = caption_columns(fmt, captions)
+        columns = caption_columns(fmt, {name: text or "" for name, text in captions.items()})
         if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
             columns |= {"manual": item.manual or "",
                         "generated": read_cache(item.generated_path) or item.generated or "",
                         "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
-    atomic_write(target, EXPORT_WRITERS[fmt](rows))
+    atomic_write(target, export_text(fmt, rows))
     return len(rows)
 
 
@@ -3520,29 +3472,19 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def load_caption_tokenizer(name: str):
-    """The trainer's text tokenizer (a Hub id or a folder), so that a caption is measured the way it will be cut."""
+def caption_counter(cfg: Config) -> Callable[[str], int] | None:
+    """count(text) by --caption_tokenizer, start and end tokens included, as the trainer counts (CLIP's 77 positions
+    hold <|startoftext|>, 75 tokens and <|endoftext|>); None without a --max_caption_tokens budget."""
+    if not cfg.max_caption_tokens:
+        return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.caption_tokenizer)
     except (OSError, ValueError, ImportError, KeyError) as e:
-        raise UsageError(f"cannot load --caption_tokenizer {name}: {first_line(e)}") from e
-
-
-def count_caption_tokens(tokenizer, text: str) -> int:
-    """The caption's length as the trainer counts it, start and end tokens included: CLIP's 77 positions hold
-    <|startoftext|>, 75 tokens and <|endoftext|> (kohya's --max_token_length 75 is 77 here), T5's 512 hold its </s>."""
+        raise UsageError(f"cannot load --caption_tokenizer {cfg.caption_tokenizer}: {first_line(e)}") from e
     # verbose=False: a caption over model_max_length is what is being measured here, not a mistake to warn about
-    return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
-
-
-def caption_counter(cfg: Config) -> Callable[[str], int] | None:
-    """count(text) with --caption_tokenizer, or None without a --max_caption_tokens budget."""
-    if not cfg.max_caption_tokens:
-        return None
-    tokenizer = load_caption_tokenizer(cfg.caption_tokenizer)
-    return lambda text: count_caption_tokens(tokenizer, text)
+    return lambda text: len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
 
 def budget_problem(text: str, budget: int, count: Callable[[str], int], what: str = "reply") -> str | None:
@@ -3559,9 +3501,8 @@ def caption_parts(text: str) -> list[str]:
 def join_caption(parts: Iterable[str]) -> str:
     """Parts joined by commas, so each stays a part of its own; after a finished sentence a space is enough."""
     text = ""
-    for part in (p.strip() for p in parts):
-        if part:
-            text = part if not text else text + (" " if text[-1] in ".!?:;" else ", ") + part
+    for part in filter(None, (p.strip() for p in parts)):
+        text = part if not text else text + (" " if text[-1] in ".!?:;" else ", ") + part
     return text
 
 
@@ -3569,20 +3510,16 @@ def same_text(a: str, b: str) -> bool:
     return a.casefold() == b.casefold()
 
 
-def word_at(text: str, start: int, end: int) -> bool:
-    """text[start:end] is whole words: no letter or digit runs on into it from either side."""
-    return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())
-
-
 def starts_with(text: str, part: str) -> bool:
-    return same_text(text[:len(part)], part) and word_at(text, 0, len(part))
+    """At the start, in any case, as whole words: no letter or digit runs on from it."""
+    return same_text(text[:len(part)], part) and not text[len(part):len(part) + 1].isalnum()
 
 
 def ends_with(text: str, part: str) -> bool:
-    """At the end, in any case; a closing full stop does not count."""
+    """At the end, in any case, as whole words; a closing full stop does not count."""
     text = text.rstrip(" .")
     start = len(text) - len(part)
-    return start >= 0 and same_text(text[start:], part) and word_at(text, start, len(text))
+    return start >= 0 and same_text(text[start:], part) and not text[start - 1:start].isalnum()
 
 
 def without_comma_part(text: str, part: str) -> str:
@@ -3592,10 +3529,9 @@ def without_comma_part(text: str, part: str) -> str:
 
 
 def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str] = ()) -> str:
-    """The fixed --prefix first, in front of the --keep_tokens parts, and the --suffix last, each exactly once and
-    spelt as given: a reply that has one already, in any case, at its start or end stays as it is; one that has it as
-    a comma part elsewhere gets it moved there rather than doubled. A suffix that is itself a kept part stays in front
-    with the kept parts."""
+    """The --prefix first, before the --keep_tokens parts, and the --suffix last, each once and spelt as given: one
+    already at its start or end, in any case, stays; one that is a comma part elsewhere moves there, not doubled.
+    A suffix that is itself a kept part stays in front with them."""
     if prefix:
         if starts_with(text, prefix):
             text = prefix + text[len(prefix):]
@@ -3611,27 +3547,16 @@ def apply_affixes(text: str, prefix: str, suffix: str, kept_parts: Sequence[str]
 
 def budget_head(kept_parts: Sequence[str], prefix: str) -> list[str]:
     """What leads every caption and is never cut: the prefix, then the kept parts, each once."""
-    head: list[str] = []
+    head: dict[str, str] = {}
     for part in filter(None, [prefix, *kept_parts]):
-        if not any(same_text(part, h) for h in head):
-            head.append(part)
-    return head
-
-
-def shorter_bodies(body: str) -> list[str]:
-    """Cuts of body, longest first: after a sentence or before a comma; at a word only where no such cut is left."""
-    clauses = [body[:m.end()] for m in re.finditer(r"[.!?](?=\s|$)", body)]
-    clauses += [body[:m.start()] for m in re.finditer(",", body)]
-    clauses = sorted({c.strip(" ,;:") for c in clauses} - {""}, key=len, reverse=True)
-    words = {body[:m.start()].strip(" ,;:") for m in re.finditer(r"\s+", body)} - set(clauses) - {""}
-    return clauses + sorted(words, key=len, reverse=True)
+        head.setdefault(part.casefold(), part)
+    return list(head.values())
 
 
 def fit_to_budget(text: str, kept_parts: Sequence[str], budget: int, count: Callable[[str], int],
                   prefix: str = "", suffix: str = "") -> str:
-    """A caption of at most `budget` tokens: the prefix and kept parts intact at the front, the suffix at the end, and
-    the description between them cut at its last sentence or comma boundary that fits. A trainer would cut it at
-    the budget wherever that falls, kept tokens and suffix included."""
+    """At most `budget` tokens: the prefix and kept parts intact in front, the suffix at the end, the description
+    between cut at its last sentence or comma that fits (a trainer would cut anywhere, kept tokens included)."""
     if count(text) <= budget:
         return text
     head = budget_head(kept_parts, prefix)
@@ -3641,7 +3566,12 @@ def fit_to_budget(text: str, kept_parts: Sequence[str], budget: int, count: Call
     if suffix:
         body = body.rstrip(" .")[:-len(suffix)].rstrip(" ,;:") if ends_with(body, suffix) else \
             without_comma_part(body, suffix)
-    for cut in shorter_bodies(body):
+    # cuts of the body, longest first: after a sentence or before a comma; at a word only where no such cut is left
+    clauses = [body[:m.end()] for m in re.finditer(r"[.!?](?=\s|$)", body)]
+    clauses += [body[:m.start()] for m in re.finditer(",", body)]
+    clauses = sorted({c.strip(" ,;:") for c in clauses} - {""}, key=len, reverse=True)
+    words = {body[:m.start()].strip(" ,;:") for m in re.finditer(r"\s+", body)} - set(clauses) - {""}
+    for cut in clauses + sorted(words, key=len, reverse=True):
         candidate = join_caption([*head, cut, suffix])
         if count(candidate) <= budget:
             return candidate
@@ -3657,30 +3587,15 @@ def training_caption(text: str, kept_parts: Sequence[str], cfg: Config,
     return text
 
 
-IMAGEFOLDER_NAMES = {"metadata.jsonl": "jsonl", "metadata.csv": "csv"}  # the names Hugging Face imagefolder looks for
-
-
 def export_format(path: str) -> str:
-    """The trainer format that an --export file name stands for: jsonl, csv or kohya."""
+    """jsonl or csv (the names Hugging Face imagefolder looks for) or kohya, from an --export file name."""
     name = Path(path).name
-    if name in IMAGEFOLDER_NAMES:
-        return IMAGEFOLDER_NAMES[name]
+    if name in ("metadata.jsonl", "metadata.csv"):
+        return name.removeprefix("metadata.")
     if name.lower().endswith(".json"):
         return "kohya"
     raise UsageError(f"--export {path}: unknown format; name it metadata.jsonl or metadata.csv (Hugging Face "
                      "imagefolder) or NAME.json (kohya fine-tuning metadata)")
-
-
-def export_captions(item: Item, cfg: Config) -> dict[str, str] | None:
-    """The finished captions of one image by variant name ("" for the combined caption, or the --write_captions
-    file the trainer reads, where a person may have edited it); None when it has none. Read from the files: other
-    processes made some of them."""
-    captions = {m.variant.name: read_cache(m.path) for m in item.merges}
-    if cfg.write_captions and captions.get("") is not None:
-        captions[""] = read_cache(finished_path(item, cfg)) or captions[""]
-    if captions.get("") is None:
-        return None
-    return {name: text or "" for name, text in captions.items()}
 
 
 def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
@@ -3689,33 +3604,18 @@ def caption_columns(fmt: str, captions: dict[str, str]) -> dict[str, str]:
     return {base + (f"_{name}" if name else ""): text for name, text in captions.items()}
 
 
-def is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # a name that is not UTF-8 on disk arrives here with surrogate escapes
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def jsonl_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    return "\n".join(json.dumps({"file_name": key, **columns}, ensure_ascii=False) for key, columns in rows)
-
-
-def csv_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    names = ["file_name"] + list(dict.fromkeys(name for _, columns in rows for name in columns))
+def export_text(fmt: str, rows: list[tuple[str, dict[str, str]]]) -> str:
+    """The rows (a file key and its columns) as the format's file: JSON lines, kohya's JSON, or CSV."""
+    if fmt == "jsonl":
+        return "\n".join(json.dumps({"file_name": key, **columns}, ensure_ascii=False) for key, columns in rows)
+    if fmt == "kohya":
+        return json.dumps(dict(rows), ensure_ascii=False, indent=2)
     buffer = io.StringIO()
+    names = ["file_name"] + list(dict.fromkeys(name for _, columns in rows for name in columns))
     writer = csv.DictWriter(buffer, fieldnames=names, restval="", lineterminator="\n")
     writer.writeheader()
-    for key, columns in rows:
-        writer.writerow({"file_name": key, **columns})
+    writer.writerows({"file_name": key, **columns} for key, columns in rows)
     return buffer.getvalue()
-
-
-def kohya_export(rows: list[tuple[str, dict[str, str]]]) -> str:
-    return json.dumps(dict(rows), ensure_ascii=False, indent=2)
-
-
-EXPORT_WRITERS = {"jsonl": jsonl_export, "csv": csv_export, "kohya": kohya_export}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3743,19 +3643,14 @@ def phrase_words(text: str) -> list[list[str]]:
 
 
 def word_ngrams(text: str, sizes=range(2, 5)) -> set[str]:
-    grams = set()
-    for words in phrase_words(text):
-        for n in sizes:
-            grams.update(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-    return grams
+    return {" ".join(words[i:i + n]) for words in phrase_words(text) for n in sizes
+            for i in range(len(words) - n + 1)}
 
 
 def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[str] = ()) -> list[tuple[str, int]]:
-    """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, leaving out the fixed text (kept parts, prefix,
-    suffix), the person's own phrases (in the manual captions of at least half the captions that have them: a
-    trigger word, a style tag) and phrases of stop words only. Each is named once: not also the shorter phrases
-    inside it, and overlapping ones chained ("in the style of", "the style of a", ... as one "in the style of a
-    watercolor")."""
+    """Phrases of 2-4 words in at least PHRASE_SHARE of the texts, but not the fixed text, the person's own phrases
+    (in the manual captions of at least half the captions that have them: a trigger word, a style tag) or stop words
+    only. Each once: not the shorter phrases inside it, and overlapping ones chained into one."""
     if len(texts) < PHRASE_MIN_CAPTIONS:
         return []
     fixed_words = [f" {' '.join(w for clause in phrase_words(f) for w in clause)} " for f in fixed]
@@ -3775,31 +3670,22 @@ def common_phrases(texts: Sequence[str], fixed: Iterable[str], manual: Sequence[
 def phrase_core(gram: str) -> str:
     """A phrase without the stop words at its ends: "in ohwx style" is the person's "ohwx style"."""
     words = gram.split()
-    while words and words[0] in PHRASE_STOP_WORDS:
-        words.pop(0)
-    while words and words[-1] in PHRASE_STOP_WORDS:
-        words.pop()
-    return " ".join(words)
+    inner = [i for i, word in enumerate(words) if word not in PHRASE_STOP_WORDS]
+    return " ".join(words[inner[0]:inner[-1] + 1]) if inner else ""
 
 
 def chain_phrases(grams: list[str]) -> list[str]:
     """Join phrases of one length that overlap in all but one word: "a b c d" and "b c d e" make "a b c d e"."""
     chains = []
     for size in sorted({len(g.split()) for g in grams}, reverse=True):
-        group = [g.split() for g in grams if len(g.split()) == size]
+        group, n = [g.split() for g in grams if len(g.split()) == size], size - 1
         while group:
             chain = group.pop(0)
-            while other := next((o for o in group if goes_on(chain, o) or goes_on(o, chain)), None):
+            while other := next((o for o in group if chain[-n:] == o[:n] or o[-n:] == chain[:n]), None):
                 group.remove(other)
-                chain = chain + other[size - 1:] if goes_on(chain, other) else other + chain[size - 1:]
+                chain = chain + other[n:] if chain[-n:] == other[:n] else other + chain[n:]
             chains.append(" ".join(chain))
     return chains
-
-
-def goes_on(a: list[str], b: list[str]) -> bool:
-    """Phrase b goes on where a ends: they overlap in all but one word of the shorter (a phrase, or a chain of them)."""
-    n = min(len(a), len(b)) - 1
-    return a[-n:] == b[:n]
 
 
 def find_loop(text: str) -> str | None:
@@ -3821,49 +3707,39 @@ def read_finished(path: Path) -> tuple[str | None, Finding | None]:
         text = read_text(path)
     except ItemError as e:
         return None, Finding(str(path), "unreadable", str(e))
+    if text is None and path.exists():
+        return None, Finding(str(path), "empty", "blank file")
     if text is None:
-        exists = path.exists()
-        return None, Finding(str(path), "empty" if exists else "missing",
-                             "blank file" if exists else "no combined caption yet (run without --audit to make it)")
-    problem = reply_problem(text, None)
-    if problem:
+        return None, Finding(str(path), "missing", "no combined caption yet (run without --audit to make it)")
+    if problem := reply_problem(text, None):
         return None, Finding(str(path), "refusal" if problem.startswith("refusal") else "empty", problem)
     return text, None
 
 
-def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: Path) -> list[Finding]:
+def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] | None, path: str) -> list[Finding]:
     """One finished caption (at path) against the trainer's settings: kept parts first, and within the token budget."""
-    findings, path = [], str(path)
+    findings = []
     kept = keep_token_parts(item.manual, cfg.keep_tokens)  # planning read it (and reported it if it cannot)
     lead = budget_head(kept, cfg.prefix)
-    missing = [part for part in kept if part not in text]
-    parts = caption_parts(text)
-    if missing:
+    if missing := [part for part in kept if part not in text]:
         findings.append(Finding(path, "keep_tokens", f"kept part {missing[0]!r} (part {kept.index(missing[0]) + 1} "
                                                      f"of {item.caption_path.name}) is not in the caption"))
-    else:
-        for i, part in enumerate(lead):  # the first comma part that is not the one the trainer keeps there
-            found = parts[i] if i < len(parts) else None
+    else:  # the first comma part that is not the one the trainer keeps there
+        for i, (part, found) in enumerate(zip(lead, caption_parts(text) + [None] * len(lead))):
             if found is None or not same_text(found, part):
                 findings.append(Finding(path, "keep_tokens", f"comma part {i + 1} should be {part!r}, "
                                                              f"not {found!r}; the caption starts {', '.join(lead)!r} "
                                                              "for the trainer to keep"))
                 break
-    if count is not None:
-        problem = budget_problem(text, cfg.max_caption_tokens, count, what="caption")
-        if problem:
-            findings.append(Finding(path, "over_budget", problem))
+    if count is not None and (problem := budget_problem(text, cfg.max_caption_tokens, count, what="caption")):
+        findings.append(Finding(path, "over_budget", problem))
     return findings
 
 
 def finished_path(item: Item, cfg: Config) -> Path:
-    """The caption the trainer reads: the --write_captions file where there is one (an edit there is the person's
-    last word), else the combined caption."""
-    if cfg.write_captions:
-        trainer = item.image.with_suffix(cfg.write_captions)
-        if trainer.exists():
-            return trainer
-    return item.combined_path
+    """The caption the trainer reads: the --write_captions file where there is one (a person's edit), else combined."""
+    trainer = cfg.write_captions and item.image.with_suffix(cfg.write_captions)
+    return trainer if trainer and trainer.exists() else item.combined_path
 
 
 def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = None) -> list[Finding]:
@@ -3871,25 +3747,21 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
     findings = [Finding(f.path, "input", f.error) for f in plan.failures]
     bad = {f.path: f.error for f in plan.failures}
     texts: list[tuple[Item, str]] = []
-    fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
-    manual = []
     for item in plan.items:
         path = finished_path(item, cfg)
         text, problem = read_finished(path)
-        if problem and problem.kind == "missing" and str(item.image) in bad:  # bad input: name the file to fix
-            error = bad[str(item.image)]
+        if problem and problem.kind == "missing" and (error := bad.get(str(item.image))) is not None:  # name the file
             culprit = item.caption_path if item.caption_path.name in error else item.image
             problem = Finding(problem.path, problem.kind, f"no combined caption: fix or replace {culprit} ({error})")
         if problem:
             findings.append(problem)
         else:
             texts.append((item, text))
-            findings += audit_item(item, cfg, text, count, path)
-        fixed += keep_token_parts(item.manual, cfg.keep_tokens)
-        manual.append(item.manual or "")
-        problem = generated_finding(item)
-        if problem:
-            findings.append(problem)
+            findings += audit_item(item, cfg, text, count, str(path))
+        findings += generated_findings(item)
+    fixed = [t for t in (cfg.prefix, cfg.suffix) if t]
+    fixed += [part for item in plan.items for part in keep_token_parts(item.manual, cfg.keep_tokens)]
+    manual = [item.manual or "" for item in plan.items]
     findings += duplicate_findings(cfg, texts)
     findings += check_findings(plan)
     findings += [Finding(str(cfg.dataset_dir), "phrase", f'"{gram}" is in {n} of {len(texts)} combined captions')
@@ -3900,53 +3772,44 @@ def audit_dataset(cfg: Config, plan: Plan, count: Callable[[str], int] | None = 
 STALE_CHECK = "verify_stale"  # a flagged caption edited by hand since: shown, but the person's word stands
 
 
-def check_findings(plan: Plan) -> list[Finding]:
-    """The captions --verify's check flagged, from their records; one edited by hand since shows its old findings,
-    marked stale."""
-    findings = []
+def check_findings(plan: Plan) -> Iterator[Finding]:
+    """The captions --verify's check flagged, from their records; marked stale where edited by hand since."""
     for item in plan.items:
         for merge in item.merges:
             if merge.record is not None and merge.record.findings:
                 stale = merge.variant.kind in item.kept
                 detail = findings_text(merge.record.findings) + (" (stale: edited by hand since)" if stale else "")
-                findings.append(Finding(str(merge.path), STALE_CHECK if stale else "verify", detail))
-    return findings
+                yield Finding(str(merge.path), STALE_CHECK if stale else "verify", detail)
 
 
-def generated_finding(item: Item) -> Finding | None:
+def generated_findings(item: Item) -> list[Finding]:
     """A vision caption that a loop or a refusal spoilt: the merge carries its flaw into the combined caption."""
-    text = read_cache(item.generated_path)
-    if text is None:
-        return None
-    if is_refusal(text):
-        return Finding(str(item.generated_path), "refusal", f"refusal: {text[:60]!r}")
-    loop = find_loop(text)
-    return Finding(str(item.generated_path), "loop", loop) if loop else None
+    path, text = str(item.generated_path), read_cache(item.generated_path)
+    if text is not None and is_refusal(text):
+        return [Finding(path, "refusal", f"refusal: {text[:60]!r}")]
+    loop = text is not None and find_loop(text)
+    return [Finding(path, "loop", loop)] if loop else []
 
 
-def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> list[Finding]:
+def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> Iterator[Finding]:
     """Different images with the same caption teach the trainer that they look the same."""
     groups = collections.defaultdict(list)
     for item, text in texts:
         groups[" ".join(text.casefold().split())].append(item)
-    findings = []
     for group in (g for g in groups.values() if len(g) > 1):
         for item in group:
             others = ", ".join(o.image.relative_to(cfg.dataset_dir).as_posix() for o in group if o is not item)
-            findings.append(Finding(str(item.combined_path), "duplicate", f"same caption as {others}"))
-    return findings
+            yield Finding(str(item.combined_path), "duplicate", f"same caption as {others}")
 
 
 def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
         count = caption_counter(cfg)
+        if not (plan := plan_work(cfg)).items:
+            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    plan = plan_work(cfg)
-    if not plan.items:
-        print(f"error: no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}", file=sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)

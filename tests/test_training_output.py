@@ -39,8 +39,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def count(tokenizer_dir):
-    tokenizer = ec.load_caption_tokenizer(tokenizer_dir)
-    return lambda text: ec.count_caption_tokens(tokenizer, text)
+    return ec.caption_counter(ec.Config(dataset_dir=Path("."), max_caption_tokens=77, caption_tokenizer=tokenizer_dir))
 
 
 def words(n: int, start: int = 0) -> str:
@@ -60,7 +59,8 @@ def test_budget_problem_names_the_length_and_the_limit(count):
 
 def test_a_tokenizer_that_cannot_be_loaded_is_one_usage_line(tmp_path):
     with pytest.raises(ec.UsageError) as raised:
-        ec.load_caption_tokenizer(str(tmp_path / "no-such-tokenizer"))
+        ec.caption_counter(ec.Config(dataset_dir=tmp_path, max_caption_tokens=77,
+                                     caption_tokenizer=str(tmp_path / "no-such-tokenizer")))
     message = str(raised.value)
     assert "--caption_tokenizer" in message and "no-such-tokenizer" in message and "\n" not in message
 
@@ -216,7 +216,7 @@ def test_export_writer_names_variant_columns_per_format():
     assert ec.caption_columns("jsonl", captions) == {"text": "long caption", "text_short": "short one"}
     assert ec.caption_columns("csv", captions) == {"text": "long caption", "text_short": "short one"}
     assert ec.caption_columns("kohya", captions) == {"caption": "long caption", "caption_short": "short one"}
-    csv_text = ec.csv_export([("a.jpg", {"text": "x, y", "text_short": "x"}), ("b.jpg", {"text": "z"})])
+    csv_text = ec.export_text("csv", [("a.jpg", {"text": "x, y", "text_short": "x"}), ("b.jpg", {"text": "z"})])
     assert csv_text.splitlines() == ["file_name,text,text_short", 'a.jpg,"x, y",x', "b.jpg,z,"]
 
 
