@@ -4215,7 +4215,8 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
             import webbrowser
 
             webbrowser.open(url)
-        threading.Thread(target=server.serve_forever, daemon=True).start()  # the main thread waits for the signal
+        # the main thread waits for the signal; shutdown() is seen within a poll interval (the default is 0.5 s)
+        threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
         stop.wait()
     server.shutdown()
     with review.busy:  # a save in flight finishes first

@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 
 from tests.conftest import (caches, lines_with, make_dataset, report_failures, run_main, seed_generated,
                             two_process_command, user_message)
@@ -207,6 +208,7 @@ def rank_of(process) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_process_that_hangs_is_given_up_on_and_the_others_work_is_saved(tmp_path, capsys):
     import psutil
 

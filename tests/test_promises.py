@@ -118,6 +118,7 @@ def test_a_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(tmp_path,
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_added_while_two_processes_start_wait_for_the_next_run(tmp_path, capsys, model_dir):
     """New images (sorting first, vision captions cached) arrive once the main process has planned. Each planned
     image is merged once, by one of the two processes; the new ones are left alone, and the next run does them."""
@@ -194,6 +195,7 @@ def test_a_run_on_a_sub_folder_after_an_edit_uses_the_datasets_records_and_lock(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_while_progress_prints_without_a_terminal(tmp_path, model_dir, llm_server):
     """Output to files, so progress comes as lines every few seconds from the thread that runs the vision model."""
     ds = tmp_path / "ds"

@@ -24,6 +24,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_review_prints_one_line_sends_nothing_and_stops_on_sigterm_or_ctrl_c(tmp_path, ds, llm_server):
     before = files_of(ds)
     server = ReviewServer(tmp_path, ds, "--base_url", llm_server.base_url, "--model", "test-model")

@@ -53,6 +53,7 @@ def records_of(ds: Path) -> list[dict]:
     return [json.loads(line) for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_edit_save_and_rerun_in_a_browser(tmp_path, ds, llm_server, capsys, page):
     from playwright.sync_api import expect
 

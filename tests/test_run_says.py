@@ -251,6 +251,7 @@ def closed_stdout(*args, cwd=None, env=None) -> tuple[int, str]:
     return proc.wait(300), err
 
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, llm_server):
     ds, images = seeded(tmp_path)
     args = run_args(ds, no_model(tmp_path), llm_server)
@@ -267,6 +268,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, llm_server):
     assert json.loads((tmp_path / "run.jsonl").read_text(encoding="utf-8").splitlines()[-1])["summary"]["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_a_torchvision_that_does_not_match_torch_is_one_line_before_any_load(tmp_path, vlm, llm_server):
     fake = tmp_path / "site"
     (fake / "torchvision").mkdir(parents=True)
