@@ -3802,12 +3802,16 @@ def duplicate_findings(cfg: Config, texts: Sequence[tuple[Item, str]]) -> Iterat
             yield Finding(str(item.combined_path), "duplicate", f"same caption as {others}")
 
 
+def no_images(cfg: Config) -> str:
+    return f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
+
+
 def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
         count = caption_counter(cfg)
         if not (plan := plan_work(cfg)).items:
-            raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+            raise UsageError(no_images(cfg))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -4196,7 +4200,7 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     before the page is served."""
     review = Review(cfg, secrets.token_urlsafe(24))
     if not review.entries:
-        raise UsageError(f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}")
+        raise UsageError(no_images(cfg))
     handler = type("Handler", (ReviewHandler,), {"review": review})
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -4815,7 +4819,7 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
         return cfg, None, error
     plan = plan_work(cfg, count_tokens)
     if not plan.items:
-        return cfg, plan, f"no images ({' '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.dataset_dir}"
+        return cfg, plan, no_images(cfg)
     if error := backend_switch(cfg, plan):
         return cfg, plan, error
     if cfg.dry_run:
