@@ -1023,8 +1023,8 @@ def cached_rerun(folder: Path, n: int, server: FakeLLMServer, refresh: str, work
     It must find every cache current: nothing to caption, to merge, to adopt, nothing kept as a hand edit."""
     report = child_report(script_command(folder, server, "--refresh", refresh, rss_marker=rss_marker), workdir)
     rc, output = report["rc"], report["output"]
-    current = (f"vision: 0 done, {n} from cache", f"llm: 0 done, {n} from cache", "to caption: 0 (none)",
-               "to merge: 0 (none)", "edited by hand (kept): 0 (none)", "adopted: 0 (none)")
+    current = (f"vision: 0 done, {n} from cache, 0 failed", f"llm: 0 done, {n} from cache, 0 failed",
+               "edited by hand (kept): 0 (none)", "adopted: 0 (none)")
     if rc != 0 or not all(line in output for line in current):
         raise RuntimeError(f"cached rerun --refresh {refresh} over {n} images failed (exit {rc}): {output}")
     return report
