@@ -1055,11 +1055,12 @@ def wait_scale(raw: str) -> float:
 
 class SharedPause:
     """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
-    file in the dataset folder, which all the processes share already (next to the lock). Two machines' clocks
-    may differ a little, and so may their pauses."""
+    file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
+    stat; the file is read only when it has changed. Two machines' clocks may differ a little, and so may their
+    pauses."""
 
     def __init__(self, path: Path, wall=time.time):
-        self.path, self.wall, self.until = path, wall, 0.0
+        self.path, self.wall, self.until, self.seen = path, wall, 0.0, None
 
     def publish(self, seconds: float) -> None:
         if seconds > self.remaining():
@@ -1069,7 +1070,10 @@ class SharedPause:
 
     def remaining(self) -> float:
         with contextlib.suppress(OSError, ValueError):  # none yet, or caught half-written: read again next time
-            self.until = max(self.until, float(self.path.read_text(encoding="utf-8")))
+            stat = self.path.stat()
+            if (seen := (stat.st_mtime_ns, stat.st_size, stat.st_ino)) != self.seen:
+                self.until = max(self.until, float(self.path.read_text(encoding="utf-8")))
+                self.seen = seen
         return self.until - self.wall()
 
 
