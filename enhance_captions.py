@@ -40,10 +40,11 @@ Map of this file, top to bottom:
     progress and messages      the one reporter that prints
     stages                     AsyncStage (requests on the event loop thread), the local vision loop
     planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why, what is
-                               re-finished from its recorded reply, what differs in settings), made by the main
-                               process; bad inputs remembered; plan_rows(): the plan as the other processes get it
+                               re-finished from its recorded reply, what differs in settings, whether the
+                               --write_captions copy follows), made by the main process; bad inputs remembered;
+                               plan_rows(): the plan as the other processes get it
     run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
-    around the run             lock, signals, preflight, dry run, the summary block, --write_captions, report, export
+    around the run             lock, signals, preflight, dry run, the summary block, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
                                (with the captions --verify flagged)
     review page                --review: each image beside its captions, state and findings; saves hand edits
@@ -259,6 +260,7 @@ class Item:
     merges: list[Merge] = dataclasses.field(default_factory=list)  # the default merge, then one per --variant
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
+    trainer: TrainerFile | None = None  # --write_captions: the trainer's copy of the combined caption
 
     # The cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's memory, and
     # planning reads the caches by name (cache_file).
@@ -276,6 +278,15 @@ class Item:
     @property
     def combined_path(self) -> Path:
         return self.cache_path(KIND_COMBINED)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainerFile:
+    """--write_captions: the trainer's file as planning found it, a copy that follows the combined caption."""
+
+    seen: str | None    # hash of its bytes (None: no file), for the last look before it is replaced
+    copies: str | None  # hash of the combined caption's bytes it is a copy of, by its record (None: not ours)
+    kept: bool = False  # a person's file (not written by this script, or edited since): never replaced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -814,7 +825,7 @@ def json_line(record: dict) -> str:
 RECORDS_DIR = ".enhance_captions"  # hidden: trainers, imagefolder loaders and walk_images never look inside
 RECORDS_FILE = "records.jsonl"
 JOURNAL_DIR = "journal"
-KIND_GENERATED, KIND_COMBINED = "generated", "combined"
+KIND_GENERATED, KIND_COMBINED, KIND_TRAINER = "generated", "combined", "trainer"
 
 
 def dataset_root(folder: Path) -> Path:
@@ -2412,7 +2423,6 @@ class Plan:
     failing: dict[str, dict] = dataclasses.field(default_factory=dict)  # bad inputs remembered (failures.jsonl)
     still: dict[str, dict] = dataclasses.field(default_factory=dict)    # ...of them, unchanged: not tried this run
     bad: list[str] = dataclasses.field(default_factory=list)            # images whose input failed at planning
-    trainer_captions: collections.Counter | None = None  # --write_captions: written, current, kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2457,6 +2467,8 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
     for item in items:
         try:
             decide(item, cfg, plan)
+            if cfg.write_captions:
+                decide_trainer(item, cfg, plan)
         except ItemError as e:
             if isinstance(e, BadInput):
                 plan.bad.append(str(item.image))
@@ -2577,6 +2589,46 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
         plan.differ[(merge.variant.kind, f"were made with {change}")] += 1
     if record.finish and record.finish != settings.finish_id and merge.text is not None:
         refinish_merge(merge, record, cfg, plan)
+
+
+def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
+    """--write_captions: the trainer's file is one more cache, a copy of the combined caption that follows it (see
+    copy_for_trainer). A file there that this script did not write, or that was edited since, is a person's: kept,
+    unless it is the combined caption's very bytes or --overwrite all says otherwise."""
+    found, combined = inspect_cache(plan.records, trainer_path(item, cfg)), item.merges[0]
+    ours = found.status == OURS
+    kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
+    item.trainer = TrainerFile(found.sha, found.record.combined if ours else None, kept)
+
+
+def trainer_path(item: Item, cfg: Config) -> Path:
+    return item.image.with_suffix(cfg.write_captions)
+
+
+TRAINER_SETTINGS = settings_id(KIND_TRAINER, {"copy_of": KIND_COMBINED})
+
+
+def copy_for_trainer(cfg: Config, records: Records, item: Item, stats: Stats, sha: str | None = None) -> None:
+    """--write_captions: the combined caption as it is on disk copied to the trainer's file, after a last look, unless
+    the copy is current. Called once per item: at the start of the run, or after its merge. `sha`: the combined
+    caption's hash as this run knows it, if it does (then a current copy costs no read)."""
+    trainer = item.trainer
+    if trainer.kept or sha is not None and sha == trainer.copies:
+        stats.count(KIND_TRAINER, "kept" if trainer.kept else "current")
+        return
+    try:
+        text, sha = read_caption(item.combined_path)
+        if text is None:
+            return
+        record = Record("", TRAINER_SETTINGS, combined=sha, adopted=trainer.copies is None and trainer.seen is not None)
+        if sha == trainer.copies:
+            stats.count(KIND_TRAINER, "current")
+        elif write_cache(records, trainer_path(item, cfg), text, record, None, trainer.seen):
+            stats.count(KIND_TRAINER, "written")
+        else:
+            stats.count(KIND_TRAINER, "edited")  # a person's file, written during the run: theirs stays
+    except ItemError as e:
+        stats.fail(item.image, STAGE_LLM, str(e))
 
 
 def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
@@ -2931,6 +2983,9 @@ class Merger:
             self.stats.count(job.variant.kind, "failed")
             raise
         self.stats.count(job.variant.kind, what)
+        trainer = job.item.trainer
+        if trainer is not None and not trainer.kept and not job.variant.name:  # a copy follows its combined caption
+            await asyncio.to_thread(copy_for_trainer, self.cfg, self.records, job.item, self.stats)
         return what
 
     async def merge(self, job: Merge) -> str:
@@ -3186,7 +3241,16 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
             continue
         stats.count(merge.variant.kind, "refinished")
         reporter.detail(f"re-finished {merge.path} ({job.change}): {first_words(merge.text)} → {first_words(job.text)}")
-        merge.text = job.text
+        merge.text, merge.sha = job.text, digest(cache_bytes(job.text))
+
+
+def copy_for_trainers(cfg: Config, plan: Plan, stats: Stats) -> None:
+    """--write_captions, at the start of a run (main process, after refinish()): the trainer files of the combined
+    captions no merge of this run will make; the others are copied after their merge (Merger)."""
+    stats.counts.setdefault(KIND_TRAINER, collections.Counter())
+    for item in plan.items:
+        if item.trainer is not None and (item.trainer.kept or not item.merges[0].reason):
+            copy_for_trainer(cfg, plan.records, item, stats, item.merges[0].sha)
 
 
 def backend_switch(cfg: Config, plan: Plan) -> str | None:
@@ -3246,7 +3310,7 @@ def settings_lines(plan: Plan) -> list[str]:
             for (kind, how), n in sorted(plan.differ.items())]
 
 
-def plan_items(plan: Plan) -> Iterable[str]:
+def plan_items(cfg: Config, plan: Plan) -> Iterable[str]:
     """What planning decided for each item that is not simply current (-v)."""
     for item in plan.items:
         if item.vision:
@@ -3259,6 +3323,8 @@ def plan_items(plan: Plan) -> Iterable[str]:
             yield f"    kept {item.cache_path(kind)}: edited by hand"
         for kind in item.adopted:
             yield f"    adopted {item.cache_path(kind)}"
+        if item.trainer is not None and item.trainer.kept:
+            yield f"    kept {trainer_path(item, cfg)}: not written by this script, or edited since"
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
@@ -3283,6 +3349,8 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
     conditional = sum(m.unless is not None for m in plan.to_combine)
     reasons = (REASON_MANUAL, REASON_IMAGE, REASON_GENERATED) + ((REASON_SETTINGS,) if stale[REASON_SETTINGS] else ())
     refinished = "; ".join(sorted({job.change for job in plan.refinish}))
+    trainers = [(i.trainer, i.merges[0]) for i in plan.items if i.trainer is not None]
+    behind = sum(not t.kept and bool(m.reason or m.sha is not None and m.sha != t.copies) for t, m in trainers)
     return [
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
@@ -3298,9 +3366,11 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         *([f"  to re-finish from the recorded reply, no request: {len(plan.refinish)} ({refinished})"]
           if plan.refinish else []),
         *kept_lines(plan),
+        *([f"  trainer captions to write (--write_captions): {behind} "
+           f"({sum(t.kept for t, _ in trainers)} edited by hand, kept)"] if cfg.write_captions else []),
         *settings_lines(plan),
         *([f"  to check without merging again: {check_only.total()} ({breakdown(check_only)})"] if check_only else []),
-        *(plan_items(plan) if cfg.verbosity >= 2 else ()),
+        *(plan_items(cfg, plan) if cfg.verbosity >= 2 else ()),
         f"  estimated LLM tokens: ~{prompt_tokens:,} in, up to {len(merges) * cfg.max_tokens:,} out",
         f"  problems: {len(problems)}",
         *(f"    {f.path}: {f.error}" for f in problems),
@@ -3365,8 +3435,7 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
         if already := current[kind] - counts["refinished"]:
             others.append(f"{already} already current")
         lines.append(f"  {output_label(kind)}: " + ", ".join([made, *others]))
-    if plan.trainer_captions is not None:
-        c = plan.trainer_captions
+    if (c := stats.counts.get(KIND_TRAINER)) is not None:
         lines.append(f"  trainer captions: {c['written']} written, {c['current']} current, "
                      f"{c['kept']} edited by hand (kept)")
     return lines
@@ -3374,8 +3443,7 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
 
 def edited_during_run(plan: Plan, stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
-    trainer = plan.trainer_captions or collections.Counter()
-    return stats.counts[STAGE_VISION]["edited"] + stats.counts[STAGE_LLM]["edited"] + trainer["edited"]
+    return sum(stats.counts.get(kind, {}).get("edited", 0) for kind in (STAGE_VISION, STAGE_LLM, KIND_TRAINER))
 
 
 def verify_lines(stats: Stats) -> list[str]:
@@ -3395,36 +3463,6 @@ def findings_text(findings: dict) -> str:
     """A check's findings on one line: 'unsupported: "a red scarf"; missing: "ohwx"'."""
     return "; ".join(f"{key}: " + ", ".join(json.dumps(s, ensure_ascii=False) for s in findings[key])
                      for key in CHECK_KEYS if findings.get(key))
-
-
-def write_trainer_captions(cfg: Config, plan: Plan, stats: Stats) -> list[str]:
-    """--write_captions: each combined caption also at {stem}EXT, where the trainer reads it, on every run. A file there
-    that this script did not write, or that was edited since, is a person's: kept, and a line for -v returned."""
-    records, settings = plan.records, settings_id("trainer", {"copy_of": KIND_COMBINED})
-    counts, kept = collections.Counter(), []
-    for item in plan.items:
-        try:
-            text, sha = read_caption(item.combined_path)
-        except ItemError:
-            continue
-        if text is None:
-            continue
-        target = item.image.with_suffix(cfg.write_captions)
-        found = inspect_cache(records, target)
-        theirs = found.sha is not None and found.status != OURS
-        if found.sha is not None and found.status == OURS and found.record.combined == sha:
-            counts["current"] += 1
-        elif theirs and found.text != text and cfg.overwrite != "all":
-            counts["kept"] += 1
-            kept.append(f"    kept {target}: not written by this script, or edited since")
-        else:
-            record = Record("", settings, combined=sha, adopted=theirs)
-            try:
-                counts["written" if write_cache(records, target, text, record, None, found.sha) else "edited"] += 1
-            except ItemError as e:
-                stats.fail(item.image, STAGE_LLM, str(e))
-    plan.trainer_captions = counts
-    return kept
 
 
 def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Finding], summary: dict) -> None:
@@ -3755,7 +3793,7 @@ def audit_item(item: Item, cfg: Config, text: str, count: Callable[[str], int] |
 
 def finished_path(item: Item, cfg: Config) -> Path:
     """The caption the trainer reads: the --write_captions file where there is one (a person's edit), else combined."""
-    trainer = cfg.write_captions and item.image.with_suffix(cfg.write_captions)
+    trainer = cfg.write_captions and trainer_path(item, cfg)
     return trainer if trainer and trainer.exists() else item.combined_path
 
 
@@ -3856,7 +3894,7 @@ PAGE_LIMIT = 200  # cards per request, at most
 REVIEW_FILTERS = {"all": lambda e: True, "flagged": lambda e: bool(e.findings), "stale": lambda e: e.stale,
                   "edited": lambda e: bool(e.item.kept), "failed": lambda e: bool(e.failures)}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-KIND_MANUAL, KIND_TRAINER = "manual", "trainer"
+KIND_MANUAL = "manual"
 REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
 MAX_CHANGE_BYTES = 1 << 20
 
@@ -3983,7 +4021,7 @@ class Review:
         files = {KIND_MANUAL: item.caption_path, KIND_GENERATED: item.generated_path}
         files |= {v.kind: item.cache_path(v.kind) for v in variants_of(self.cfg)}
         if self.cfg.write_captions:
-            files[KIND_TRAINER] = item.image.with_suffix(self.cfg.write_captions)
+            files[KIND_TRAINER] = trainer_path(item, self.cfg)
         return files
 
     def inside(self, path: Path) -> bool:
@@ -4809,11 +4847,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{len(plan.to_combine) - check_only} to merge"
                       + (f", {check_only} to check only" if check_only else "")
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
-        for line in plan_items(plan):
+        for line in plan_items(cfg, plan):
             reporter.detail(line)
         stop, stats = StopEvent(), Stats()
         if state.is_main_process:
             refinish(plan, stats, reporter)
+            if cfg.write_captions:
+                copy_for_trainers(cfg, plan, stats)
         with stop_on_signals(stop):
             try:
                 stats.merge(run(cfg, plan, state, reporter, stop, count_tokens=count_tokens, work=work))
@@ -4865,9 +4905,6 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         return stats.exit_code()
     stats.failures[:0] = plan.failures
     stats.account(plan)
-    if cfg.write_captions and not stats.fatal:
-        for line in write_trainer_captions(cfg, plan, stats):
-            reporter.detail(line)
     with contextlib.suppress(OSError):  # a folder that refuses it keeps the journals, read again next run
         plan.records.compact()
     if not stats.fatal:

@@ -113,6 +113,48 @@ def test_a_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(tmp_path,
         assert kept in out
 
 
+def test_a_trainer_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(tmp_path, capsys, model_dir):
+    """--write_captions: the trainer's file follows its combined caption, after a last look of its own. The server
+    holds the merge of img001 until the test has written img001's trainer file by hand."""
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 3)
+    seed_generated(images)
+    trainer, report = images[1].with_suffix(".caption"), tmp_path / "report.jsonl"
+    held, release = threading.Event(), threading.Event()
+
+    def reply(body):
+        if subject_of(body) == 1 and not release.is_set():
+            held.set()
+            release.wait(120)
+        return default_reply_text(body)
+
+    with FakeLLMServer(reply=reply) as server:
+        args = run_args(ds, model_dir("florence2"), server, "--write_captions", ".caption")
+        release.set()
+        assert run_main(capsys, *args)[0] == 0
+        release.clear()
+        copies = {image: image.with_suffix(".caption").read_bytes() for image in images}
+        (ds / "img001.txt").write_text("subject1, photo number 1, now in the rain", encoding="utf-8")
+        run = Cli(tmp_path, "run", *args, "--report", report)
+        run.wait_for(held.is_set, what="the merge of img001 in flight")
+        trainer.write_bytes(b"my own words for the trainer\n")
+        release.set()
+        assert run.wait() == 0, run.stderr
+
+        assert trainer.read_bytes() == b"my own words for the trainer\n"
+        assert b"now in the rain" in caches(images[1])[1].read_bytes()  # the combined caption itself moved on
+        assert all(images[i].with_suffix(".caption").read_bytes() == copies[images[i]] for i in (0, 2))
+        assert "  trainer captions: 0 written, 2 current, 0 edited by hand (kept)" in run.stdout.splitlines()
+        assert lines_with(run.stdout, "edited during the run (kept):") == ["  edited during the run (kept): 1"]
+        assert summary_of(report)["edited_during_run"] == 1
+        assert recorded(ds).get("img001.caption") == ec.digest(copies[images[1]])  # no record of the dropped copy
+
+        code, out, err = run_main(capsys, *args)  # the next run treats it as any hand edit
+        assert code == 0, err
+        assert trainer.read_bytes() == b"my own words for the trainer\n"
+        assert "  trainer captions: 0 written, 2 current, 1 edited by hand (kept)" in out.splitlines()
+
+
 # --------------------------------------------------------------------------------------------
 # One plan for every process
 # --------------------------------------------------------------------------------------------
@@ -135,7 +177,8 @@ def test_files_added_while_two_processes_start_wait_for_the_next_run(tmp_path, c
 
     reply, probed = on_probe(add_files)
     with FakeLLMServer(reply=reply, models=("listed-model",)) as server:
-        command, env = two_process_command(*run_args(ds, model_dir("florence2"), server))
+        args = run_args(ds, model_dir("florence2"), server, "--write_captions", ".caption")
+        command, env = two_process_command(*args)
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert probed, result.stderr[-3000:]
         assert result.returncode == 0, result.stderr[-3000:]
@@ -143,13 +186,17 @@ def test_files_added_while_two_processes_start_wait_for_the_next_run(tmp_path, c
         assert merged_subjects(server) == list(range(8))  # each planned image once, no new one
         assert "llm: 8 done, 0 from cache, 0 failed" in result.stdout
         assert "left for the next run" not in result.stdout
-        assert not any(caches(image)[1].exists() for image in new)
+        assert not any(caches(image)[1].exists() or image.with_suffix(".caption").exists() for image in new)
+        # the trainer's copies, made by whichever process merged each, counted once in the main one's summary
+        assert "  trainer captions: 8 written, 0 current, 0 edited by hand (kept)" in result.stdout.splitlines()
+        assert all(image.with_suffix(".caption").read_bytes() == caches(image)[1].read_bytes() for image in images)
 
     with FakeLLMServer() as server:
-        code, out, err = run_main(capsys, *run_args(ds, model_dir("florence2"), server))
+        code, out, err = run_main(capsys, *run_args(ds, model_dir("florence2"), server, "--write_captions", ".caption"))
         assert code == 0, err
         assert merged_subjects(server) == [100, 101, 102, 103]
         assert all(caches(image)[1].exists() for image in new)
+        assert "  trainer captions: 4 written, 8 current, 0 edited by hand (kept)" in out.splitlines()
 
 
 # --------------------------------------------------------------------------------------------

@@ -407,6 +407,14 @@ def test_write_captions_with_dry_run_writes_nothing(tmp_path, llm_server, capsys
     assert code == 0, out + err
     assert snapshot(ds) == before and not llm_server.requests
     assert "LLM calls to make: 6 (0 cached)" in out
+    assert "  trainer captions to write (--write_captions): 2 (0 edited by hand, kept)" in out.splitlines()
+    run_ok(capsys, no_model_args(tmp_path, ds, llm_server, "--write_captions", ".caption"))
+    images[0].with_suffix(".caption").write_text("sks woman, trainer caption edited by hand", encoding="utf-8")
+    images[1].with_suffix(".caption").unlink()
+    code, out, err = run_main(capsys, *no_model_args(tmp_path, ds, llm_server, "--write_captions", ".caption",
+                                                     "--dry_run"))
+    assert code == 0, out + err
+    assert "  trainer captions to write (--write_captions): 1 (1 edited by hand, kept)" in out.splitlines()
 
 
 # --------------------------------------------------------------------------------------------
