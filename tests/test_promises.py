@@ -56,6 +56,18 @@ def on_probe(action):
     return reply, done
 
 
+def holding(subject: int):
+    """A reply callable that holds the merge of image `subject` (with `held` set) until `release` is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def reply(body):
+        if subject_of(body) == subject and not release.is_set():
+            held.set()
+            release.wait(120)
+        return default_reply_text(body)
+    return reply, held, release
+
+
 def tmp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*.tmp")]
 
@@ -73,13 +85,7 @@ def test_a_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(tmp_path,
     images = make_dataset(ds, 3)
     seed_generated(images)
     combined, report = caches(images[1])[1], tmp_path / "report.jsonl"
-    held, release = threading.Event(), threading.Event()
-
-    def reply(body):
-        if subject_of(body) == 1 and not release.is_set():
-            held.set()
-            release.wait(120)
-        return default_reply_text(body)
+    reply, held, release = holding(1)
 
     with FakeLLMServer(reply=reply) as server:
         args = run_args(ds, model_dir("florence2"), server)
@@ -120,13 +126,7 @@ def test_a_trainer_caption_edited_by_hand_while_its_merge_is_in_flight_is_kept(t
     images = make_dataset(ds, 3)
     seed_generated(images)
     trainer, report = images[1].with_suffix(".caption"), tmp_path / "report.jsonl"
-    held, release = threading.Event(), threading.Event()
-
-    def reply(body):
-        if subject_of(body) == 1 and not release.is_set():
-            held.set()
-            release.wait(120)
-        return default_reply_text(body)
+    reply, held, release = holding(1)
 
     with FakeLLMServer(reply=reply) as server:
         args = run_args(ds, model_dir("florence2"), server, "--write_captions", ".caption")
