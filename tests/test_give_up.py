@@ -9,6 +9,7 @@ No test asserts a duration: counts of requests, files and exit codes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -235,6 +236,9 @@ def test_a_process_that_hangs_is_given_up_on_and_the_others_work_is_saved(tmp_pa
                 time.sleep(0.1)
             time.sleep(0.5)  # the summary lines after the report
         finally:
+            with contextlib.suppress(psutil.Error):  # the workers have sessions of their own: killpg misses them,
+                for child in psutil.Process(launcher.pid).children(recursive=True):  # and a stopped one would stay
+                    child.kill()
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait(30)
         asked = len(server.chat_requests())
