@@ -1,10 +1,12 @@
 """Shared fixtures: offline environment, tiny models built once per session, datasets, the loopback LLM server."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -143,6 +145,19 @@ def launch_command(*args, processes: int = 2, script: Path = SCRIPT, options=())
 def run_two_processes(*args, timeout: float = 600):
     """The real script under `accelerate launch` as two CPU processes that see each other (world size 2)."""
     return run_cli(*args, launcher=TWO_PROCESS_LAUNCHER, env=two_process_env(), timeout=timeout)
+
+
+def kill_launch(launcher: subprocess.Popen) -> None:
+    """Kill an `accelerate launch` started with start_new_session, and its workers: torch's launcher gives each
+    worker a session of its own, so killpg alone misses them (and a stopped one would stay behind)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            child.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(30)
 
 
 def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd=None, launcher=None):

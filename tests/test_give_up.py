@@ -9,18 +9,15 @@ No test asserts a duration: counts of requests, files and exit codes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (caches, lines_with, make_dataset, report_failures, run_main, seed_generated,
+from tests.conftest import (caches, kill_launch, lines_with, make_dataset, report_failures, run_main, seed_generated,
                             two_process_command, user_message)
 from tests.llm_server import FakeLLMServer, hang, reply, status, stop_after
 
@@ -236,11 +233,7 @@ def test_a_process_that_hangs_is_given_up_on_and_the_others_work_is_saved(tmp_pa
                 time.sleep(0.1)
             time.sleep(0.5)  # the summary lines after the report
         finally:
-            with contextlib.suppress(psutil.Error):  # the workers have sessions of their own: killpg misses them,
-                for child in psutil.Process(launcher.pid).children(recursive=True):  # and a stopped one would stay
-                    child.kill()
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait(30)
+            kill_launch(launcher)
         asked = len(server.chat_requests())
     summary = json.loads(report.read_text(encoding="utf-8").splitlines()[-1])["summary"]
     assert summary["exit_code"] == 1 and "process 2 of 2" in summary["error"], summary

@@ -7,7 +7,6 @@ captions are seeded, so no vision model loads.
 from __future__ import annotations
 
 import asyncio
-import os
 import pickle
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import threading
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import (Cli, caches, cli_env, lines_with, make_dataset, make_image, run_args, run_main,
+from tests.conftest import (Cli, caches, cli_env, kill_launch, lines_with, make_dataset, make_image, run_args, run_main,
                             seed_generated, two_process_command, user_message)
 from tests.llm_server import reply, reset, status
 
@@ -341,9 +340,7 @@ def test_sigterm_to_the_launcher_of_a_two_process_run_stops_both_workers(tmp_pat
         code = stopped_within(run, signal.SIGTERM, asked=2)  # each process has 1 rpm: its next wait is a minute
         assert code != 0, run.stderr[-3000:]
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)  # the session started here: the launcher and its workers
-            launcher.wait(30)
+        kill_launch(launcher)
 
 
 # --------------------------------------------------------------------------------------------
