@@ -249,7 +249,7 @@ class Item:
     """One image, what is known about it so far, and what planning decided it needs this run and why."""
 
     image: Path
-    caption_path: Path
+    caption_extension: str            # the manual caption's: {stem}EXT (--caption_extension)
     generated: str | None = None
     manual: str | None = None         # the manual caption, read once, at planning
     manual_sha: str | None = None
@@ -260,8 +260,16 @@ class Item:
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
 
-    # The cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's memory, and
-    # planning reads the caches by name (cache_file).
+    # The caption and cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's
+    # memory (the caption's alone 330 bytes an image), and planning reads the files by name (caption_file, cache_file).
+    @property
+    def caption_file(self) -> str:
+        return f"{str(self.image).rpartition('.')[0]}{self.caption_extension}"
+
+    @property
+    def caption_path(self) -> Path:
+        return self.image.with_suffix(self.caption_extension)
+
     def cache_file(self, kind: str) -> str:
         """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt (an image's name has a dot)"""
         return f"{str(self.image).rpartition('.')[0]}_{kind}.txt"
@@ -459,7 +467,7 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path]
 
 def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Item], list[Failure]]:
     """One Item per image; images whose caches or captions would collide are reported, not processed."""
-    items = [Item(image=p, caption_path=p.with_suffix(caption_extension)) for p in images]
+    items = [Item(p, caption_extension) for p in images]
     by_stem = collections.defaultdict(list)  # keyed by strings: three Paths per image are slow at 100k images
     for item in items:
         by_stem[os.path.splitext(item.image)[0]].append(item)
@@ -468,12 +476,14 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
            for group in by_stem.values() if len(group) > 1 for item in group}
     outputs = {item.cache_file(kind): item for item in items for kind in (KIND_GENERATED, KIND_COMBINED)}
     for item in items:
-        other = outputs.get(str(item.caption_path))
+        other = outputs.get(item.caption_file)
         if other is not None and other is not item:
             why = f"{item.image.name}'s caption file {item.caption_path.name} is also {other.image.name}'s cache file"
             bad[item.image] = bad[other.image] = why + "; rename one"
     failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
-    return [i for i in items if i.image not in bad], failures
+    if bad:  # only then: looking a Path up hashes it, and a Path keeps its hash (35 bytes an image)
+        items = [i for i in items if i.image not in bad]
+    return items, failures
 
 
 def digest(data: bytes) -> str:
@@ -493,21 +503,23 @@ def image_stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def read_caption(path: Path) -> tuple[str | None, str | None]:
+def read_caption(path: Path | str) -> tuple[str | None, str | None]:
     """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
     The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
+    name = os.path.basename(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         return None, None
     except OSError as e:
-        raise ItemError(f"cannot read {path.name}: {e.strerror or e}") from e
+        raise ItemError(f"cannot read {name}: {e.strerror or e}") from e
     if not data.strip():
         return None, None
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise BadInput(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise BadInput(f"{name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
 
 
@@ -2495,7 +2507,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         plan.still[records.key(item.image)] = remembered
         raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
-        item.manual, item.manual_sha = read_caption(item.caption_path)
+        item.manual, item.manual_sha = read_caption(item.caption_file)
     except ItemError:
         if gen.sha is None and cfg.cache_generated:  # caption the image now; merge once the caption is fixed
             item.vision = REASON_MISSING
@@ -2676,8 +2688,7 @@ def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
     for item in plan.items:
         merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
-            row = dataclasses.replace(item, image=item.image.relative_to(folder),
-                                      caption_path=item.caption_path.relative_to(folder))
+            row = dataclasses.replace(item, image=item.image.relative_to(folder))
             row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
             rows.append(row)
     return plan.records.root, rows
@@ -2688,7 +2699,7 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[Item]) -> Plan:
     names the same work everywhere. This process walks no folder and reads no records."""
     plan = Plan(rows, [], [], [], records=Records(root), settings=run_settings(cfg))
     for item in rows:
-        item.image, item.caption_path = cfg.dataset_dir / item.image, cfg.dataset_dir / item.caption_path
+        item.image = cfg.dataset_dir / item.image
         plan.to_generate += [item] if item.vision else []
         plan.to_combine += item.merges
     return plan
@@ -4082,7 +4093,7 @@ class Review:
     def decide_again(self, entry: ReviewEntry) -> None:
         """One item planned again after a save: its state, and its own findings (duplicates and the phrases of
         the whole dataset are found again when the page is loaded again)."""
-        item = Item(entry.item.image, entry.item.caption_path)
+        item = Item(entry.item.image, entry.item.caption_extension)
         plan = Plan([item], [], [], [], records=self.plan.records, settings=self.plan.settings)
         try:
             decide(item, self.cfg, plan)
