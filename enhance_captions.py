@@ -2414,6 +2414,8 @@ class Plan:
     stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
     cached_combined: int = 0
+    # the merged captions found as they are, by kind: the summary's "already current" (with those --limit left)
+    current: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     records: Records | None = None
     settings: Settings | None = None
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
@@ -2452,9 +2454,10 @@ def collector_paused():
 
 
 @collector_paused()
-def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
+def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts: bool = False) -> Plan:
     """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
-    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking."""
+    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking.
+    `keep_texts`: keep the cached captions' texts of every item, not only of those with work (the review's search)."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
@@ -2467,6 +2470,7 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 failing=read_failing(records))
     budget = cfg.limit
     for item in items:
+        refinishing = len(plan.refinish)
         try:
             decide(item, cfg, plan)
         except ItemError as e:
@@ -2483,13 +2487,27 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 item.vision = None
                 for merge in item.merges:
                     merge.reason = None
+                plan.current.update(m.variant.kind for m in item.merges if m.text is not None)
                 continue
+        current = [m.variant.kind for m in item.merges if m.text is not None and m.reason is None]
         plan.cached_generated += item.generated is not None and item.vision is None
-        plan.cached_combined += sum(m.text is not None and m.reason is None for m in item.merges)
+        plan.cached_combined += len(current)
+        plan.current.update(current)
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
+        if not (item.vision or merges or keep_texts or len(plan.refinish) > refinishing):
+            forget_texts(item)
     return plan
+
+
+def forget_texts(item: Item) -> None:
+    """An item this run leaves as it is, once counted: no stage needs its cached captions' texts. Kept, they were 200
+    bytes an image of a cached rerun with the bench's short captions (real ones are longer). The manual caption stays
+    (the export and the audit use it); the export reads the others from their files."""
+    item.generated = None
+    for merge in item.merges:
+        merge.text = None
 
 
 def decide(item: Item, cfg: Config, plan: Plan) -> None:
@@ -3362,8 +3380,7 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
     for m in plan.to_combine:
         if not m.check_only:
             planned[m.variant.kind][m.reason] += 1
-    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
-    current.update(m.variant.kind for i in plan.items for m in i.merges if m.text is not None and m.reason is None)
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated, **plan.current})
     lines = []
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
@@ -3954,7 +3971,7 @@ class Review:
     # -- the plan and its cards ---------------------------------------------------------------
     def refresh(self) -> None:
         with self.busy:
-            plan = plan_work(dataclasses.replace(self.cfg, limit=None))
+            plan = plan_work(dataclasses.replace(self.cfg, limit=None), keep_texts=True)
             reported = self.reported_failures()
             entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item)
                        for item in plan.items]
