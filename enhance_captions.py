@@ -864,15 +864,18 @@ class Record:
         return {"cache": cache, **{k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}}
 
     @classmethod
-    def from_line(cls, row: dict) -> Record:
-        for name in SHARED_FIELDS:  # a few distinct values among 100k records: one string each, not one a record
-            if type(row.get(name)) is str:
-                row[name] = sys.intern(row[name])
+    def from_line(cls, row: dict, shared: dict[str, str]) -> Record:
+        for name in SHARED_FIELDS:
+            if type(value := row.get(name)) is str:
+                row[name] = shared.setdefault(value, value)
         return cls(*[row.get(name, default) for name, default in RECORD_FIELDS])
 
 
 RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 100k lines a rerun
-SHARED_FIELDS = ("settings", "finish", "check", "made")
+# Values the records repeat: a few settings ids and times among 100k records, and an image's stamp and its vision
+# caption's hash in the records of both its caches. One string for each value, found in `shared` while the records
+# are read: 136 bytes an image of a cached rerun.
+SHARED_FIELDS = ("settings", "finish", "check", "made", "image", "sha", "generated")
 OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
@@ -900,14 +903,15 @@ class Records:
         return Path(path).relative_to(self.root).as_posix()
 
     def load(self) -> Records:
+        shared: dict[str, str] = {}  # see SHARED_FIELDS; let go once the records are read
         for path in [self.folder / RECORDS_FILE, *self.journals()]:
-            self._read(path)
+            self._read(path, shared)
         return self
 
     def journals(self) -> list[Path]:
         return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
 
-    def _read(self, path: Path) -> None:
+    def _read(self, path: Path, shared: dict[str, str]) -> None:
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 try:
@@ -915,7 +919,7 @@ class Records:
                     if "settings" in row and "values" in row:
                         self.settings[row["settings"]] = row["values"]
                     else:
-                        self._remember(row["cache"], Record.from_line(row))
+                        self._remember(row["cache"], Record.from_line(row, shared))
                 except (ValueError, KeyError, TypeError):  # a line a kill cut short, or a person's typo
                     continue
 
@@ -974,11 +978,11 @@ class Records:
         journals = self.journals()
         if not journals:
             return
-        merged = Records(self.root)
-        merged._read(self.folder / RECORDS_FILE)
+        merged, shared = Records(self.root), {}
+        merged._read(self.folder / RECORDS_FILE, shared)
         compacted = dict(merged.latest)
         for journal in journals:
-            merged._read(journal)
+            merged._read(journal, shared)
         latest, previous = merged.latest, merged.previous
         touched = [key for key, record in latest.items() if compacted.get(key) is not record]
         for key in touched:  # keep the one record that stands for the file as it is now
