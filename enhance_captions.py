@@ -248,7 +248,7 @@ class Config:
 class Item:
     """One image, what is known about it so far, and what planning decided it needs this run and why."""
 
-    image: Path
+    image_file: str                   # the image's path: a string, as planning uses it (`image` is its Path)
     caption_extension: str            # the manual caption's: {stem}EXT (--caption_extension)
     generated: str | None = None
     manual: str | None = None         # the manual caption, read once, at planning
@@ -260,22 +260,26 @@ class Item:
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
 
-    # The caption and cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's
-    # memory (the caption's alone 330 bytes an image), and planning reads the files by name (caption_file, cache_file).
+    # The paths are made on use: kept, their Path objects were over half of a fully cached rerun's memory (400 bytes
+    # an image, 330 the caption's), and making them a tenth of its time. Planning uses the names (the *_file ones).
+    @property
+    def image(self) -> Path:
+        return Path(self.image_file)
+
     @property
     def caption_file(self) -> str:
-        return f"{str(self.image).rpartition('.')[0]}{self.caption_extension}"
+        return f"{self.image_file.rpartition('.')[0]}{self.caption_extension}"
 
     @property
     def caption_path(self) -> Path:
-        return self.image.with_suffix(self.caption_extension)
+        return Path(self.caption_file)
 
     def cache_file(self, kind: str) -> str:
         """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt (an image's name has a dot)"""
-        return f"{str(self.image).rpartition('.')[0]}_{kind}.txt"
+        return f"{self.image_file.rpartition('.')[0]}_{kind}.txt"
 
     def cache_path(self, kind: str) -> Path:
-        return self.image.with_name(f"{self.image.stem}_{kind}.txt")
+        return Path(self.cache_file(kind))
 
     @property
     def generated_path(self) -> Path:
@@ -432,9 +436,9 @@ class Stats:
 STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[a-z0-9_]+\.tmp$")
 
 
-def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
-    """All images under root, sorted; follows directory symlinks but reports loops instead of hanging.
-    Temporary cache files that a killed run left behind are collected into `stale`."""
+def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[str], list[Failure]]:
+    """All images under root, their paths as strings, sorted as their Paths would be; follows directory symlinks but
+    reports loops instead of hanging. Temporary cache files that a killed run left behind are collected into `stale`."""
     found, problems, seen, extensions = [], [], set(), tuple(IMAGE_EXTENSIONS)
 
     def visit(folder: Path) -> None:
@@ -453,24 +457,29 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path]
                 if stale is not None and STALE_TEMPORARY.match(entry.name):
                     stale.append(Path(entry.path))
                 continue
-            try:  # a Path only for folders and images: most entries are caption files, and a Path costs more
+            try:  # a Path only for folders: most entries are images and their caption files, and a Path costs more
                 if entry.is_dir():
                     visit(Path(entry.path))
                 elif entry.name.lower().endswith(extensions):
-                    found.append(Path(entry.path))
+                    found.append(entry.path)
             except OSError as e:
                 problems.append(Failure(entry.path, STAGE_INPUT, f"cannot read: {e.strerror or e}"))
 
     visit(root)
-    return sorted(found), problems
+    return sorted(found, key=path_order), problems
 
 
-def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Item], list[Failure]]:
+def path_order(path: str) -> list[str]:
+    """Where a path sorts among Paths: by folder, then by name (on Windows, without case)."""
+    return os.path.normcase(path).split(os.sep)
+
+
+def pair_items(images: Sequence[str], caption_extension: str) -> tuple[list[Item], list[Failure]]:
     """One Item per image; images whose caches or captions would collide are reported, not processed."""
-    items = [Item(p, caption_extension) for p in images]
+    items = [Item(str(p), caption_extension) for p in images]
     by_stem = collections.defaultdict(list)  # keyed by strings: three Paths per image are slow at 100k images
     for item in items:
-        by_stem[os.path.splitext(item.image)[0]].append(item)
+        by_stem[os.path.splitext(item.image_file)[0]].append(item)
     bad = {item.image: f"shares its stem with another image ({', '.join(i.image.name for i in group)}): "
                        "their caches would collide; rename one"
            for group in by_stem.values() if len(group) > 1 for item in group}
@@ -481,9 +490,8 @@ def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Ite
             why = f"{item.image.name}'s caption file {item.caption_path.name} is also {other.image.name}'s cache file"
             bad[item.image] = bad[other.image] = why + "; rename one"
     failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
-    if bad:  # only then: looking a Path up hashes it, and a Path keeps its hash (35 bytes an image)
-        items = [i for i in items if i.image not in bad]
-    return items, failures
+    bad_files = {str(p) for p in bad}
+    return [i for i in items if i.image_file not in bad_files], failures
 
 
 def digest(data: bytes) -> str:
@@ -496,10 +504,10 @@ def cache_bytes(text: str) -> bytes:
     return (text.strip() + "\n").encode("utf-8")
 
 
-def image_stamp(path: Path) -> str:
+def image_stamp(path: Path | str) -> str:
     """An image's size and mtime: one stat per image, so a rerun over 100k images stays cheap. A replaced image
     (a new file, an edit, a copy) changes it; a copy that keeps both size and mtime would not be noticed."""
-    st = path.stat()
+    st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -2518,15 +2526,15 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
     """The one decision per item: what is redone and why, what is kept as a hand edit, what is adopted."""
     records, settings = plan.records, plan.settings
     try:
-        item.stamp = image_stamp(item.image)
+        item.stamp = image_stamp(item.image_file)
     except OSError as e:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.cache_file(KIND_GENERATED))
     item.merges = [Merge(item, variant) for variant in settings.variants]
-    remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
+    remembered = plan.failing.get(records.key(item.image_file)) if plan.failing else None
     if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
             (cfg.audit or remembered.get("settings") == settings.vision_id):
-        plan.still[records.key(item.image)] = remembered
+        plan.still[records.key(item.image_file)] = remembered
         raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
         item.manual, item.manual_sha = read_caption(item.caption_file)
@@ -2666,10 +2674,10 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
     rows = dict(plan.still)
     bad, errors = set(stats.bad) | set(plan.bad), {f.path: f.error for f in stats.failures}
     for item in plan.items:
-        key = records.key(item.image)
-        if str(item.image) in bad and key not in rows and item.stamp is not None:
+        key = records.key(item.image_file)
+        if item.image_file in bad and key not in rows and item.stamp is not None:
             rows[key] = {"failing": key, "stamp": input_stamp(item), "settings": plan.settings.vision_id,
-                         "since": now, "error": errors.get(str(item.image), "failed")}
+                         "since": now, "error": errors.get(item.image_file, "failed")}
     path = records.folder / FAILURES_FILE
     if rows:
         records.folder.mkdir(parents=True, exist_ok=True)
@@ -2710,7 +2718,7 @@ def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
     for item in plan.items:
         merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
-            row = dataclasses.replace(item, image=item.image.relative_to(folder))
+            row = dataclasses.replace(item, image_file=str(item.image.relative_to(folder)))
             row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
             rows.append(row)
     return plan.records.root, rows
@@ -2721,7 +2729,7 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[Item]) -> Plan:
     names the same work everywhere. This process walks no folder and reads no records."""
     plan = Plan(rows, [], [], [], records=Records(root), settings=run_settings(cfg))
     for item in rows:
-        item.image = cfg.dataset_dir / item.image
+        item.image_file = str(cfg.dataset_dir / item.image_file)
         plan.to_generate += [item] if item.vision else []
         plan.to_combine += item.merges
     return plan
@@ -4114,7 +4122,7 @@ class Review:
     def decide_again(self, entry: ReviewEntry) -> None:
         """One item planned again after a save: its state, and its own findings (duplicates and the phrases of
         the whole dataset are found again when the page is loaded again)."""
-        item = Item(entry.item.image, entry.item.caption_extension)
+        item = Item(entry.item.image_file, entry.item.caption_extension)
         plan = Plan([item], [], [], [], records=self.plan.records, settings=self.plan.settings)
         try:
             decide(item, self.cfg, plan)
