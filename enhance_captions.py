@@ -2599,6 +2599,8 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     """Why a merge made by this script is out of date, if it is. One whose vision caption is made again is redone
     only if that caption changes; one that stands may be re-finished, or counted as made with other settings."""
     item, settings, name, record = merge.item, plan.settings, merge.variant.name, merge.record
+    item.stamp = recorded_string(item.stamp, record.image)
+    item.manual_sha = recorded_string(item.manual_sha, record.manual)
     # a record without `finish` is older than the split: its settings held the finishing ones too
     current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
     change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
@@ -2619,6 +2621,12 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
         plan.differ[(merge.variant.kind, f"were made with {change}")] += 1
     if record.finish and record.finish != settings.finish_id and merge.text is not None:
         refinish_merge(merge, record, cfg, plan)
+
+
+def recorded_string(value: str | None, recorded: str | None) -> str | None:
+    """The record's string where the two are equal: the item and its records then hold one string, not two, for the
+    image's stamp and the manual caption's hash (136 bytes an image of a cached rerun)."""
+    return recorded if value == recorded else value
 
 
 def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
