@@ -256,7 +256,7 @@ class Item:
     generated_sha: str | None = None  # hash of the vision caption's bytes, as cached (or as it would be)
     stamp: str | None = None          # image_stamp() at planning
     vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
-    merges: list[Merge] = dataclasses.field(default_factory=list)  # the default merge, then one per --variant
+    merges: tuple[Merge, ...] = ()    # the default merge, then one per --variant (a list: 48 bytes more an image)
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
 
@@ -2530,7 +2530,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
     except OSError as e:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.cache_file(KIND_GENERATED))
-    item.merges = [Merge(item, variant) for variant in settings.variants]
+    item.merges = tuple(Merge(item, variant) for variant in settings.variants)
     remembered = plan.failing.get(records.key(item.image_file)) if plan.failing else None
     if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
             (cfg.audit or remembered.get("settings") == settings.vision_id):
@@ -2727,7 +2727,7 @@ def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
         merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
             row = dataclasses.replace(item, image_file=str(item.image.relative_to(folder)))
-            row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
+            row.merges = tuple(dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges)
             rows.append(row)
     return plan.records.root, rows
 
