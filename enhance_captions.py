@@ -2469,7 +2469,7 @@ def collector_paused():
 def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts: bool = False) -> Plan:
     """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
     `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking.
-    `keep_texts`: keep the cached captions' texts of every item, not only of those with work (the review's search)."""
+    `keep_texts`: keep the caption texts of every item, not only of those with work (for the audit and the review)."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
@@ -2514,10 +2514,10 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
 
 
 def forget_texts(item: Item) -> None:
-    """An item this run leaves as it is, once counted: no stage needs its cached captions' texts. Kept, they were 200
-    bytes an image of a cached rerun with the bench's short captions (real ones are longer). The manual caption stays
-    (the export and the audit use it); the export reads the others from their files."""
-    item.generated = None
+    """An item this run leaves as it is, once counted: no stage needs its captions' texts (the export reads them from
+    their files). Kept, they were 280 bytes an image of a cached rerun with the bench's short captions (real ones are
+    longer)."""
+    item.manual = item.generated = None
     for merge in item.merges:
         merge.text = None
 
@@ -3524,7 +3524,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
             continue
         columns = caption_columns(fmt, {name: text or "" for name, text in captions.items()})
         if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
-            columns |= {"manual": item.manual or "",
+            columns |= {"manual": read_cache(item.caption_path) or "",
                         "generated": read_cache(item.generated_path) or item.generated or "",
                         "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
@@ -3875,7 +3875,7 @@ def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
         count = caption_counter(cfg)
-        if not (plan := plan_work(cfg)).items:
+        if not (plan := plan_work(cfg, keep_texts=True)).items:
             raise UsageError(no_images(cfg))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
