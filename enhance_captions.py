@@ -514,20 +514,19 @@ def image_stamp(path: Path | str) -> str:
 def read_caption(path: Path | str) -> tuple[str | None, str | None]:
     """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
     The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
-    name = os.path.basename(path)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
         return None, None
     except OSError as e:
-        raise ItemError(f"cannot read {name}: {e.strerror or e}") from e
+        raise ItemError(f"cannot read {os.path.basename(path)}: {e.strerror or e}") from e
     if not data.strip():
         return None, None
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise BadInput(f"{name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise BadInput(f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
 
 
@@ -898,6 +897,7 @@ class Records:
 
     def __init__(self, root: Path):
         self.root, self.folder = root, root / RECORDS_DIR
+        self.prefix = str(root) + os.sep  # of every path inside the root: key() cuts it off
         self.latest: dict[str, Record] = {}
         self.previous: dict[str, Record] = {}
         self.settings: dict[str, dict] = {}
@@ -905,9 +905,9 @@ class Records:
         self.lock = threading.Lock()
 
     def key(self, path: Path | str) -> str:
-        text, root = str(path), str(self.root)
-        if text.startswith(root + os.sep):  # what relative_to would give, without its cost (40k calls a rerun)
-            return text[len(root) + 1:].replace(os.sep, "/")
+        text = str(path)
+        if text.startswith(self.prefix):  # what relative_to would give, without its cost (100k calls a rerun)
+            return text[len(self.prefix):].replace(os.sep, "/")
         return Path(path).relative_to(self.root).as_posix()
 
     def load(self) -> Records:
@@ -2397,14 +2397,14 @@ class CacheFile:
 
 
 def inspect_cache(records: Records, path: Path | str) -> CacheFile:
-    name = os.path.basename(path)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
         return CacheFile()
     except OSError as e:  # unreadable: nothing can use it, and nothing may replace it
-        return CacheFile(sha="unreadable", error=f"cannot read {name}: {e.strerror or e}", status=EDITED)
+        return CacheFile(sha="unreadable", error=f"cannot read {os.path.basename(path)}: {e.strerror or e}",
+                         status=EDITED)
     if not data.strip():
         return CacheFile()
     sha = digest(data)
@@ -2414,7 +2414,7 @@ def inspect_cache(records: Records, path: Path | str) -> CacheFile:
     try:
         return CacheFile(sha, data.decode("utf-8-sig").strip(), None, status, record)
     except UnicodeDecodeError as e:
-        return CacheFile(sha, None, f"{name} is not valid UTF-8 (byte {e.start})", status, record)
+        return CacheFile(sha, None, f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start})", status, record)
 
 
 @dataclasses.dataclass
