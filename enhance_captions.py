@@ -2387,7 +2387,7 @@ def settings_change(records: Records, sid: str, current_id: str, current: dict) 
     return " and ".join(words) or None  # None: recorded in an older layout, with the same values
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class CacheFile:
     """A cache file as planning found it."""
 
