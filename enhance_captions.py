@@ -883,8 +883,10 @@ class Record:
 RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 100k lines a rerun
 # Values the records repeat: a few settings ids and times among 100k records, and an image's stamp and its vision
 # caption's hash in the records of both its caches. One string for each value, found in `shared` while the records
-# are read: 136 bytes an image of a cached rerun.
+# are read: 136 bytes an image of a cached rerun. records.jsonl is sorted by cache, so an image's records are next to
+# each other: `shared` holds the values of the last lines only (all of them made a dict of 9 MB at 50k images).
 SHARED_FIELDS = ("settings", "finish", "check", "made", "image", "sha", "generated")
+SHARED_MOST = 1000
 OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
@@ -930,6 +932,8 @@ class Records:
                         self.settings[row["settings"]] = row["values"]
                     else:
                         self._remember(row["cache"], Record.from_line(row, shared))
+                        if len(shared) > SHARED_MOST:
+                            shared.clear()
                 except (ValueError, KeyError, TypeError):  # a line a kill cut short, or a person's typo
                     continue
 
