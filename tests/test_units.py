@@ -131,6 +131,14 @@ def test_caption_file_that_is_another_images_cache_is_a_conflict(tmp_path):
     assert items == [] and len(conflicts) == 2
 
 
+def test_caption_file_that_is_another_images_combined_caption_is_a_conflict(tmp_path):
+    images = [tmp_path / "a.png", tmp_path / "a_combined.png", tmp_path / "b_combined.png"]
+    items, conflicts = ec.pair_items(images, ".txt")
+    assert [i.image.name for i in items] == ["b_combined.png"]
+    assert sorted(Path(f.path).name for f in conflicts) == ["a.png", "a_combined.png"]
+    assert all("a_combined.txt is also a.png's cache file" in f.error for f in conflicts)
+
+
 def test_symlink_loop_is_reported_not_followed_forever(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.jpg").write_bytes(b"x")
