@@ -61,6 +61,7 @@ if sys.version_info < (3, 11):  # before any import: torch has no 3.10 builds he
 import argparse
 import asyncio
 import base64
+import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -527,10 +528,16 @@ def read_caption(path: Path | str) -> tuple[str | None, str | None]:
     if not data.strip():
         return None, None
     try:
-        text = data.decode("utf-8-sig").strip()
+        text = decode_text(data)
     except UnicodeDecodeError as e:
         raise BadInput(f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text (a BOM allowed), stripped: what the utf-8-sig codec gives, without its Python-level wrapper (0.4 µs
+    for each of 150k files a cached rerun of 50k images reads)."""
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8").strip()
 
 
 def read_text(path: Path) -> str | None:
@@ -2421,7 +2428,7 @@ def inspect_cache(records: Records, path: Path | str) -> CacheFile:
     if status == OURS:
         sha = record.sha  # the same hash, kept once
     try:
-        return CacheFile(sha, data.decode("utf-8-sig").strip(), None, status, record)
+        return CacheFile(sha, decode_text(data), None, status, record)
     except UnicodeDecodeError as e:
         return CacheFile(sha, None, f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start})", status, record)
 
