@@ -62,6 +62,7 @@ if sys.version_info < (3, 11):  # before any import: torch has no 3.10 builds he
 import argparse
 import asyncio
 import base64
+import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -249,27 +250,39 @@ class Config:
 class Item:
     """One image, what is known about it so far, and what planning decided it needs this run and why."""
 
-    image: Path
-    caption_path: Path
+    image_file: str                   # the image's path: a string, as planning uses it (`image` is its Path)
+    caption_extension: str            # the manual caption's: {stem}EXT (--caption_extension)
     generated: str | None = None
     manual: str | None = None         # the manual caption, read once, at planning
     manual_sha: str | None = None
     generated_sha: str | None = None  # hash of the vision caption's bytes, as cached (or as it would be)
     stamp: str | None = None          # image_stamp() at planning
     vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
-    merges: list[Merge] = dataclasses.field(default_factory=list)  # the default merge, then one per --variant
+    merges: tuple[Merge, ...] = ()    # the default merge, then one per --variant (a list: 48 bytes more an image)
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
     trainer: TrainerFile | None = None  # --write_captions: the trainer's copy of the combined caption
 
-    # The cache paths are made on use: kept, their Path objects were a third of a fully cached rerun's memory, and
-    # planning reads the caches by name (cache_file).
+    # The paths are made on use: kept, their Path objects were over half of a fully cached rerun's memory (400 bytes
+    # an image, 330 the caption's), and making them a tenth of its time. Planning uses the names (the *_file ones).
+    @property
+    def image(self) -> Path:
+        return Path(self.image_file)
+
+    @property
+    def caption_file(self) -> str:
+        return f"{self.image_file.rpartition('.')[0]}{self.caption_extension}"
+
+    @property
+    def caption_path(self) -> Path:
+        return Path(self.caption_file)
+
     def cache_file(self, kind: str) -> str:
         """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt (an image's name has a dot)"""
-        return f"{str(self.image).rpartition('.')[0]}_{kind}.txt"
+        return f"{self.image_file.rpartition('.')[0]}_{kind}.txt"
 
     def cache_path(self, kind: str) -> Path:
-        return self.image.with_name(f"{self.image.stem}_{kind}.txt")
+        return Path(self.cache_file(kind))
 
     @property
     def generated_path(self) -> Path:
@@ -435,9 +448,9 @@ class Stats:
 STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[a-z0-9_]+\.tmp$")
 
 
-def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
-    """All images under root, sorted; follows directory symlinks but reports loops instead of hanging.
-    Temporary cache files that a killed run left behind are collected into `stale`."""
+def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[str], list[Failure]]:
+    """All images under root, their paths as strings, sorted as their Paths would be; follows directory symlinks but
+    reports loops instead of hanging. Temporary cache files that a killed run left behind are collected into `stale`."""
     found, problems, seen, extensions = [], [], set(), tuple(IMAGE_EXTENSIONS)
 
     def visit(folder: Path) -> None:
@@ -456,35 +469,44 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[Path]
                 if stale is not None and STALE_TEMPORARY.match(entry.name):
                     stale.append(Path(entry.path))
                 continue
-            try:  # a Path only for folders and images: most entries are caption files, and a Path costs more
+            try:  # a Path only for folders: most entries are images and their caption files, and a Path costs more
                 if entry.is_dir():
                     visit(Path(entry.path))
                 elif entry.name.lower().endswith(extensions):
-                    found.append(Path(entry.path))
+                    found.append(entry.path)
             except OSError as e:
                 problems.append(Failure(entry.path, STAGE_INPUT, f"cannot read: {e.strerror or e}"))
 
     visit(root)
-    return sorted(found), problems
+    return sorted(found, key=path_order), problems
 
 
-def pair_items(images: Sequence[Path], caption_extension: str) -> tuple[list[Item], list[Failure]]:
+def path_order(path: str) -> list[str]:
+    """Where a path sorts among Paths: by folder, then by name (on Windows, without case)."""
+    return os.path.normcase(path).split(os.sep)
+
+
+def pair_items(images: Sequence[str], caption_extension: str) -> tuple[list[Item], list[Failure]]:
     """One Item per image; images whose caches or captions would collide are reported, not processed."""
-    items = [Item(image=p, caption_path=p.with_suffix(caption_extension)) for p in images]
+    items = [Item(str(p), caption_extension) for p in images]
     by_stem = collections.defaultdict(list)  # keyed by strings: three Paths per image are slow at 100k images
     for item in items:
-        by_stem[os.path.splitext(item.image)[0]].append(item)
+        by_stem[os.path.splitext(item.image_file)[0]].append(item)
     bad = {item.image: f"shares its stem with another image ({', '.join(i.image.name for i in group)}): "
                        "their caches would collide; rename one"
            for group in by_stem.values() if len(group) > 1 for item in group}
-    outputs = {item.cache_file(kind): item for item in items for kind in (KIND_GENERATED, KIND_COMBINED)}
+    # A caption file that is another image's cache file ({stem}_generated.txt, {stem}_combined.txt): that image is
+    # found by its stem (a table of every cache file's name held 100k names at 50k images, and took 0.09 s).
     for item in items:
-        other = outputs.get(str(item.caption_path))
+        other = None
+        if item.caption_file.endswith((GENERATED_SUFFIX, COMBINED_SUFFIX)):
+            other = by_stem.get(item.caption_file.rsplit("_", 1)[0], [None])[-1]
         if other is not None and other is not item:
             why = f"{item.image.name}'s caption file {item.caption_path.name} is also {other.image.name}'s cache file"
             bad[item.image] = bad[other.image] = why + "; rename one"
     failures = [Failure(str(p), STAGE_INPUT, why) for p, why in sorted(bad.items())]
-    return [i for i in items if i.image not in bad], failures
+    bad_files = {str(p) for p in bad}
+    return [i for i in items if i.image_file not in bad_files], failures
 
 
 def digest(data: bytes) -> str:
@@ -497,29 +519,48 @@ def cache_bytes(text: str) -> bytes:
     return (text.strip() + "\n").encode("utf-8")
 
 
-def image_stamp(path: Path) -> str:
+def image_stamp(path: Path | str) -> str:
     """An image's size and mtime: one stat per image, so a rerun over 100k images stays cheap. A replaced image
     (a new file, an edit, a copy) changes it; a copy that keeps both size and mtime would not be noticed."""
-    st = path.stat()
+    st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def read_caption(path: Path) -> tuple[str | None, str | None]:
+def file_bytes(path: Path | str) -> bytes:
+    """A file's bytes, read through its descriptor: 3 µs a caption file, where open() and its buffered reader took 5
+    (150k files in a cached rerun of 50k images)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_caption(path: Path | str) -> tuple[str | None, str | None]:
     """A UTF-8 text file (BOM allowed), stripped, and the hash of its bytes; (None, None) when missing or blank.
     The one reader of caption files. Raises ItemError when it cannot be read or decoded."""
     try:
-        data = path.read_bytes()
+        data = file_bytes(path)
     except FileNotFoundError:
         return None, None
     except OSError as e:
-        raise ItemError(f"cannot read {path.name}: {e.strerror or e}") from e
+        raise ItemError(f"cannot read {os.path.basename(path)}: {e.strerror or e}") from e
     if not data.strip():
         return None, None
     try:
-        text = data.decode("utf-8-sig").strip()
+        text = decode_text(data)
     except UnicodeDecodeError as e:
-        raise BadInput(f"{path.name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise BadInput(f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     return (text or None), digest(data)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text (a BOM allowed), stripped: what the utf-8-sig codec gives, without its Python-level wrapper (0.4 µs
+    for each of 150k files a cached rerun of 50k images reads)."""
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8").strip()
 
 
 def read_text(path: Path) -> str | None:
@@ -839,7 +880,9 @@ def settings_id(kind: str, values: dict) -> str:
     return kind[:1] + "-" + digest(json.dumps(values, sort_keys=True, ensure_ascii=False).encode("utf-8"))[:12]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)  # one per cache: 400k of them at 200k images
+# One per cache: 400k of them at 200k images. Not frozen, though nothing changes one (dataclasses.replace makes
+# another): a frozen dataclass sets each of its 14 fields through object.__setattr__, 6% of planning 50k images.
+@dataclasses.dataclass(slots=True)
 class Record:
     """What made one cache file. `sha` is the hash of the bytes as written; the inputs are hashes too."""
 
@@ -863,15 +906,20 @@ class Record:
         return {"cache": cache, **{k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)}}
 
     @classmethod
-    def from_line(cls, row: dict) -> Record:
-        for name in SHARED_FIELDS:  # a few distinct values among 100k records: one string each, not one a record
-            if type(row.get(name)) is str:
-                row[name] = sys.intern(row[name])
+    def from_line(cls, row: dict, shared: dict[str, str]) -> Record:
+        for name in SHARED_FIELDS:
+            if type(value := row.get(name)) is str:
+                row[name] = shared.setdefault(value, value)
         return cls(*[row.get(name, default) for name, default in RECORD_FIELDS])
 
 
 RECORD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Record))  # read once: 100k lines a rerun
-SHARED_FIELDS = ("settings", "finish", "check", "made")
+# Values the records repeat: a few settings ids and times among 100k records, and an image's stamp and its vision
+# caption's hash in the records of both its caches. One string for each value, found in `shared` while the records
+# are read: 136 bytes an image of a cached rerun. records.jsonl is sorted by cache, so an image's records are next to
+# each other: `shared` holds the values of the last lines only (all of them made a dict of 9 MB at 50k images).
+SHARED_FIELDS = ("settings", "finish", "check", "made", "image", "sha", "generated")
+SHARED_MOST = 1000
 OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
@@ -886,6 +934,7 @@ class Records:
 
     def __init__(self, root: Path):
         self.root, self.folder = root, root / RECORDS_DIR
+        self.prefix = str(root) + os.sep  # of every path inside the root: key() cuts it off
         self.latest: dict[str, Record] = {}
         self.previous: dict[str, Record] = {}
         self.settings: dict[str, dict] = {}
@@ -893,20 +942,21 @@ class Records:
         self.lock = threading.Lock()
 
     def key(self, path: Path | str) -> str:
-        text, root = str(path), str(self.root)
-        if text.startswith(root + os.sep):  # what relative_to would give, without its cost (40k calls a rerun)
-            return text[len(root) + 1:].replace(os.sep, "/")
+        text = str(path)
+        if text.startswith(self.prefix):  # what relative_to would give, without its cost (100k calls a rerun)
+            return text[len(self.prefix):].replace(os.sep, "/")
         return Path(path).relative_to(self.root).as_posix()
 
     def load(self) -> Records:
+        shared: dict[str, str] = {}  # see SHARED_FIELDS; let go once the records are read
         for path in [self.folder / RECORDS_FILE, *self.journals()]:
-            self._read(path)
+            self._read(path, shared)
         return self
 
     def journals(self) -> list[Path]:
         return sorted((self.folder / JOURNAL_DIR).glob("*.jsonl"))  # named by start time: oldest first
 
-    def _read(self, path: Path) -> None:
+    def _read(self, path: Path, shared: dict[str, str]) -> None:
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 try:
@@ -914,7 +964,9 @@ class Records:
                     if "settings" in row and "values" in row:
                         self.settings[row["settings"]] = row["values"]
                     else:
-                        self._remember(row["cache"], Record.from_line(row))
+                        self._remember(row["cache"], Record.from_line(row, shared))
+                        if len(shared) > SHARED_MOST:
+                            shared.clear()
                 except (ValueError, KeyError, TypeError):  # a line a kill cut short, or a person's typo
                     continue
 
@@ -973,11 +1025,11 @@ class Records:
         journals = self.journals()
         if not journals:
             return
-        merged = Records(self.root)
-        merged._read(self.folder / RECORDS_FILE)
+        merged, shared = Records(self.root), {}
+        merged._read(self.folder / RECORDS_FILE, shared)
         compacted = dict(merged.latest)
         for journal in journals:
-            merged._read(journal)
+            merged._read(journal, shared)
         latest, previous = merged.latest, merged.previous
         touched = [key for key, record in latest.items() if compacted.get(key) is not record]
         for key in touched:  # keep the one record that stands for the file as it is now
@@ -2372,7 +2424,7 @@ def settings_change(records: Records, sid: str, current_id: str, current: dict) 
     return " and ".join(words) or None  # None: recorded in an older layout, with the same values
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class CacheFile:
     """A cache file as planning found it."""
 
@@ -2384,14 +2436,13 @@ class CacheFile:
 
 
 def inspect_cache(records: Records, path: Path | str) -> CacheFile:
-    name = os.path.basename(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = file_bytes(path)
     except FileNotFoundError:
         return CacheFile()
     except OSError as e:  # unreadable: nothing can use it, and nothing may replace it
-        return CacheFile(sha="unreadable", error=f"cannot read {name}: {e.strerror or e}", status=EDITED)
+        return CacheFile(sha="unreadable", error=f"cannot read {os.path.basename(path)}: {e.strerror or e}",
+                         status=EDITED)
     if not data.strip():
         return CacheFile()
     sha = digest(data)
@@ -2399,9 +2450,9 @@ def inspect_cache(records: Records, path: Path | str) -> CacheFile:
     if status == OURS:
         sha = record.sha  # the same hash, kept once
     try:
-        return CacheFile(sha, data.decode("utf-8-sig").strip(), None, status, record)
+        return CacheFile(sha, decode_text(data), None, status, record)
     except UnicodeDecodeError as e:
-        return CacheFile(sha, None, f"{name} is not valid UTF-8 (byte {e.start})", status, record)
+        return CacheFile(sha, None, f"{os.path.basename(path)} is not valid UTF-8 (byte {e.start})", status, record)
 
 
 @dataclasses.dataclass
@@ -2413,6 +2464,8 @@ class Plan:
     stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
     cached_combined: int = 0
+    # the merged captions found as they are, by kind: the summary's "already current" (with those --limit left)
+    current: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     records: Records | None = None
     settings: Settings | None = None
     adopt: list[tuple[Path, Record]] = dataclasses.field(default_factory=list)  # written once the lock is ours
@@ -2450,9 +2503,10 @@ def collector_paused():
 
 
 @collector_paused()
-def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
+def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts: bool = False) -> Plan:
     """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
-    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking."""
+    `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking.
+    `keep_texts`: keep the caption texts of every item, not only of those with work (for the audit and the review)."""
     stale: list[Path] = []
     images, failures = walk_images(cfg.dataset_dir, stale)
     items, conflicts = pair_items(images, cfg.caption_extension)
@@ -2465,6 +2519,7 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 failing=read_failing(records))
     budget = cfg.limit
     for item in items:
+        refinishing = len(plan.refinish)
         try:
             decide(item, cfg, plan)
             if cfg.write_captions:
@@ -2483,31 +2538,45 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None) -> Plan:
                 item.vision = None
                 for merge in item.merges:
                     merge.reason = None
+                plan.current.update(m.variant.kind for m in item.merges if m.text is not None)
                 continue
+        current = [m.variant.kind for m in item.merges if m.text is not None and m.reason is None]
         plan.cached_generated += item.generated is not None and item.vision is None
-        plan.cached_combined += sum(m.text is not None and m.reason is None for m in item.merges)
+        plan.cached_combined += len(current)
+        plan.current.update(current)
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
+        if not (item.vision or merges or keep_texts or len(plan.refinish) > refinishing):
+            forget_texts(item)
     return plan
+
+
+def forget_texts(item: Item) -> None:
+    """An item this run leaves as it is, once counted: no stage needs its captions' texts (the export reads them from
+    their files). Kept, they were 280 bytes an image of a cached rerun with the bench's short captions (real ones are
+    longer)."""
+    item.manual = item.generated = None
+    for merge in item.merges:
+        merge.text = None
 
 
 def decide(item: Item, cfg: Config, plan: Plan) -> None:
     """The one decision per item: what is redone and why, what is kept as a hand edit, what is adopted."""
     records, settings = plan.records, plan.settings
     try:
-        item.stamp = image_stamp(item.image)
+        item.stamp = image_stamp(item.image_file)
     except OSError as e:
         raise ItemError(f"cannot read: {e.strerror or e}") from e
     gen = inspect_cache(records, item.cache_file(KIND_GENERATED))
-    item.merges = [Merge(item, variant) for variant in settings.variants]
-    remembered = plan.failing.get(records.key(item.image)) if plan.failing else None
+    item.merges = tuple(Merge(item, variant) for variant in settings.variants)
+    remembered = plan.failing.get(records.key(item.image_file)) if plan.failing else None
     if remembered is not None and remembered.get("stamp") == input_stamp(item) and \
             (cfg.audit or remembered.get("settings") == settings.vision_id):
-        plan.still[records.key(item.image)] = remembered
+        plan.still[records.key(item.image_file)] = remembered
         raise ItemError(f"still failing since {remembered.get('since')}: {remembered.get('error')}")
     try:
-        item.manual, item.manual_sha = read_caption(item.caption_path)
+        item.manual, item.manual_sha = read_caption(item.caption_file)
     except ItemError:
         if gen.sha is None and cfg.cache_generated:  # caption the image now; merge once the caption is fixed
             item.vision = REASON_MISSING
@@ -2569,6 +2638,8 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     """Why a merge made by this script is out of date, if it is. One whose vision caption is made again is redone
     only if that caption changes; one that stands may be re-finished, or counted as made with other settings."""
     item, settings, name, record = merge.item, plan.settings, merge.variant.name, merge.record
+    item.stamp = recorded_string(item.stamp, record.image)
+    item.manual_sha = recorded_string(item.manual_sha, record.manual)
     # a record without `finish` is older than the split: its settings held the finishing ones too
     current = settings.merges[name] if record.finish else settings.merges[name] | settings.finish
     change = settings_change(plan.records, record.settings, settings.merge_ids[name], current)
@@ -2595,14 +2666,19 @@ def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
     """--write_captions: the trainer's file is one more cache, a copy of the combined caption that follows it (see
     copy_for_trainer). A file there that this script did not write, or that was edited since, is a person's: kept,
     unless it is the combined caption's very bytes or --overwrite all says otherwise."""
-    found, combined = inspect_cache(plan.records, trainer_path(item, cfg)), item.merges[0]
+    found, combined = inspect_cache(plan.records, trainer_file(item, cfg)), item.merges[0]
     ours = found.status == OURS
     kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
     item.trainer = TrainerFile(found.sha, found.record.combined if ours else None, kept)
 
 
+def trainer_file(item: Item, cfg: Config) -> str:
+    """{stem}EXT (--write_captions): a string, as planning uses it (trainer_path is its Path)."""
+    return f"{item.image_file.rpartition('.')[0]}{cfg.write_captions}"
+
+
 def trainer_path(item: Item, cfg: Config) -> Path:
-    return item.image.with_suffix(cfg.write_captions)
+    return Path(trainer_file(item, cfg))
 
 
 TRAINER_SETTINGS = settings_id(KIND_TRAINER, {"copy_of": KIND_COMBINED})
@@ -2629,6 +2705,12 @@ def copy_for_trainer(cfg: Config, records: Records, item: Item, stats: Stats, sh
             stats.count(KIND_TRAINER, "edited")  # a person's file, written during the run: theirs stays
     except ItemError as e:
         stats.fail(item.image, STAGE_LLM, str(e))
+
+
+def recorded_string(value: str | None, recorded: str | None) -> str | None:
+    """The record's string where the two are equal: the item and its records then hold one string, not two, for the
+    image's stamp and the manual caption's hash (136 bytes an image of a cached rerun)."""
+    return recorded if value == recorded else value
 
 
 def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[str], int] | None = None) -> str:
@@ -2684,10 +2766,10 @@ def remember_failing(plan: Plan, stats: Stats) -> None:
     rows = dict(plan.still)
     bad, errors = set(stats.bad) | set(plan.bad), {f.path: f.error for f in stats.failures}
     for item in plan.items:
-        key = records.key(item.image)
-        if str(item.image) in bad and key not in rows and item.stamp is not None:
+        key = records.key(item.image_file)
+        if item.image_file in bad and key not in rows and item.stamp is not None:
             rows[key] = {"failing": key, "stamp": input_stamp(item), "settings": plan.settings.vision_id,
-                         "since": now, "error": errors.get(str(item.image), "failed")}
+                         "since": now, "error": errors.get(item.image_file, "failed")}
     path = records.folder / FAILURES_FILE
     if rows:
         records.folder.mkdir(parents=True, exist_ok=True)
@@ -2728,9 +2810,8 @@ def plan_rows(plan: Plan, folder: Path) -> tuple[Path, list[Item]]:
     for item in plan.items:
         merges = [m for m in item.merges if m.reason]
         if item.vision or merges:
-            row = dataclasses.replace(item, image=item.image.relative_to(folder),
-                                      caption_path=item.caption_path.relative_to(folder))
-            row.merges = [dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges]
+            row = dataclasses.replace(item, image_file=str(item.image.relative_to(folder)))
+            row.merges = tuple(dataclasses.replace(m, item=row, text=m.text if m.check_only else None) for m in merges)
             rows.append(row)
     return plan.records.root, rows
 
@@ -2740,7 +2821,7 @@ def plan_from_rows(cfg: Config, root: Path, rows: list[Item]) -> Plan:
     names the same work everywhere. This process walks no folder and reads no records."""
     plan = Plan(rows, [], [], [], records=Records(root), settings=run_settings(cfg))
     for item in rows:
-        item.image, item.caption_path = cfg.dataset_dir / item.image, cfg.dataset_dir / item.caption_path
+        item.image_file = str(cfg.dataset_dir / item.image_file)
         plan.to_generate += [item] if item.vision else []
         plan.to_combine += item.merges
     return plan
@@ -3421,8 +3502,7 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
     for m in plan.to_combine:
         if not m.check_only:
             planned[m.variant.kind][m.reason] += 1
-    current = collections.Counter({KIND_GENERATED: plan.cached_generated})
-    current.update(m.variant.kind for i in plan.items for m in i.merges if m.text is not None and m.reason is None)
+    current = collections.Counter({KIND_GENERATED: plan.cached_generated, **plan.current})
     lines = []
     for kind in [KIND_GENERATED] + [v.kind for v in plan.settings.variants]:
         counts = stats.counts.get(STAGE_VISION if kind == KIND_GENERATED else kind, collections.Counter())
@@ -3514,7 +3594,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
             continue
         columns = caption_columns(fmt, {name: text or "" for name, text in captions.items()})
         if fmt != "kohya":  # both inputs of the merge, and a column to filter on; kohya reads "caption" and "tags"
-            columns |= {"manual": item.manual or "",
+            columns |= {"manual": read_cache(item.caption_path) or "",
                         "generated": read_cache(item.generated_path) or item.generated or "",
                         "approved": is_approved(approvals, plan.records, item)}
         rows.append((key, columns))
@@ -3865,7 +3945,7 @@ def run_audit(cfg: Config) -> int:
     """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
     try:
         count = caption_counter(cfg)
-        if not (plan := plan_work(cfg)).items:
+        if not (plan := plan_work(cfg, keep_texts=True)).items:
             raise UsageError(no_images(cfg))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -3981,7 +4061,7 @@ class Review:
     # -- the plan and its cards ---------------------------------------------------------------
     def refresh(self) -> None:
         with self.busy:
-            plan = plan_work(dataclasses.replace(self.cfg, limit=None))
+            plan = plan_work(dataclasses.replace(self.cfg, limit=None), keep_texts=True)
             reported = self.reported_failures()
             entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item)
                        for item in plan.items]
@@ -4120,7 +4200,7 @@ class Review:
     def decide_again(self, entry: ReviewEntry) -> None:
         """One item planned again after a save: its state, and its own findings (duplicates and the phrases of
         the whole dataset are found again when the page is loaded again)."""
-        item = Item(entry.item.image, entry.item.caption_path)
+        item = Item(entry.item.image_file, entry.item.caption_extension)
         plan = Plan([item], [], [], [], records=self.plan.records, settings=self.plan.settings)
         try:
             decide(item, self.cfg, plan)

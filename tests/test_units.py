@@ -107,12 +107,22 @@ def test_walk_and_pair_skip_hidden_and_report_stem_conflicts(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     images, problems = ec.walk_images(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a.jpg", "a.png", "b.png", "sub/c.WEBP"]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in images] == ["a.jpg", "a.png", "b.png", "sub/c.WEBP"]
     assert problems == []
     items, conflicts = ec.pair_items(images, ".txt")
     assert [i.image.name for i in items] == ["b.png", "c.WEBP"]
     assert sorted(Path(f.path).name for f in conflicts) == ["a.jpg", "a.png"]
     assert all("stem" in f.error for f in conflicts)
+
+
+def test_walk_lists_images_in_the_order_of_their_paths(tmp_path):
+    """As sorted Paths, folder by folder: b/c.png before b-c.png, though a string puts "-" before "/"."""
+    names = ["b-c.png", "b/c.png", "a.png", "b/a/z.png", "B.png", "b.png", "b0.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    images, _ = ec.walk_images(tmp_path)
+    assert images == [str(p) for p in sorted(tmp_path / name for name in names)]
 
 
 def test_caption_file_that_is_another_images_cache_is_a_conflict(tmp_path):
@@ -121,12 +131,20 @@ def test_caption_file_that_is_another_images_cache_is_a_conflict(tmp_path):
     assert items == [] and len(conflicts) == 2
 
 
+def test_caption_file_that_is_another_images_combined_caption_is_a_conflict(tmp_path):
+    images = [tmp_path / "a.png", tmp_path / "a_combined.png", tmp_path / "b_combined.png"]
+    items, conflicts = ec.pair_items(images, ".txt")
+    assert [i.image.name for i in items] == ["b_combined.png"]
+    assert sorted(Path(f.path).name for f in conflicts) == ["a.png", "a_combined.png"]
+    assert all("a_combined.txt is also a.png's cache file" in f.error for f in conflicts)
+
+
 def test_symlink_loop_is_reported_not_followed_forever(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.jpg").write_bytes(b"x")
     os.symlink(tmp_path, tmp_path / "sub" / "loop")
     images, problems = ec.walk_images(tmp_path)
-    assert [p.name for p in images] == ["x.jpg"]
+    assert [Path(p).name for p in images] == ["x.jpg"]
     assert len(problems) == 1 and "symlink loop" in problems[0].error
 
 
