@@ -603,10 +603,10 @@ def create_temporary(path: Path) -> tuple[int, Path]:
             return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), tmp
 
 
-def on_disk(path: Path) -> str | None:
+def on_disk(path: Path | str) -> str | None:
     """The hash of a file's bytes now, as planning takes it (None: no file, or a blank one). Raises OSError."""
     try:
-        data = path.read_bytes()
+        data = file_bytes(path)
     except FileNotFoundError:
         return None
     return digest(data) if data.strip() else None
