@@ -283,16 +283,18 @@ def default_reply_text(body: Any) -> str:
 
 
 def stop_after(server: "FakeLLMServer", answers: int) -> Callable[[Any], str]:
-    """A reply callable that answers normally, and after `answers` replies stops its server (from another thread):
-    the port then refuses every connection."""
+    """A reply callable that answers `answers` requests normally, then stops its server (from another thread): the
+    port then refuses every connection. A request that arrives before the stop is complete has its connection
+    dropped, so that the server answers exactly `answers` however the requests and the stop interleave."""
     count, lock = [0], threading.Lock()
 
     def answer(body):
         with lock:
             count[0] += 1
-            if count[0] == answers:
-                threading.Thread(target=server.stop, daemon=True).start()
-        return default_reply_text(body)
+            n = count[0]
+        if n == answers:
+            threading.Thread(target=server.stop, daemon=True).start()
+        return default_reply_text(body) if n <= answers else reset()
     return answer
 
 
