@@ -2684,13 +2684,16 @@ def trainer_path(item: Item, cfg: Config) -> Path:
 TRAINER_SETTINGS = settings_id(KIND_TRAINER, {"copy_of": KIND_COMBINED})
 
 
-def copy_for_trainer(cfg: Config, records: Records, item: Item, stats: Stats, sha: str | None = None) -> None:
+def copy_for_trainer(cfg: Config, records: Records, merge: Merge, stats: Stats, sha: str | None = None) -> None:
     """--write_captions: the combined caption as it is on disk copied to the trainer's file, after a last look, unless
-    the copy is current. Called once per item: at the start of the run, or after its merge. `sha`: the combined
-    caption's hash as this run knows it, if it does (then a current copy costs no read)."""
-    trainer = item.trainer
-    if trainer.kept or sha is not None and sha == trainer.copies:
-        stats.count(KIND_TRAINER, "kept" if trainer.kept else "current")
+    the copy is current or a person's. Called once per image: at the start of the run, or once its merge is over
+    (made, failed, or waiting for a vision caption that failed). `sha`: the combined caption's hash as this run knows
+    it, if it does (then a current copy costs no read)."""
+    item, trainer = merge.item, merge.item.trainer
+    if trainer is None or trainer.kept or merge.variant.name:
+        return
+    if sha is not None and sha == trainer.copies:
+        stats.count(KIND_TRAINER, "current")
         return
     try:
         text, sha = read_caption(item.combined_path)
@@ -3006,6 +3009,7 @@ def caption(cfg: Config, plan: Plan, state, events: EventLoopThread, stats: Stat
     for job in (m for item in items if str(item.image) in failed for m in item.merges if m.reason):
         stats.count(job.variant.kind, "waiting")  # counted, so that the summary adds up
         merges.progress.update()
+        copy_for_trainer(cfg, plan.records, job, stats)  # --write_captions: the copy follows the caption as it is
 
 
 class NewCaptions:
@@ -3062,12 +3066,15 @@ class Merger:
             raise
         except Exception:
             self.stats.count(job.variant.kind, "failed")
+            await self.copy_for_trainer(job)  # the copy follows the combined caption as it still is
             raise
         self.stats.count(job.variant.kind, what)
-        trainer = job.item.trainer
-        if trainer is not None and not trainer.kept and not job.variant.name:  # a copy follows its combined caption
-            await asyncio.to_thread(copy_for_trainer, self.cfg, self.records, job.item, self.stats)
+        await self.copy_for_trainer(job)
         return what
+
+    async def copy_for_trainer(self, job: Merge) -> None:
+        if job.item.trainer is not None:  # --write_captions: on a thread, as every write of the stage
+            await asyncio.to_thread(copy_for_trainer, self.cfg, self.records, job, self.stats)
 
     async def merge(self, job: Merge) -> str:
         if not job.wanted():  # the vision caption came out as before: the merge made from it now stands for the image
@@ -3330,8 +3337,10 @@ def copy_for_trainers(cfg: Config, plan: Plan, stats: Stats) -> None:
     captions no merge of this run will make; the others are copied after their merge (Merger)."""
     stats.counts.setdefault(KIND_TRAINER, collections.Counter())
     for item in plan.items:
-        if item.trainer is not None and (item.trainer.kept or not item.merges[0].reason):
-            copy_for_trainer(cfg, plan.records, item, stats, item.merges[0].sha)
+        if item.trainer is not None and item.trainer.kept:
+            stats.count(KIND_TRAINER, "kept")
+        elif not item.merges[0].reason:
+            copy_for_trainer(cfg, plan.records, item.merges[0], stats, item.merges[0].sha)
 
 
 def backend_switch(cfg: Config, plan: Plan) -> str | None:

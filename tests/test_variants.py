@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import enhance_captions as ec
-from tests.conftest import ROOT, caches, make_dataset, make_image, run_args, run_main, seed_generated
-from tests.llm_server import sha12
+from tests.conftest import ROOT, caches, make_dataset, make_image, run_args, run_main, seed_generated, user_message
+from tests.llm_server import default_reply_text, sha12, status
 
 PROMPTS = {"": ROOT / "system_prompt.txt", "short": ROOT / "prompts" / "short.txt",
            "tags": ROOT / "prompts" / "tags.txt"}
@@ -362,6 +362,37 @@ def test_a_trainer_caption_found_from_before_is_kept(tmp_path, llm_server, capsy
     out = run_ok(capsys, no_model_args(tmp_path, ds, llm_server, "--write_captions", ".caption"))
     assert theirs.read_bytes() == b"captions from another tool\n"
     assert trainer_line(1, 0, 1) in out.splitlines()
+
+
+def test_a_trainer_caption_follows_its_combined_caption_when_the_merge_fails(tmp_path, llm_server, capsys):
+    """The copy follows the combined caption as it is on disk: a merge that fails leaves the one made before, and the
+    trainer's file (not there yet: the earlier run had no --write_captions) is brought up to it."""
+    ds, images = seeded(tmp_path)
+    run_ok(capsys, no_model_args(tmp_path, ds, llm_server))
+    before = combined(images[0])
+    images[0].with_suffix(".txt").write_text("sks woman, refused by the endpoint", encoding="utf-8")
+    llm_server.reply = lambda body: status(400) if "refused by the endpoint" in user_message(body) \
+        else default_reply_text(body)
+    code, out, err = run_main(capsys, *no_model_args(tmp_path, ds, llm_server, "--write_captions", ".caption"))
+    assert code == 1, out + err
+    assert combined(images[0]) == before
+    assert trainer_line(2, 0, 0) in out.splitlines()
+    assert [kohya_caption(image, ".caption") for image in images] == [combined(image) for image in images]
+
+
+@pytest.mark.slow
+def test_a_trainer_caption_follows_its_combined_caption_when_the_vision_caption_fails(tmp_path, model_dir,
+                                                                                      llm_server, capsys):
+    """An image replaced by a broken file: its vision caption fails, its merge waits for the next run, and the
+    trainer's file is brought up to the combined caption that stays."""
+    ds = tmp_path.resolve() / "ds"
+    images = make_dataset(ds, 2)
+    run_ok(capsys, run_args(ds, model_dir("florence2"), llm_server))
+    images[0].write_bytes(images[0].read_bytes()[:200])  # a truncated JPEG: the image changed, and cannot be read
+    code, out, err = run_main(capsys, *run_args(ds, model_dir("florence2"), llm_server, "--write_captions", ".caption"))
+    assert code == 1, out + err
+    assert trainer_line(2, 0, 0) in out.splitlines()
+    assert [kohya_caption(image, ".caption") for image in images] == [combined(image) for image in images]
 
 
 @pytest.mark.parametrize("value", [".txt", "txt", ".TXT", ".png", ".jpg", "webp", ".JPEG"])
