@@ -3337,7 +3337,9 @@ def copy_for_trainers(cfg: Config, plan: Plan, stats: Stats) -> None:
     captions no merge of this run will make; the others are copied after their merge (Merger)."""
     stats.counts.setdefault(KIND_TRAINER, collections.Counter())
     for item in plan.items:
-        if item.trainer is not None and item.trainer.kept:
+        if item.trainer is None:  # no decision: the item failed at planning
+            continue
+        if item.trainer.kept:
             stats.count(KIND_TRAINER, "kept")
         elif not item.merges[0].reason:
             copy_for_trainer(cfg, plan.records, item.merges[0], stats, item.merges[0].sha)

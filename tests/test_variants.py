@@ -395,6 +395,18 @@ def test_a_trainer_caption_follows_its_combined_caption_when_the_vision_caption_
     assert [kohya_caption(image, ".caption") for image in images] == [combined(image) for image in images]
 
 
+def test_write_captions_beside_an_image_that_cannot_be_read(tmp_path, llm_server, capsys):
+    """A dangling symlink is found as an image and fails at planning, before its caches are looked at: one line for
+    it, and the trainer's files of the others written."""
+    ds, images = seeded(tmp_path)
+    (ds / "gone.jpg").symlink_to(ds / "no-such-file.jpg")
+    code, out, err = run_main(capsys, *no_model_args(tmp_path, ds, llm_server, "--write_captions", ".caption"))
+    assert code == 1, out + err
+    assert len([line for line in err.splitlines() if "gone.jpg" in line]) == 1, err
+    assert trainer_line(2, 0, 0) in out.splitlines()
+    assert [kohya_caption(image, ".caption") for image in images] == [combined(image) for image in images]
+
+
 @pytest.mark.parametrize("value", [".txt", "txt", ".TXT", ".png", ".jpg", "webp", ".JPEG"])
 def test_write_captions_over_the_manual_captions_or_as_an_image_is_refused(tmp_path, llm_server, capsys, value):
     """.txt would overwrite the manual captions the next run reads; a text file named like an image would be found
