@@ -3475,7 +3475,7 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
     lines = [f"{stage}: {c['done']} done, {c['cached']} from cache, {c['failed']} failed"
              for stage, c in stage_counts(plan, stats).items()]
     lines += done_lines(plan, stats) + verify_lines(stats) + kept_lines(plan)
-    if edited := edited_during_run(plan, stats):  # what the run left, and why
+    if edited := edited_during_run(stats):  # what the run left, and why
         lines.append(f"  edited during the run (kept): {edited}")
     if any(stats.left.values()):
         lines.append(f"  left for the next run: {stats.left[STAGE_VISION]} to caption, "
@@ -3532,7 +3532,7 @@ def done_lines(plan: Plan, stats: Stats) -> list[str]:
     return lines
 
 
-def edited_during_run(plan: Plan, stats: Stats) -> int:
+def edited_during_run(stats: Stats) -> int:
     """Files a person changed or created while this run was about to replace them: theirs kept, the text dropped."""
     return sum(stats.counts.get(kind, {}).get("edited", 0) for kind in (STAGE_VISION, STAGE_LLM, KIND_TRAINER))
 
@@ -3566,7 +3566,7 @@ def write_report(path: Path, failures: Iterable[Failure | Note | Flagged | Findi
 def report_summary(plan: Plan, stats: Stats) -> dict:
     """The run in numbers, for the report's last line."""
     summary: dict[str, Any] = {"exit_code": stats.exit_code(), **stage_counts(plan, stats),
-                               "edited_during_run": edited_during_run(plan, stats),
+                               "edited_during_run": edited_during_run(stats),
                                "skipped": sum(f.stage == STAGE_INPUT for f in stats.failures),
                                "failed": len(stats.failures), "notes": len(stats.notes),
                                "left": {stage: stats.left.get(stage, 0) for stage in (STAGE_VISION, STAGE_LLM)}}
