@@ -71,7 +71,8 @@ def test_edit_save_and_rerun_in_a_browser(tmp_path, ds, llm_server, capsys, page
         assert page.locator('img[src="x"], script:not([nonce])').count() == 0
         assert page.evaluate("typeof window.pwned") == "undefined"
         # a thumbnail: waited for, not read at once (the image loads after the card is shown)
-        page.wait_for_function("document.querySelector('.card img').complete")
+        # (expect polls in the page without eval, which the page's CSP forbids; wait_for_function would not)
+        expect(page.locator(".card img").first).to_have_js_property("complete", True)
         assert page.evaluate("document.querySelector('.card img').naturalWidth") > 0
 
         # j moves to the next card, e edits its combined caption, Ctrl+Enter saves
