@@ -397,11 +397,6 @@ class Stats:
             if bad_input:
                 self.bad.append(str(path))
 
-    def bad_input(self, path: Path | str) -> None:
-        """The failure of this image (counted by fail()) is its own file's: remember it until the file changes."""
-        with self.lock:
-            self.bad.append(str(path))
-
     def note(self, path: Path | str, stage: str, note: str) -> None:
         with self.lock:
             self.notes.append(Note(str(path), stage, note))
@@ -2190,8 +2185,8 @@ class AsyncStage:
                 with self.stats.lock:
                     self.stats.gave_up = self.stats.gave_up or str(e)
                 continue
-            except ItemError as e:
-                self.stats.fail(item.image, self.name, str(e))
+            except ItemError as e:  # a BadInput is remembered until its file changes
+                self.stats.fail(item.image, self.name, str(e), bad_input=isinstance(e, BadInput))
             except FatalEndpointError as e:
                 with self.stats.lock:
                     self.stats.fatal = self.stats.fatal or str(e)
@@ -3188,13 +3183,9 @@ def caption_served(cfg: Config, state, events: EventLoopThread, items: Iterable[
     chat = make_vision_chat(cfg, state)
 
     async def describe(item: Item) -> str | None:
-        try:
-            url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
-            if url is None:
-                url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
-        except BadInput:
-            stats.bad_input(item.image)
-            raise
+        url = await asyncio.to_thread(own_bytes_url, item.image, cfg.vlm_max_side)
+        if url is None:
+            url = await events.loop.run_in_executor(converters, image_data_url, item.image, cfg.vlm_max_side)
         messages = vision_messages(url, cfg, cfg.prompt or DEFAULT_CHAT_PROMPT)
         text = await complete_item(chat, messages, cfg.max_retries, stopping=events.stopping, on_cut=lambda: stats.note(
             item.image, STAGE_VISION, f"{item.generated_path.name}: cut at --max_new_tokens {cfg.max_new_tokens}"))

@@ -4,6 +4,7 @@ transparent, palette, animated or truncated is converted (upright RGB JPEG withi
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,13 @@ def test_a_truncated_jpeg_is_not_sent_and_fails_with_its_reason(tmp_path, capsys
     assert sent_image(good, llm_server.requests) == ("image/jpeg", good.read_bytes())
     assert sum(is_vision_request(r) for r in llm_server.requests) == 1
     assert not caches(broken)[0].exists()
+    # remembered as the served stage's bad input: the next run neither converts it nor asks, until the file changes
+    remembered = (folder / ".enhance_captions" / "failures.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["failing"] for line in remembered] == ["broken.jpg"]
+    asked = len(llm_server.requests)
+    code, output = served_run(capsys, folder, llm_server)
+    assert code == 1 and "still failing since" in output, output
+    assert len(llm_server.requests) == asked
 
 
 @pytest.mark.parametrize("max_side", [64, 63])
