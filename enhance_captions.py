@@ -2458,8 +2458,7 @@ class Plan:
     failures: list[Failure]
     stale: list[Path] = dataclasses.field(default_factory=list)  # temporaries of a killed run
     cached_generated: int = 0
-    cached_combined: int = 0
-    # the merged captions found as they are, by kind: the summary's "already current" (with those --limit left)
+    # the merged captions found current, by kind: the summary's "already current", the LLM stage's "from cache"
     current: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     records: Records | None = None
     settings: Settings | None = None
@@ -2526,6 +2525,9 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
             for merge in item.merges:  # the vision caption may still be made: the merges wait for the fix
                 merge.reason = None
         merges = [m for m in item.merges if m.reason]
+        # counted before --limit drops the work: a stale cache it leaves for the next run is not current
+        plan.current.update(m.variant.kind for m in item.merges if m.text is not None and m.reason is None)
+        plan.cached_generated += item.generated is not None and item.vision is None
         if (item.vision or merges) and budget is not None:
             budget -= 1
             if budget < 0:
@@ -2533,12 +2535,7 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
                 item.vision = None
                 for merge in item.merges:
                     merge.reason = None
-                plan.current.update(m.variant.kind for m in item.merges if m.text is not None)
                 continue
-        current = [m.variant.kind for m in item.merges if m.text is not None and m.reason is None]
-        plan.cached_generated += item.generated is not None and item.vision is None
-        plan.cached_combined += len(current)
-        plan.current.update(current)
         if item.vision:
             plan.to_generate.append(item)
         plan.to_combine += merges
@@ -3438,7 +3435,7 @@ def dry_run_report(cfg: Config, plan: Plan) -> list[str]:
         f"dry run: {len(plan.items)} images under {cfg.dataset_dir} (--refresh {cfg.refresh})",
         f"  {run_description(cfg)}",
         f"  vision captions to make: {len(plan.to_generate)} ({plan.cached_generated} cached)",
-        f"  LLM calls to make: {len(merges)} ({plan.cached_combined} cached)",
+        f"  LLM calls to make: {len(merges)} ({plan.current.total()} cached)",
         *([f"  checks to make (--verify): {len(plan.to_combine)} ({len(plan.to_combine) - len(merges)} of them of "
            "captions made already); each caption with a finding adds a merge and a check"]
           if plan.settings.check_id else []),
@@ -3485,7 +3482,7 @@ def summary_lines(plan: Plan, stats: Stats) -> list[str]:
 
 def stage_counts(plan: Plan, stats: Stats) -> dict[str, dict[str, int]]:
     """Per stage: made, taken from cache (found current, or made again the same), failed."""
-    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.cached_combined}
+    cached = {STAGE_VISION: plan.cached_generated, STAGE_LLM: plan.current.total()}
     return {stage: {"done": stats.counts[stage]["done"], "cached": n + stats.counts[stage]["unchanged"],
                     "failed": stats.counts[stage]["failed"]} for stage, n in cached.items()}
 

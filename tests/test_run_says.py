@@ -225,6 +225,23 @@ def test_progress_and_summary_counts_match_the_files_written(tmp_path, capsys, v
     assert "left by --limit" not in out
 
 
+def test_a_stale_caption_left_by_limit_is_not_counted_as_current(tmp_path, capsys, llm_server):
+    ds, images = seeded(tmp_path, 4)
+    run(capsys, ds, no_model(tmp_path), llm_server)
+    for image in images[:2]:
+        image.with_suffix(".txt").write_text(f"{image.stem}, edited before a limited run", encoding="utf-8")
+    before = combined_texts(images)
+    out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server, "--limit", "1")
+    assert len(requests) == 1 and combined_texts(images)[1:] == before[1:]
+    # 1 made, 2 current, 1 stale left by --limit: the stage's line and the kind's line say the same
+    assert "llm: 1 done, 2 from cache, 0 failed" in out
+    assert "  combined captions: 1 made (1 manual changed), 2 already current" in out
+    assert "vision: 0 done, 4 from cache, 0 failed" in out
+    assert "  left by --limit: 1 images, for the next run" in out
+    out, _, requests = run(capsys, ds, no_model(tmp_path), llm_server)
+    assert len(requests) == 1 and "  combined captions: 1 made (1 manual changed), 3 already current" in out
+
+
 def test_verbose_names_each_changed_caption_with_its_reason_and_first_words(tmp_path, capsys, llm_server):
     ds, images = seeded(tmp_path, 2)
     run(capsys, ds, no_model(tmp_path), llm_server)
