@@ -37,7 +37,8 @@ Map of this file, top to bottom:
     request with retries       complete_item(): where a reply is checked, cleaned and retried
     --verify                   the check of a merged caption against its sources: request, strict parse, findings
     vision captioners          one local path chosen by the processor's capabilities, or a served model
-    progress and messages      the one reporter that prints
+    progress and messages      the one reporter of a run, and the two ways every line leaves: between the progress
+                               bars, or said at once (say()); either way printable
     stages                     AsyncStage (requests on the event loop thread), the local vision loop
     planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why, what is
                                re-finished from its recorded reply, what differs in settings, whether the
@@ -1496,13 +1497,6 @@ class EndpointPool:
             await member.chat.close()
 
 
-def warn_stderr(message: str) -> None:
-    """A warning from inside a stage, where no Reporter reaches: printed between the progress bars, as Reporter does."""
-    from tqdm import tqdm
-
-    tqdm.write(printable(message), file=sys.stderr)
-
-
 class LocalChat:
     """A transformers causal LM in this process; concurrent requests are gathered into batches."""
 
@@ -2027,8 +2021,21 @@ def inline_small_tensors(inputs) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress and messages: one reporter prints
+# Progress and messages: one reporter, two ways out
 # --------------------------------------------------------------------------------------------
+
+
+def warn_stderr(message: str, stream=None) -> None:
+    """A line while progress bars may show (a warning from inside a stage, where no Reporter reaches, or the
+    Reporter's own): printed between the bars."""
+    from tqdm import tqdm
+
+    tqdm.write(printable(message), file=stream or sys.stderr)
+
+
+def say(text: str, stream=None) -> None:
+    """Every other line for a person (a summary, a report, an error): any file name printable (see printable)."""
+    print(printable(text), file=stream or sys.stdout, flush=True)
 
 
 class Reporter:
@@ -2050,11 +2057,9 @@ class Reporter:
             self.warn(message)
 
     def warn(self, message: str) -> None:
-        from tqdm import tqdm
-
         with self.lock:
             try:
-                tqdm.write(printable(message), file=self.stream)
+                warn_stderr(message, self.stream)
             except BrokenPipeError:  # the reader went away (`2>&1 | head`): the work goes on, unseen
                 stream_closed(self.stream)
 
@@ -3947,7 +3952,7 @@ def run_audit(cfg: Config) -> int:
         if not (plan := plan_work(cfg, keep_texts=True)).items:
             raise UsageError(no_images(cfg))
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", sys.stderr)
         return EXIT_USAGE
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)
@@ -3956,7 +3961,7 @@ def run_audit(cfg: Config) -> int:
     if cfg.report:  # first: a reader of the printout that goes away (`| head`) does not cost the report
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds),
                                             "approved": approved})
-    print("\n".join([f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings",
+    say("\n".join([f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings",
                      f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)",
                      *(f"  {kind}: {n}" for kind, n in sorted(kinds.items())),
                      *(f"{f.kind} {f.path}: {f.detail}" for f in findings)]))
@@ -4342,13 +4347,12 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     except OSError as e:
         raise UsageError(f"cannot serve the review page on {host}:{port}: {e.strerror or e}") from e
     if warning := exposure_warning(host):
-        print(warning, file=sys.stderr)
+        say(warning, sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}/?token={review.token}"
     stop = StopEvent()
     with stop_on_signals(stop):  # before the address is printed: from then on a signal stops the page cleanly
-        print(printable(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)"),
-              flush=True)
+        say(f"review: {len(review.entries)} images under {cfg.dataset_dir} at {url} (Ctrl-C to stop)")
         if open_browser:
             import webbrowser
 
@@ -4885,7 +4889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
             return run_review(cfg, args.host, args.port, args.open)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", sys.stderr)
         return EXIT_USAGE
     if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
         return run_audit(cfg)
@@ -4906,7 +4910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error, cfg, run_id, shared = agree((error, cfg, uuid.uuid4().hex, shared))
         if error:
             if state.is_main_process:
-                print(printable(f"error: {error}"), file=sys.stderr)
+                say(f"error: {error}", sys.stderr)
                 if cfg.report and not cfg.dry_run:  # cron under accelerate launch reads the exit code there
                     with contextlib.suppress(OSError):
                         write_report(cfg.report, [], report_summary(plan or Plan([], [], [], []), Stats(fatal=error)))
@@ -4959,7 +4963,7 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
     if error := backend_switch(cfg, plan):
         return cfg, plan, error
     if cfg.dry_run:
-        print("\n".join(dry_run_report(cfg, plan)))
+        say("\n".join(dry_run_report(cfg, plan)))
         return cfg, plan, None
     for path in plan.stale:  # the lock is ours: no other run is writing these
         with contextlib.suppress(OSError):
@@ -4992,14 +4996,14 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
     for line in summary_lines(plan, stats):
         stream = sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout
         try:
-            print(printable(line), file=stream, flush=True)
+            say(line, stream)
         except BrokenPipeError:  # the reader went away (`| head`): the report and export are still written
             stream_closed(stream)
     if cfg.report:
         try:
             write_report(cfg.report, [*stats.failures, *stats.notes, *stats.flagged], report_summary(plan, stats))
         except OSError as e:  # the work is saved; only its record is missing, which a cron job must hear of
-            print(printable(f"error: cannot write the report {cfg.report}: {e.strerror or e}"), file=sys.stderr)
+            say(f"error: cannot write the report {cfg.report}: {e.strerror or e}", sys.stderr)
             return max(stats.exit_code(), EXIT_USAGE)
     if cfg.export and not stats.fatal:
         count = write_export(cfg, plan, reporter.warn)

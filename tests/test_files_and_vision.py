@@ -172,6 +172,22 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_printed_without_a_crash(tm
     assert summary["exit_code"] == 1 and summary["vision"]["done"] == 1 and "vision: 1 done" in out
 
 
+def test_audit_and_dry_run_print_a_name_that_is_not_utf8_on_a_strict_terminal(tmp_path, llm_server):
+    """A desktop's UTF-8 locale encodes stdout strictly (unlike C and C.UTF-8): the lines naming such a file print as
+    the summary's do (\\xNN), where they were a UnicodeEncodeError traceback."""
+    ds = tmp_path / "ds"
+    make_dataset(ds, 1)
+    make_image(Path(os.fsdecode(os.path.join(os.fsencode(ds), b"caf\xe9.jpg"))), 2)
+    env = cli_env(PYTHONIOENCODING="utf-8:strict")
+    audit = run_script("--dataset_dir", ds, "--audit", env=env)
+    dry = run_script(*run_args(ds, tmp_path / "no-model", llm_server, "--dry_run", "-v"), env=env)
+    for result, code in ((audit, 1), (dry, 0)):
+        out, err = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+        assert result.returncode == code and "Traceback" not in err, err[-2000:]
+        assert "caf\\xe9" in out, out
+    assert "missing " in audit.stdout.decode() and "    caption " in dry.stdout.decode()
+
+
 def test_printable_and_json_line_take_any_name():
     name = os.fsdecode(b"caf\xe9 \xff.jpg")
     assert ec.printable(f"FAILED {name}") == "FAILED caf\\xe9 \\xff.jpg"
