@@ -444,9 +444,11 @@ class Stats:
 STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[a-z0-9_]+\.tmp$")
 
 
-def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[str], list[Failure]]:
+def walk_images(root: Path, stale: list[Path] | None = None,
+                nested: list[Path] | None = None) -> tuple[list[str], list[Failure]]:
     """All images under root, their paths as strings, sorted as their Paths would be; follows directory symlinks but
-    reports loops instead of hanging. Temporary cache files that a killed run left behind are collected into `stale`."""
+    reports loops instead of hanging. Temporary cache files that a killed run left behind are collected into `stale`,
+    the folders below root that keep records of their own into `nested`."""
     found, problems, seen, extensions = [], [], set(), tuple(IMAGE_EXTENSIONS)
 
     def visit(folder: Path) -> None:
@@ -464,6 +466,8 @@ def walk_images(root: Path, stale: list[Path] | None = None) -> tuple[list[str],
             if entry.name.startswith("."):  # also AppleDouble "._x.jpg" and our own temporary files
                 if stale is not None and STALE_TEMPORARY.match(entry.name):
                     stale.append(Path(entry.path))
+                if nested is not None and entry.name == RECORDS_DIR and folder is not root:
+                    nested.append(folder)
                 continue
             try:  # a Path only for folders: most entries are images and their caption files, and a Path costs more
                 if entry.is_dir():
@@ -2506,10 +2510,11 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
     """Find the images, read each one's caches, manual caption and records once, and decide what it needs.
     `count`: the trainer's token count, to tell a recorded reply that fits a new budget from one that needs asking.
     `keep_texts`: keep the caption texts of every item, not only of those with work (for the audit and the review)."""
-    stale: list[Path] = []
-    images, failures = walk_images(cfg.dataset_dir, stale)
-    items, conflicts = pair_items(images, cfg.caption_extension)
+    stale, nested = [], []
+    images, failures = walk_images(cfg.dataset_dir, stale, nested)
     records = Records(dataset_root(cfg.dataset_dir))
+    one_record_set(cfg.dataset_dir, records.root, nested)
+    items, conflicts = pair_items(images, cfg.caption_extension)
     # --refresh none trusts every cache as it is: no record is needed to judge one; but the --write_captions files
     # are copies kept in step, and only their records tell this script's copy from a hand edit
     if cfg.refresh != "none" or cfg.write_captions:
@@ -2547,6 +2552,20 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
         if not (item.vision or merges or keep_texts or len(plan.refinish) > refinishing):
             forget_texts(item)
     return plan
+
+
+def one_record_set(folder: Path, root: Path, nested: list[Path]) -> None:
+    """A dataset has one record set. Records kept by a folder inside it (a run there before any run above it) are
+    the ones that judge that folder's caches: this run's would find them unrecorded, adopt each as it is, and so never
+    merge the edits made since that folder's last run. Refuse, naming the folder (the mirror of a run on a
+    sub-folder, which simply uses the dataset's records)."""
+    inner = nested + [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
+    if inner:
+        first, more = inner[0], f" (and {len(inner) - 1} more such folders)" if len(inner) > 1 else ""
+        raise UsageError(f"{first} keeps records of its own ({first / RECORDS_DIR}){more}, apart from the dataset at "
+                         f"{root}: a run here would take its captions as they are and miss the edits made since its "
+                         f"last run. Run on {first} itself, or, to make {root} one dataset, run on {first} once more "
+                         f"and then delete {first / RECORDS_DIR}")
 
 
 def forget_texts(item: Item) -> None:

@@ -237,6 +237,41 @@ def test_a_run_on_a_sub_folder_after_an_edit_uses_the_datasets_records_and_lock(
     assert code == 2 and f"is already working on {ds}" in err
 
 
+def test_a_run_on_the_folder_above_a_dataset_refuses_and_misreads_nothing(tmp_path, capsys, model_dir, llm_server):
+    """The mirror of the sub-folder case: above a dataset with records of its own, a run would start a second record
+    set in which every cache of the dataset is unrecorded, so adopted as it is, and an edit made since the dataset's
+    last run is never merged. It refuses instead, before any work, with one line naming the dataset."""
+    parent = tmp_path / "lora"
+    images = make_dataset(parent / "char_a", 2) + make_dataset(parent / "char_b", 1)
+    seed_generated(images)
+    model = model_dir("florence2")
+    assert run_main(capsys, *run_args(parent / "char_a", model, llm_server))[0] == 0
+    (parent / "char_a" / "img001.txt").write_text("a caption rewritten by hand, before the wider run", encoding="utf-8")
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and p.name != ec.LOCK_NAME}
+
+    before = files()
+
+    asked = len(llm_server.requests)
+    for extra in ((), ("--dry_run",), ("--audit",)):
+        code, out, err = run_main(capsys, *run_args(parent, model, llm_server, *extra))
+        assert code == 2, out + err
+        error = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and str(parent / "char_a") in error[0] and ec.RECORDS_DIR in error[0], err
+    assert len(llm_server.requests) == asked
+    assert files() == before and not (parent / ec.RECORDS_DIR).exists()  # no second record set, nothing written
+
+    code, out, err = run_main(capsys, *run_args(parent / "char_a", model, llm_server))  # the dataset itself: fine
+    assert code == 0, err
+    sent = llm_server.chat_requests()[asked:]
+    assert len(sent) == 1 and "rewritten by hand, before the wider run" in user_message(sent[0])
+
+    # a dataset with records copied into a folder that has records too: its own records are not passed over
+    (parent / ec.RECORDS_DIR).mkdir()
+    code, out, err = run_main(capsys, *run_args(parent / "char_a", model, llm_server))
+    assert code == 2 and f"error: {parent / 'char_a'} keeps records of its own" in err, err
+
+
 # --------------------------------------------------------------------------------------------
 # A stop that cannot hang; errors that are never lost
 # --------------------------------------------------------------------------------------------
