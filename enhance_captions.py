@@ -4051,7 +4051,7 @@ def thumbnail(path: Path, stamp: str) -> bytes:
 class ReviewEntry:
     """One card: the item as planning decided it, and what the audit (and the last run's report) found."""
 
-    id: str                   # the image's path in the dataset, with forward slashes: how the page names it
+    id: str                   # the image's path in the dataset, with forward slashes, printable: the page's name
     item: Item
     findings: list[Finding] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)  # planning's, or the last run's
@@ -4086,7 +4086,7 @@ class Review:
         with self.busy:
             plan = plan_work(dataclasses.replace(self.cfg, limit=None), keep_texts=True)
             reported = self.reported_failures()
-            entries = [ReviewEntry(item.image.relative_to(self.cfg.dataset_dir).as_posix(), item)
+            entries = [ReviewEntry(printable(item.image.relative_to(self.cfg.dataset_dir).as_posix()), item)
                        for item in plan.items]
             by_path = {str(p): e for e in entries for p in (e.item.image, *self.files(e.item).values())}
             notes = []

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -366,3 +367,19 @@ def test_saving_a_caption_unchanged_writes_nothing(review, ds):
         status, answer = review.save("img000.jpg", kind, f"  {text}\n")
         assert status == 200 and answer["message"].endswith("is unchanged: nothing written"), answer
     assert files_of(ds) == before
+
+
+def test_a_file_name_that_is_not_utf8_can_be_shown_and_saved(tmp_path, ds):
+    """Its card is named printably (as the summary names it): the page can fetch its thumbnail and save its caption,
+    where the name's undecodable byte came out as "?" and no request could name the image."""
+    name = os.fsdecode(b"caf\xe9")
+    image = make_image(ds / f"{name}.jpg", 7)
+    with ReviewServer(tmp_path, ds) as review:
+        card = next(c for c in review.items()["items"] if "caf" in c["id"])
+        assert card["id"] == "caf\\xe9.jpg"
+        status, headers, data = review.request("GET", f"/thumb?id={quote(card['id'])}")
+        assert status == 200 and headers["content-type"] == "image/jpeg" and data[:2] == b"\xff\xd8"
+        status, answer = review.save(card["id"], "manual", "a cafe, named in Latin-1")
+        assert status == 200, answer
+    assert (ds / f"{name}.txt").read_bytes() == b"a cafe, named in Latin-1\n"
+    assert image.exists()
