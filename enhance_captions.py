@@ -42,8 +42,9 @@ Map of this file, top to bottom:
     stages                     AsyncStage (requests on the event loop thread), the local vision loop
     planning and sharding      plan_work()/decide(): the one decision per item (what is redone and why, what is
                                re-finished from its recorded reply, what differs in settings, whether the
-                               --write_captions copy follows), made by the main process; bad inputs remembered;
-                               plan_rows(): the plan as the other processes get it
+                               --write_captions copy follows), made by the main process over the dataset's one
+                               record set (one_record_set); bad inputs remembered; plan_rows(): the plan as the
+                               other processes get it
     run()                      one process's stages, one way: caption (NewCaptions passes each on) -> merge (Merger)
     around the run             lock, signals, preflight, dry run, the summary block, report, export
     training captions          token budgets, --prefix/--suffix, --export formats (imagefolder, kohya), --audit
