@@ -640,6 +640,8 @@ def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
     except UnidentifiedImageError as e:
         size = path.stat().st_size if path.exists() else 0
         raise BadInput("empty file (0 bytes)" if size == 0 else "not an image PIL can read") from e
+    except (FileNotFoundError, PermissionError) as e:  # its access, not its bytes: a chmod fixes it, and no stamp
+        raise ItemError(f"cannot read image: {e.strerror or e}") from e  # would tell, so it is not remembered as bad
     except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise BadInput(f"cannot decode image: {reason}") from e
@@ -1806,7 +1808,7 @@ class LocalCaptioner:
                                     padding=True)
         return inputs, [img.info.get("full_size", img.size) for img in images]
 
-    def collate(self, batch: list) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    def collate(self, batch: list) -> tuple[list[int], Any, list[tuple[int, ItemError]]]:
         """The DataLoader's collate_fn: ImageFolder's (position, image, error) reads become the processor's inputs
         in the worker. Returns the positions captioned, their inputs, and each other position's error."""
         good = [(i, img) for i, img, _ in batch if img is not None]
@@ -1821,8 +1823,8 @@ class LocalCaptioner:
                     kept.append((index, img))
                 except Exception as e:
                     width, height = img.info.get("full_size", img.size)
-                    errors.append((index, f"the processor refused the {width}x{height} image: {type(e).__name__}: "
-                                          f"{first_line(e)}"))
+                    errors.append((index, BadInput(f"the processor refused the {width}x{height} image: "
+                                                   f"{type(e).__name__}: {first_line(e)}")))
             good = kept
             prepared = self.prepare([img for _, img in good]) if good else None
         if prepared is not None:
@@ -2002,7 +2004,7 @@ class ImageFolder:
         try:
             return index, load_image(self.items[index].image, min_side=self.min_side), None
         except ItemError as e:
-            return index, None, str(e)
+            return index, None, e
 
 
 def worker_init(_: int) -> None:
@@ -2282,8 +2284,8 @@ def caption_locally(items: Sequence[Item], captioner: LocalCaptioner, cfg: Confi
     with torch_threads_set(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
         try:
             for indices, prepared, errors in loader:
-                for index, error in errors:  # the file's own fault: it cannot be decoded, or the processor refuses it
-                    stats.fail(items[index].image, STAGE_VISION, error, bad_input=True)
+                for index, error in errors:  # it cannot be read or decoded, or the processor refuses it
+                    stats.fail(items[index].image, STAGE_VISION, str(error), bad_input=isinstance(error, BadInput))
                     reporter.detail(f"failed {items[index].image}: {error}")
                 failure = "the vision model returned an empty caption"
                 try:

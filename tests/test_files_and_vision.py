@@ -259,8 +259,10 @@ def test_collate_pickles_without_the_model(tmp_path, model_dir):
     collate = pickle.loads(pickle.dumps(captioner.collate))
     assert "model" not in vars(collate.__self__) and collate.__self__.prompt == captioner.prompt
     indices, prepared, errors = collate([(0, ec.load_image(make_image(tmp_path / "a.png", 1)), None),
-                                         (1, None, "empty file (0 bytes)")])
-    assert indices == [0] and errors == [(1, "empty file (0 bytes)")] and prepared is not None
+                                         (1, None, ec.BadInput("empty file (0 bytes)"))])
+    errors = pickle.loads(pickle.dumps(errors))  # as a decoding worker hands them over
+    assert indices == [0] and prepared is not None
+    assert [(i, type(e), str(e)) for i, e in errors] == [(1, ec.BadInput, "empty file (0 bytes)")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,6 +172,30 @@ def test_a_fixed_image_is_tried_again(tmp_path, capsys, vlm, llm_server):
     assert "still failing" not in out + err and images
 
 
+def test_an_image_that_cannot_be_opened_is_not_remembered_as_bad(tmp_path, capsys, vlm, llm_server, monkeypatch):
+    """Permission denied is the file's access, not its bytes: a chmod fixes it without changing its size or mtime,
+    so a remembered failure would stay "still failing" for good. (The tests run as root, which no mode stops: the
+    refusal is the one PIL's open would raise.)"""
+    from PIL import Image
+
+    ds = tmp_path.resolve() / "ds"
+    images = make_dataset(ds, 2)
+    real_open = Image.open
+
+    def refusing(path, *args, **kwargs):
+        if Path(path) == images[1]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", refusing)
+    out, err, _ = run(capsys, ds, vlm, llm_server, expect=1)
+    assert f"FAILED {images[1]} [vision]: cannot read image: Permission denied" in err
+    assert not (ds / ".enhance_captions" / "failures.jsonl").exists() and "bad input" not in out
+    monkeypatch.setattr(Image, "open", real_open)  # the mode fixed
+    out, err, requests = run(capsys, ds, vlm, llm_server)
+    assert len(requests) == 1 and caches(images[1])[1].exists() and "still failing" not in out + err
+
+
 def test_a_caption_that_is_not_utf8_is_still_failing_until_it_is_resaved(tmp_path, capsys, llm_server):
     ds, images = seeded(tmp_path, 2)
     images[1].with_suffix(".txt").write_bytes(b"caf\xe9 au lait")
