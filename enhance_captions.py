@@ -3599,7 +3599,7 @@ def write_export(cfg: Config, plan: Plan, warn: Callable[[str], None]) -> int:
     imagefolder's rows also hold both inputs of the merge and an `approved` column from --review."""
     fmt = export_format(cfg.export)
     target = cfg.dataset_dir / Path(cfg.export).expanduser()  # an absolute --export path replaces the root
-    approvals = load_approvals(cfg.dataset_dir)
+    approvals = load_approvals(plan.records)
     rows = []
     for item in plan.items:
         # by variant name, from the files (other processes made some): "" is the combined caption, or the
@@ -4005,9 +4005,10 @@ REVIEW_CHANGES = {"/api/save": "save", "/api/approve": "approve"}  # POST only
 MAX_CHANGE_BYTES = 1 << 20
 
 
-def load_approvals(root: Path) -> dict[str, str]:
+def load_approvals(records: Records) -> dict[str, str]:
+    """Kept with the dataset's records, whichever folder of it was reviewed."""
     try:
-        approvals = json.loads((root / RECORDS_DIR / APPROVALS_FILE).read_text(encoding="utf-8"))
+        approvals = json.loads((records.folder / APPROVALS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return approvals if isinstance(approvals, dict) else {}
@@ -4027,7 +4028,7 @@ def is_approved(approvals: dict[str, str], records: Records, item: Item) -> bool
 
 
 def approved_count(cfg: Config, plan: Plan) -> int:
-    approvals = load_approvals(cfg.dataset_dir)
+    approvals = load_approvals(plan.records)
     return sum(is_approved(approvals, plan.records, item) for item in plan.items) if approvals else 0
 
 
@@ -4106,7 +4107,7 @@ class Review:
                     entry.failures += [f"the last run: {why}" for why in reported.get(str(entry.item.image), ())]
             self.plan, self.entries, self.notes = plan, entries, notes
             self.by_id = {e.id: e for e in entries}
-            self.approvals = load_approvals(self.cfg.dataset_dir)
+            self.approvals = load_approvals(plan.records)
             self.planned_unseen = True
 
     def reported_failures(self) -> dict[str, list[str]]:
@@ -4256,15 +4257,14 @@ class Review:
                 return 409, {"error": f"not {'approved' if approved else 'changed'}: {path.name} "
                                       f"{'is missing' if now is None else 'changed on disk since the page showed it'}",
                              "card": self.card(entry)}
-            approvals = load_approvals(self.cfg.dataset_dir)  # another page may have approved others since
+            approvals = load_approvals(self.plan.records)  # another page may have approved others since
             key = self.plan.records.key(path)
             if approved:
                 approvals[key] = now
             else:
                 approvals.pop(key, None)
-            folder = self.cfg.dataset_dir / RECORDS_DIR
-            folder.mkdir(exist_ok=True)
-            atomic_write(folder / APPROVALS_FILE, json.dumps(approvals, ensure_ascii=False, indent=0, sort_keys=True))
+            self.plan.records.folder.mkdir(exist_ok=True)
+            atomic_write(self.plan.records.folder / APPROVALS_FILE, json.dumps(approvals, ensure_ascii=False, indent=0, sort_keys=True))
             self.approvals = approvals
         return 200, {"message": f"{entry.id}: {'approved' if approved else 'no longer approved'}",
                      "card": self.card(entry)}

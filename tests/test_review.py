@@ -12,7 +12,7 @@ import pytest
 
 import enhance_captions as ec
 from tests.conftest import caches, make_image, run_main, user_message
-from tests.review_server import ReviewServer, ds, endpoint_args, template  # noqa: F401 (fixtures)
+from tests.review_server import ReviewServer, ds, endpoint_args, merged_dataset, template  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -383,3 +383,16 @@ def test_a_file_name_that_is_not_utf8_can_be_shown_and_saved(tmp_path, ds):
         assert status == 200, answer
     assert (ds / f"{name}.txt").read_bytes() == b"a cafe, named in Latin-1\n"
     assert image.exists()
+
+
+def test_approvals_made_on_a_sub_folder_are_the_datasets(tmp_path, ds, capsys):
+    """A review of a sub-folder keeps its approvals with the dataset's records, where its runs, --audit and --export
+    look: they went into a second .enhance_captions/ in the sub-folder, which no run on the dataset read."""
+    merged_dataset(ds / "sub", 1)  # merged through the dataset's records: no record set of its own
+    with ReviewServer(tmp_path, ds / "sub") as review:
+        sha = review.caption("img000.jpg", "combined")["sha"]
+        status, answer = review.json("POST", "/api/approve", {"id": "img000.jpg", "sha": sha, "approved": True})
+        assert status == 200, answer
+    assert not (ds / "sub" / ec.RECORDS_DIR).exists()
+    code, out, err = run_main(capsys, "--dataset_dir", ds, "--audit")
+    assert code in (0, 1) and "  reviewed: 1 approved, 3 not yet reviewed (--review)" in out, out + err
