@@ -3366,7 +3366,7 @@ def backend_switch(cfg: Config, plan: Plan) -> str | None:
     backend or model. A change asked for by a flag or a variable goes ahead."""
     if not cfg.local_llm_by_default or not plan.to_combine:
         return None
-    records = plan.records if plan.records.latest else Records(cfg.dataset_dir).load()  # --refresh none reads none
+    records = plan.records if plan.records.latest else Records(plan.records.root).load()  # --refresh none reads none
     made_with = (records.settings.get(record.settings) or {} for record in records.latest.values())
     makers = collections.Counter((used["backend"], used.get("model")) for used in made_with if "backend" in used)
     del makers["local", cfg.local_llm]

@@ -194,6 +194,21 @@ def test_a_rerun_without_an_endpoint_refuses_to_switch_to_the_default_local_llm(
     assert caches(images[1])[1].read_bytes() == before[images[1]]
 
 
+def test_a_sub_folder_run_trusting_its_caches_still_refuses_to_switch(tmp_path, capsys):
+    """--refresh none reads no records to plan, so the switch check reads them itself: the dataset's, not a record
+    set of the sub-folder that does not exist (which found no maker, and let the default local LLM merge)."""
+    ds = tmp_path / "ds"
+    images = make_dataset(ds / "sub", 2)
+    seed_generated(images)
+    with FakeLLMServer() as server:
+        assert run_main(capsys, *merge_args(ds, server))[0] == 0
+    caches(images[0])[1].unlink()  # one merge to make
+    code, out, err = run_main(capsys, "--dataset_dir", ds / "sub", "--model_id", tmp_path / "no-such-model",
+                              "--refresh", "none")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "were made by endpoint model test-model" in lines[0], err
+
+
 # --------------------------------------------------------------------------------------------
 # A process that hangs is given up on
 # --------------------------------------------------------------------------------------------
