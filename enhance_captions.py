@@ -2781,11 +2781,13 @@ def read_failing(records: Records) -> dict[str, dict]:
     return failing
 
 
-def remember_failing(plan: Plan, stats: Stats) -> None:
+def remember_failing(plan: Plan, stats: Stats, folder: Path) -> None:
     """Keep the bad inputs for the next run: those still failing as they were, and this run's new ones with the time
-    they first failed (main process, at the end). One that changed was tried again, and is here only if it failed."""
+    they first failed (main process, at the end). One that changed was tried again, and is here only if it failed.
+    Those outside the folder of this run (a sub-folder of the dataset) stay as they were."""
     records, now = plan.records, time.strftime("%Y-%m-%d %H:%M")
-    rows = dict(plan.still)
+    inside = records.key(folder) + "/" if folder != records.root else ""
+    rows = {key: row for key, row in plan.failing.items() if not key.startswith(inside)} | plan.still
     bad, errors = set(stats.bad) | set(plan.bad), {f.path: f.error for f in stats.failures}
     for item in plan.items:
         key = records.key(item.image_file)
@@ -5014,7 +5016,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         plan.records.compact()
     if not stats.fatal:
         with contextlib.suppress(OSError):  # without it, the next run only tries the bad inputs again
-            remember_failing(plan, stats)
+            remember_failing(plan, stats, cfg.dataset_dir)
     for line in summary_lines(plan, stats):
         stream = sys.stderr if line.startswith(("FAILED", "error")) else sys.stdout
         try:

@@ -158,6 +158,24 @@ def test_a_broken_image_is_remembered_and_the_next_run_loads_no_model(tmp_path, 
     assert f"missing {caches(broken)[1]}: no combined caption: fix or replace {broken}" in out
 
 
+def test_a_run_on_a_sub_folder_keeps_the_rest_of_the_datasets_bad_inputs(tmp_path, capsys, vlm, llm_server):
+    """The memory is the dataset's: a run on one folder of it forgot the bad inputs of the others, so the next run
+    on the whole dataset tried them again (and loaded the vision model for them)."""
+    ds = tmp_path.resolve() / "ds"
+    broken = []
+    for folder in ("a", "b"):
+        images = make_dataset(ds / folder, 1)
+        broken.append(ds / folder / "broken.jpg")
+        broken[-1].write_bytes(images[0].read_bytes()[:300])  # a truncated JPEG
+    run(capsys, ds, vlm, llm_server, expect=1)
+    run(capsys, ds / "a", vlm, llm_server, expect=1)
+    junk_weights(vlm)  # a load now fails the run with exit 2
+    out, err, requests = run(capsys, ds, vlm, llm_server, expect=1)
+    assert requests == [] and "loading" not in out + err
+    for path in broken:
+        assert re.search(rf"FAILED {re.escape(str(path))} \[input\]: still failing since ", err), err
+
+
 def test_a_fixed_image_is_tried_again(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path.resolve() / "ds"
     images = make_dataset(ds, 1)
