@@ -2562,9 +2562,13 @@ def one_record_set(folder: Path, root: Path, nested: list[Path]) -> None:
     the ones that judge that folder's caches: this run's would find them unrecorded, adopt each as it is, and so never
     merge the edits made since that folder's last run. Refuse, naming the folder (the mirror of a run on a
     sub-folder, which simply uses the dataset's records)."""
-    inner = nested + [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
-    if inner:
-        first, more = inner[0], f" (and {len(inner) - 1} more such folders)" if len(inner) > 1 else ""
+    above = [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
+    if above:  # this folder is inside one such folder, itself inside the dataset: no run here can tell which is right
+        raise UsageError(f"{above[0]} keeps records of its own ({above[0] / RECORDS_DIR}), and so does the dataset at "
+                         f"{root} above it: each would misread the captions the other judged. Keep one: delete "
+                         f"{above[0] / RECORDS_DIR}, or move {above[0]} out of {root}")
+    if nested:
+        first, more = nested[0], f" (and {len(nested) - 1} more such folders)" if len(nested) > 1 else ""
         raise UsageError(f"{first} keeps records of its own ({first / RECORDS_DIR}){more}, apart from the dataset at "
                          f"{root}: a run here would take its captions as they are and miss the edits made since its "
                          f"last run. Run on {first} itself, or, to make {root} one dataset, run on {first} once more "

@@ -266,10 +266,13 @@ def test_a_run_on_the_folder_above_a_dataset_refuses_and_misreads_nothing(tmp_pa
     sent = llm_server.chat_requests()[asked:]
     assert len(sent) == 1 and "rewritten by hand, before the wider run" in user_message(sent[0])
 
-    # a dataset with records copied into a folder that has records too: its own records are not passed over
+    # a dataset with records copied into a folder that has records too: neither record set is passed over, and
+    # the line says how to keep one (a run on the dataset itself would meet the same two)
     (parent / ec.RECORDS_DIR).mkdir()
-    code, out, err = run_main(capsys, *run_args(parent / "char_a", model, llm_server))
-    assert code == 2 and f"error: {parent / 'char_a'} keeps records of its own" in err, err
+    for folder, advice in ((parent / "char_a", f"Keep one: delete {parent / 'char_a' / ec.RECORDS_DIR}"),
+                           (parent, f"Run on {parent / 'char_a'} itself")):
+        code, out, err = run_main(capsys, *run_args(folder, model, llm_server))
+        assert code == 2 and f"error: {parent / 'char_a'} keeps records of its own" in err and advice in err, err
 
 
 # --------------------------------------------------------------------------------------------
