@@ -2562,17 +2562,18 @@ def one_record_set(folder: Path, root: Path, nested: list[Path]) -> None:
     the ones that judge that folder's caches: this run's would find them unrecorded, adopt each as it is, and so never
     merge the edits made since that folder's last run. Refuse, naming the folder (the mirror of a run on a
     sub-folder, which simply uses the dataset's records)."""
-    above = [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
-    if above:  # this folder is inside one such folder, itself inside the dataset: no run here can tell which is right
-        raise UsageError(f"{above[0]} keeps records of its own ({above[0] / RECORDS_DIR}), and so does the dataset at "
-                         f"{root} above it: each would misread the captions the other judged. Keep one: delete "
-                         f"{above[0] / RECORDS_DIR}, or move {above[0]} out of {root}")
-    if nested:
-        first, more = nested[0], f" (and {len(nested) - 1} more such folders)" if len(nested) > 1 else ""
-        raise UsageError(f"{first} keeps records of its own ({first / RECORDS_DIR}){more}, apart from the dataset at "
-                         f"{root}: a run here would take its captions as they are and miss the edits made since its "
-                         f"last run. Run on {first} itself, or, to make {root} one dataset, run on {first} once more "
-                         f"and then delete {first / RECORDS_DIR}")
+    inner = nested + [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
+    if not inner:
+        return
+    first, more = inner[0], f" (and {len(inner) - 1} more such folders)" if len(inner) > 1 else ""
+    if (root / RECORDS_DIR).is_dir():  # two record sets already (an older version's, or copied in): no run can choose
+        raise UsageError(f"{first} keeps records of its own ({first / RECORDS_DIR}){more}, and so does the dataset at "
+                         f"{root} around it: each would misread the captions the other judged. Keep one: delete "
+                         f"{first / RECORDS_DIR}, or move {first} out of {root}")
+    raise UsageError(f"{first} keeps records of its own ({first / RECORDS_DIR}){more}, apart from the dataset at "
+                     f"{root}: a run here would take its captions as they are and miss the edits made since its last "
+                     f"run. Run on {first} itself, or, to make {root} one dataset, run on {first} once more and then "
+                     f"delete {first / RECORDS_DIR}")
 
 
 def forget_texts(item: Item) -> None:
