@@ -41,7 +41,10 @@ def page(browser):
     errors: list[str] = []
     page = context.new_page()
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(15_000)  # actions and waits; expect's own default is 5 s, short for a busy CI machine
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=15_000)
     yield page
     context.close()
     assert errors == []
