@@ -3991,9 +3991,9 @@ def run_audit(cfg: Config) -> int:
         write_report(cfg.report, findings, {"exit_code": code, "images": len(plan.items), "findings": dict(kinds),
                                             "approved": approved})
     say("\n".join([f"audit: {len(plan.items)} images under {cfg.dataset_dir}, {len(findings)} findings",
-                     f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)",
-                     *(f"  {kind}: {n}" for kind, n in sorted(kinds.items())),
-                     *(f"{f.kind} {f.path}: {f.detail}" for f in findings)]))
+                   f"  reviewed: {approved} approved, {len(plan.items) - approved} not yet reviewed (--review)",
+                   *(f"  {kind}: {n}" for kind, n in sorted(kinds.items())),
+                   *(f"{f.kind} {f.path}: {f.detail}" for f in findings)]))
     return code
 
 
@@ -4270,8 +4270,9 @@ class Review:
                 approvals[key] = now
             else:
                 approvals.pop(key, None)
-            self.plan.records.folder.mkdir(exist_ok=True)
-            atomic_write(self.plan.records.folder / APPROVALS_FILE, json.dumps(approvals, ensure_ascii=False, indent=0, sort_keys=True))
+            folder = self.plan.records.folder
+            folder.mkdir(exist_ok=True)
+            atomic_write(folder / APPROVALS_FILE, json.dumps(approvals, ensure_ascii=False, indent=0, sort_keys=True))
             self.approvals = approvals
         return 200, {"message": f"{entry.id}: {'approved' if approved else 'no longer approved'}",
                      "card": self.card(entry)}
