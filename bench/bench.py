@@ -186,15 +186,13 @@ def make_captioned_items(folder: Path, n: int, combined: bool = False, start: in
                 f"subject{i}, a red cat sitting on a blue sofa in a sunlit room", encoding="utf-8")
 
 
-def make_nested_tree(root: Path, counts: list[int]) -> dict[int, Path]:
-    """Fully cached images nested so that each size is one folder: for counts [1000, 10000, 20000] root/x/x holds
-    1,000, root/x holds 10,000 (root/x/x included), root holds 20,000 (root/x included). Returns {count: folder}."""
-    counts = sorted(set(counts))
-    folders = {n: root.joinpath(*["x"] * (len(counts) - 1 - i)) for i, n in enumerate(counts)}
-    previous = 0
-    for n in counts:
-        make_captioned_items(folders[n], n - previous, combined=True, start=previous)
-        previous = n
+def make_trees(root: Path, counts: list[int]) -> dict[int, Path]:
+    """A folder of fully cached images for each size, side by side (root/n1000, root/n10000, ...): each a dataset of
+    its own. (One folder nested in the next cost fewer files, but a run on a folder above a dataset with records of
+    its own is refused.) Returns {count: folder}."""
+    folders = {n: root / f"n{n}" for n in sorted(set(counts))}
+    for n, folder in folders.items():
+        make_captioned_items(folder, n, combined=True)
     return folders
 
 
@@ -778,9 +776,8 @@ def measure_overlap(args, sizes: Sizes, workdir: Path, model_id: str, vision_rat
 def measure_rss(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
     """Peak RSS of the script's own process, one fresh child per measurement, at two dataset sizes:
       cached    a fully cached rerun (every _generated and _combined cache present): plans, finds nothing to do;
-      planning  --overwrite all over the same images: plans a caption and a merge for every image, passes the
-                endpoint preflight, then stops where the vision model would load (--model_id names no model;
-                exit 2).
+      planning  --overwrite all over the same images: plans a caption and a merge for every image, then stops at
+                the preflight, before any model loads (--model_id names no model; exit 2).
     Two peaks each: through main() (what the run holds: imports, the plan, the Items; the targets use this one),
     and of the whole process (wait4), interpreter shutdown included, where torch's teardown briefly adds
     ~100 MB and can hide the plan's growth. The growth between the sizes is what the plan and Items cost."""
@@ -789,7 +786,7 @@ def measure_rss(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
         for mode, extra, expected in (("cached", (), 0), ("planning", ("--overwrite", "all"), 2)):
             for n in (sizes.rss_small, sizes.rss_large):
                 rc, wall, peak, output = run_child(script_command(tree[n], server, *extra, rss_marker=True), workdir)
-                if rc != expected or (mode == "planning" and "cannot load" not in output):
+                if rc != expected or (mode == "planning" and "--model_id: no such folder" not in output):
                     raise RuntimeError(f"{mode} run over {n} images: exit {rc} (expected {expected}): {output}")
                 out[f"{mode}_{n}"] = {"peak_rss_mb": main_peak(output) / 2**20, "process_peak_rss_mb": peak / 2**20,
                                       "seconds": wall}
@@ -803,7 +800,7 @@ def measure_rss(sizes: Sizes, tree: dict[int, Path], workdir: Path) -> dict:
 
 
 def record_tree(tree: dict[int, Path]) -> None:
-    """Each folder of the nested tree is a dataset root of its own: one run per folder adopts and records its
+    """Each folder of the tree is a dataset of its own: one run per folder adopts and records its
     caches (no request, no model), so that the rss and rerun sections measure a cached rerun, not an adopting one."""
     with FakeLLMServer() as server:
         for n, folder in sorted(tree.items()):
@@ -1093,14 +1090,14 @@ def measure_floor(folder: Path, n: int, workdir: Path) -> dict:
 
 
 def measure_scale(sizes: Sizes, workdir: Path) -> dict:
-    """Planning and a fully cached rerun at two large sizes (one folder nested in the other, as the rss section
-    builds them), and a linear projection to 1,000,000 images from the two:
+    """Planning and a fully cached rerun at two large sizes (a folder each, as the rss section builds them), and a
+    linear projection to 1,000,000 images from the two:
       adopt    the first run over caches without records: plans every image and records 2 caches each;
       plan     ec.plan_work alone, in this process, with the records (wall and CPU);
       rerun    a fresh `python enhance_captions.py` over the recorded folder: wall time and peak RSS (main()).
     Linear means the per-image cost at the large size is close to that at the small one."""
     small, large = sizes.scale_sizes
-    tree = make_nested_tree(workdir / "scale-tree", [small, large])
+    tree = make_trees(workdir / "scale-tree", [small, large])
     out: dict = {}
     with FakeLLMServer() as server:
         for n in (small, large):
@@ -1459,7 +1456,7 @@ def main(argv=None) -> int:
         if {"rss", "rerun"} & set(args.sections):
             counts = sorted({sizes.rss_small, sizes.rerun_images, sizes.rss_large})
             t = time.perf_counter()
-            tree = make_nested_tree(workdir / "cached-tree", counts)
+            tree = make_trees(workdir / "cached-tree", counts)
             record_tree(tree)
             print(f"[bench] built {counts[-1]:,} cached images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             section("rss", lambda: measure_rss(sizes, tree, workdir))
