@@ -247,6 +247,7 @@ def test_a_run_on_the_folder_above_a_dataset_refuses_and_misreads_nothing(tmp_pa
     model = model_dir("florence2")
     assert run_main(capsys, *run_args(parent / "char_a", model, llm_server))[0] == 0
     (parent / "char_a" / "img001.txt").write_text("a caption rewritten by hand, before the wider run", encoding="utf-8")
+
     def files() -> dict[Path, bytes]:
         return {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and p.name != ec.LOCK_NAME}
 
