@@ -467,7 +467,7 @@ def walk_images(root: Path, stale: list[Path] | None = None,
             if entry.name.startswith("."):  # also AppleDouble "._x.jpg" and our own temporary files
                 if stale is not None and STALE_TEMPORARY.match(entry.name):
                     stale.append(Path(entry.path))
-                if nested is not None and entry.name == RECORDS_DIR and folder is not root:
+                if nested is not None and entry.name == RECORDS_DIR and folder is not root and entry.is_dir():
                     nested.append(folder)
                 continue
             try:  # a Path only for folders: most entries are images and their caption files, and a Path costs more
