@@ -271,17 +271,21 @@ class Item:
     def image(self) -> Path:
         return Path(self.image_file)
 
+    def beside(self, suffix: str) -> str:
+        """{stem}SUFFIX: a file of this image's, by name (an image's name has a dot)."""
+        return self.image_file.rpartition(".")[0] + suffix
+
     @property
     def caption_file(self) -> str:
-        return f"{self.image_file.rpartition('.')[0]}{self.caption_extension}"
+        return self.beside(self.caption_extension)
 
     @property
     def caption_path(self) -> Path:
         return Path(self.caption_file)
 
     def cache_file(self, kind: str) -> str:
-        """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt (an image's name has a dot)"""
-        return f"{self.image_file.rpartition('.')[0]}_{kind}.txt"
+        """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt"""
+        return self.beside(f"_{kind}.txt")
 
     def cache_path(self, kind: str) -> Path:
         return Path(self.cache_file(kind))
@@ -2698,7 +2702,7 @@ def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
 
 def trainer_file(item: Item, cfg: Config) -> str:
     """{stem}EXT (--write_captions): a string, as planning uses it (trainer_path is its Path)."""
-    return f"{item.image_file.rpartition('.')[0]}{cfg.write_captions}"
+    return item.beside(cfg.write_captions)
 
 
 def trainer_path(item: Item, cfg: Config) -> Path:
