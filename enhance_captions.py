@@ -114,6 +114,7 @@ WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retr
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_SYSTEM_PROMPT = SCRIPT_DIR / "system_prompt.txt"
 DEFAULT_VERIFY_PROMPT = SCRIPT_DIR / "prompts" / "verify.txt"
+REVIEW_PAGE = SCRIPT_DIR / "review.html"  # --review's page: its NONCE is the one its Content-Security-Policy allows
 DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
 DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"  # where the openai client goes without a base URL
@@ -4090,6 +4091,7 @@ class Review:
 
     def __init__(self, cfg: Config, token: str):
         self.cfg, self.token = cfg, token
+        self.page = read_prompt_file(REVIEW_PAGE, "the review page")
         self.root = os.path.realpath(cfg.dataset_dir)
         self.count = caption_counter(cfg)  # the trainer's tokenizer (no model), for --max_caption_tokens findings
         self.busy = threading.Lock()       # one save or planning at a time
@@ -4305,7 +4307,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
             nonce = secrets.token_urlsafe(12)  # only the page's own script and style run, whatever a caption holds
             policy = (f"default-src 'none'; img-src 'self' data:; connect-src 'self'; script-src 'nonce-{nonce}'; "
                       f"style-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-            return self.answer(200, REVIEW_PAGE.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
+            return self.answer(200, self.review.page.replace("NONCE", nonce).encode(), "text/html; charset=utf-8",
                                {"Content-Security-Policy": policy})
         if url.path == "/api/items":
             show, offset, limit = query.get("filter", "all"), query.get("offset", "0"), query.get("limit", "50")
@@ -4398,193 +4400,6 @@ def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
     with review.busy:  # a save in flight finishes first
         server.server_close()
     return EXIT_FOR_SIGNAL[stop.signal]
-
-
-REVIEW_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
-<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">
-<title>Review: enhance_captions</title>
-<style nonce="NONCE">
-body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f3f3f0;color:#222}
-header{position:sticky;top:0;z-index:1;background:#fff;border-bottom:1px solid #ccc;padding:8px 12px;display:flex;
- flex-wrap:wrap;gap:6px;align-items:center}
-header button{border:1px solid #bbb;background:#fff;border-radius:4px;padding:3px 9px;cursor:pointer}
-header button.on{background:#333;color:#fff}
-#q{flex:1;min-width:12em;padding:4px}
-#status{flex-basis:100%;color:#444;min-height:1.4em}#status.bad{color:#b00}
-#notes{flex-basis:100%;color:#a40;font-size:13px}
-main{padding:12px;display:grid;gap:12px}
-.card{background:#fff;border:2px solid #ddd;border-radius:6px;padding:10px;display:grid;
- grid-template-columns:minmax(120px,260px) 1fr;gap:14px}
-.card.current{border-color:#2a6ad6}
-.card img{max-width:100%;max-height:260px;cursor:zoom-in;display:block}
-.name{font-size:12px;color:#555;word-break:break-all;margin-top:4px}
-.tags span{display:inline-block;padding:1px 7px;margin:0 4px 4px 0;border-radius:3px;font-size:12px;background:#eee}
-.tags .stale{background:#fbe3a5}.tags .edited{background:#d5e5ff}.tags .failed{background:#f6c2c2}
-.tags .ok{background:#d0efd0}.tags .approved{background:#2e8b3e;color:#fff}
-.finding{color:#a33d00;font-size:13px}
-.cap{margin:8px 0 0}.cap b{font-size:12px;color:#555;font-weight:600}.cap .file{font-size:11px;color:#888}
-.text{white-space:pre-wrap;padding:2px 5px;border:1px solid transparent;border-radius:3px}
-.editable .text{cursor:text}.editable .text:hover{border-color:#ccc}
-.text.none{color:#999;font-style:italic}
-textarea{width:100%;box-sizing:border-box;min-height:6em;font:inherit;padding:4px}
-.approve{margin-top:8px}
-#full{position:fixed;inset:0;z-index:2;background:rgba(0,0,0,.85);display:flex;align-items:center;
- justify-content:center;cursor:zoom-out}#full[hidden]{display:none}#full img{max-width:98vw;max-height:98vh}
-</style></head><body>
-<header><b>Review</b><span id="filters"></span><input id="q" type="search" placeholder="search the captions">
-<span id="count"></span><div id="notes"></div>
-<div id="status" role="status" aria-live="polite">j/k move, e edits the combined caption (or click a caption),
-Ctrl+Enter or Cmd+Enter saves, Esc cancels, a approves</div></header>
-<main id="cards"></main><p id="more"></p><div id="full" hidden><img alt="the whole image"></div>
-<script nonce="NONCE">
-"use strict";
-const token = new URLSearchParams(location.search).get("token") || "";
-const $ = s => document.querySelector(s), cards = $("#cards"), full = $("#full"), help = $("#status").textContent;
-let show = "all", query = "", loaded = 0, total = null, loading = false, turn = 0, current = null;
-
-function el(tag, cls, text) {  // captions go in as text only, never as HTML
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function say(text, bad) { $("#status").textContent = text; $("#status").className = bad ? "bad" : ""; }
-async function api(path, body) {
-  const options = {headers: {"X-Token": token, "Content-Type": "application/json"}};
-  if (body) Object.assign(options, {method: "POST", body: JSON.stringify(body)});
-  try {
-    const r = await fetch(path, options);
-    return [r.status, await r.json()];
-  } catch (e) { return [0, {error: "the review server does not answer: " + e.message}]; }
-}
-const asset = (kind, id) => `/${kind}?id=${encodeURIComponent(id)}&token=${encodeURIComponent(token)}`;
-const combined = item => item.captions.find(cap => cap.kind === "combined");
-
-async function more() {
-  if (loading || (total !== null && loaded >= total)) return;
-  loading = true;
-  const mine = turn, first = turn === 0 && !loaded;  // the page's first request: the folder looked at again
-  if (first) say("looking at the dataset folder (each load of the page plans it again)...");
-  const [status, data] = await api(`/api/items?filter=${show}&q=${encodeURIComponent(query)}&offset=${loaded}` +
-                                   `&limit=40${first ? "&refresh=1" : ""}`);
-  if (mine !== turn) return;
-  loading = false;
-  if (status !== 200) return say(data.error || `the server answered ${status}`, true);
-  if (first) say(help);
-  total = data.total;
-  loaded += data.items.length;
-  cards.append(...data.items.map(card));
-  $("#filters").replaceChildren(...Object.entries(data.counts).map(([name, count]) => {
-    const b = el("button", name === show ? "on" : "", `${name} ${count}`);
-    b.onclick = () => { show = name; restart(); say(`showing ${name} images`); };
-    return b;
-  }));
-  $("#notes").replaceChildren(...data.notes.map(n => el("div", "", n)));
-  $("#count").textContent = `${total} shown`;
-  $("#more").textContent = loaded < total ? "loading more..." : total ? "" : "no images match";
-  if (!current && cards.firstChild) select(cards.firstChild);
-  if (loaded < total && $("#more").getBoundingClientRect().top < innerHeight + 800) more();
-}
-function restart() {
-  turn++; loading = false; loaded = 0; total = null; current = null;
-  cards.replaceChildren();
-  more();
-}
-
-function card(item) {
-  const c = el("section", "card"), side = el("div"), body = el("div"), tags = el("div", "tags"), img = el("img");
-  c.item = item;
-  c.dataset.id = item.id;
-  Object.assign(img, {loading: "lazy", alt: item.id, src: asset("thumb", item.id)});
-  img.onclick = () => { full.firstChild.src = asset("image", item.id); full.hidden = false; };
-  img.onerror = () => img.replaceWith(el("div", "text none", "no preview"));
-  side.append(img, el("div", "name", item.id));
-  tags.append(...item.states.map(s => el("span", s.kind, s.text)));
-  if (item.approved) tags.append(el("span", "approved", "approved"));
-  const a = el("button", "approve", item.approved ? "approved: undo" : "approve the combined caption");
-  a.disabled = !(combined(item) || {}).sha;
-  a.onclick = () => approve(c);
-  body.append(tags, ...item.findings.map(f => el("div", "finding", `${f.kind} (${f.file}): ${f.detail}`)),
-              ...item.captions.map(cap => caption(c, cap)), a);
-  c.append(side, body);
-  c.onclick = () => select(c);
-  return c;
-}
-function caption(c, cap) {
-  const box = el("div", cap.editable ? "cap editable" : "cap");
-  const text = el("div", cap.text ? "text" : "text none", cap.text || cap.note || "none yet");
-  box.dataset.kind = cap.kind;
-  box.append(el("b", "", cap.label + " "), el("span", "file", cap.file), text);
-  if (cap.editable) text.onclick = () => edit(c, cap, box);
-  return box;
-}
-function edit(c, cap, box) {
-  let area = box.querySelector("textarea"), sha = cap.sha;
-  if (area) return area.focus();
-  const shown = box.querySelector(".text");
-  shown.hidden = true;  // shown again only to show the file as it is now, after a refused save
-  box.append(area = el("textarea"));
-  area.value = cap.text;
-  area.focus();
-  say(`editing ${cap.file}: Ctrl+Enter (Cmd+Enter) saves, Esc cancels`);
-  area.onkeydown = async ev => {
-    if (ev.key === "Escape") {
-      ev.preventDefault(); ev.stopPropagation();
-      area.remove(); shown.hidden = false; say(`cancelled: ${cap.file} is as it was`);
-    } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
-      ev.preventDefault();
-      const [status, data] = await api("/api/save", {id: c.item.id, kind: cap.kind, sha, text: area.value});
-      if (status === 200) { replace(c, data.card); return say(data.message); }
-      if (status === 409) {
-        sha = data.sha;
-        Object.assign(shown, {textContent: data.text || "none yet", className: data.text ? "text" : "text none",
-                              hidden: false});
-      }
-      say(data.error || `not saved: the server answered ${status}`, true);
-    }
-  };
-}
-async function approve(c) {
-  const [status, data] = await api("/api/approve", {id: c.item.id, sha: (combined(c.item) || {}).sha,
-                                                     approved: !c.item.approved});
-  if (data.card) replace(c, data.card);
-  say(data.message || data.error || `the server answered ${status}`, status !== 200);
-}
-function replace(c, item) {
-  const n = card(item);
-  c.replaceWith(n);
-  if (current === c) select(n);
-}
-function select(c, scroll) {
-  if (current) current.classList.remove("current");
-  (current = c).classList.add("current");
-  if (scroll) c.scrollIntoView({block: "nearest"});
-  if (!c.nextElementSibling) more();  // at the last card: the next ones
-}
-document.addEventListener("keydown", ev => {
-  if (ev.key === "Escape" && !full.hidden) { full.hidden = true; return; }
-  if (ev.target.matches("textarea, input") || ev.ctrlKey || ev.metaKey || ev.altKey || !current) return;
-  const box = current.querySelector('.cap.editable[data-kind="combined"]');
-  if (ev.key === "j" && current.nextElementSibling) select(current.nextElementSibling, true);
-  else if (ev.key === "k" && current.previousElementSibling) select(current.previousElementSibling, true);
-  else if (ev.key === "e" && box) { ev.preventDefault(); edit(current, combined(current.item), box); }
-  else if (ev.key === "a") approve(current);
-});
-full.onclick = () => { full.hidden = true; };
-let typing;
-$("#q").oninput = () => {
-  clearTimeout(typing);
-  typing = setTimeout(() => {
-    query = $("#q").value;
-    restart();
-    say(query ? `searching for "${query}"` : "showing all");
-  }, 250);
-};
-new IntersectionObserver(e => { if (e[0].isIntersecting) more(); }, {rootMargin: "800px"}).observe($("#more"));
-more();
-</script></body></html>
-"""
 
 
 # --------------------------------------------------------------------------------------------
