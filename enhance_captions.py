@@ -452,9 +452,8 @@ STALE_TEMPORARY = re.compile(r"^\..+(?:_generated|_combined(?:_[\w-]+)?)\.txt\.[
 
 def walk_images(root: Path, stale: list[Path] | None = None,
                 nested: list[Path] | None = None) -> tuple[list[str], list[Failure]]:
-    """All images under root, their paths as strings, sorted as their Paths would be; follows directory symlinks but
-    reports loops instead of hanging. Temporary cache files that a killed run left behind are collected into `stale`,
-    the folders below root that keep records of their own into `nested`."""
+    """All images under root as path strings, sorted as Paths sort (on Windows, without case); follows folder symlinks
+    but reports loops. A killed run's temporary cache files go into `stale`, sub-folders with records into `nested`."""
     found, problems, seen, extensions = [], [], set(), tuple(IMAGE_EXTENSIONS)
 
     def visit(folder: Path) -> None:
@@ -484,12 +483,7 @@ def walk_images(root: Path, stale: list[Path] | None = None,
                 problems.append(Failure(entry.path, STAGE_INPUT, f"cannot read: {e.strerror or e}"))
 
     visit(root)
-    return sorted(found, key=path_order), problems
-
-
-def path_order(path: str) -> list[str]:
-    """Where a path sorts among Paths: by folder, then by name (on Windows, without case)."""
-    return os.path.normcase(path).split(os.sep)
+    return sorted(found, key=lambda path: os.path.normcase(path).split(os.sep)), problems
 
 
 def pair_items(images: Sequence[str], caption_extension: str) -> tuple[list[Item], list[Failure]]:
@@ -712,8 +706,7 @@ def keep_tokens_first(text: str, parts: Sequence[str]) -> str:
         if re.search(r"\w", core):
             words = r"\s+".join(re.escape(w) for w in core.split())
             rest = re.sub(rf"(?<!\w){words}(?:['\u2019]s)?(?!\w)", "", rest, flags=re.IGNORECASE)
-    # What a removed phrase leaves behind: empty brackets, doubled commas, a space before a comma, commas or a
-    # full stop at the start.
+    # What a removed phrase leaves: empty brackets, doubled commas, a space before a comma, punctuation at the start.
     rest = " ".join(re.sub(r"\(\s*\)|\[\s*\]", "", rest).split())
     rest = re.sub(r"\s+([,.;:!?])", r"\1", rest)
     rest = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", rest)
@@ -1061,8 +1054,7 @@ class Records:
 def write_cache(records: Records, path: Path, text: str, record: Record, values: dict | None, seen: str | None,
                 finish: dict | None = None, check_values: dict | None = None) -> bool:
     """The one writer of a cache, with a last look: the file is replaced only while it is as planning saw it (`seen`,
-    its bytes' hash then; None: absent). Else a person changed or created it: theirs, it stays, no record is
-    written, and False says so. Raises ItemError when the file cannot be written."""
+    its bytes' hash then; None: absent). Else a person changed or created it: it stays unrecorded, and False says so."""
     data = cache_bytes(text)
 
     def last_look() -> bool:
