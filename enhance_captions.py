@@ -4428,10 +4428,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_dir", type=Path, required=True, help="folder of images and manual captions (recursive)")
     g.add_argument("--caption_extension", default=".txt", help="extension of the manual captions (kohya: .caption)")
     g.add_argument("--limit", type=int, help="process only the first N images that need work")
-    g.add_argument("--refresh", choices=REFRESH_MODES, default="inputs",
-                   help="inputs: redo a cache whose inputs changed since it was made (manual caption, image, "
-                        "hand-edited vision caption); settings: also one made with other settings (models, "
-                        "prompts, generation settings); none: trust every existing cache")
+    g.add_argument("--refresh", choices=REFRESH_MODES, default="inputs", help="inputs: redo a cache whose inputs "
+                   "changed since it was made (manual caption, image, hand-edited vision caption); settings: also one "
+                   "made with other settings (models, prompts, generation settings); none: trust every existing cache")
     g.add_argument("--overwrite", choices=["generated", "combined", "all"],
                    help="recompute these caches even where they exist, hand edits included")
     g.add_argument("--dry_run", action="store_true", help="show what a run would do; load nothing, call nothing")
@@ -4483,9 +4482,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--give_up_after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
                    help="stop a stage (LLM or served vision) whose every endpoint is set aside and none has answered "
                         "for this long; what it has not done is left for the next run (exit 1)")
-    g.add_argument("--keep_tokens", type=int, default=0,
-                   help="start each caption with the first N comma-separated parts of the manual caption, verbatim "
-                        "and once each (0: off)")
+    g.add_argument("--keep_tokens", type=int, default=0, help="start each caption with the first N comma-separated "
+                   "parts of the manual caption, verbatim and once each (0: off)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--batch_size", type=int, default=8, help="images per generate call")
@@ -4501,8 +4499,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "metadata.jsonl or metadata.csv (Hugging Face imagefolder, at the dataset root), "
                                     "NAME.json (kohya fine-tuning metadata, keyed by full path)")
     g.add_argument("--report", type=Path, help="write every failure as JSON lines (path, stage, error), and every "
-                                               "caption --verify flagged (path, stage, the three lists of findings); "
-                                               "with --review, read it")
+                   "caption --verify flagged (path, stage, the three lists of findings); with --review, read it")
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the summary")
     g.add_argument("-v", "--verbose", action="store_true", help="a line per item")
 
@@ -4510,10 +4507,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
                    help="also merge with the system prompt in FILE, cached as {stem}_combined_NAME.txt "
                         "(repeatable; e.g. short=prompts/short.txt, tags=prompts/tags.txt)")
-    g.add_argument("--write_captions", metavar="EXT",
-                   help="also write each image's combined caption to {stem}EXT, where the trainer reads it "
-                        "(.caption for kohya, .txt for OneTrainer, ai-toolkit, SimpleTuner); never the manual "
-                        "captions' --caption_extension")
+    g.add_argument("--write_captions", metavar="EXT", help="also write each image's combined caption to {stem}EXT, "
+                   "where the trainer reads it (.caption for kohya, .txt for OneTrainer, ai-toolkit, SimpleTuner); "
+                   "never the manual captions' --caption_extension")
     g.add_argument("--prefix", metavar="TEXT", help="fixed text at the start of every combined caption, before the "
                                                 "--keep_tokens parts (e.g. a trigger word); never doubled")
     g.add_argument("--suffix", metavar="TEXT", help="fixed text at the end of every combined caption; never doubled")
@@ -4522,10 +4518,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CLIP: 77, kohya --max_token_length N: N+2, T5: 512)")
     g.add_argument("--caption_tokenizer", metavar="ID_OR_PATH", help="the trainer's text tokenizer, Hub id or folder "
                                                "(e.g. openai/clip-vit-large-patch14)")
-    g.add_argument("--audit", action="store_true",
-                   help="check the finished captions for what would hurt training (kept parts, length, duplicates, "
-                        "refusals, phrases in every caption, vision loops); loads no model, calls nothing; exit 1 "
-                        "when something is found")
+    g.add_argument("--audit", action="store_true", help="check the finished captions for what would hurt training "
+                   "(kept parts, length, duplicates, refusals, phrases in every caption, vision loops); loads no "
+                   "model, calls nothing; exit 1 when something is found")
     g.add_argument("--verify", nargs="?", const="on", choices=("on", "strict"),
                    help="check each merged caption against the manual and vision captions with one more request: "
                         "invented details, contradictions and lost facts are merged again once, then flagged; "
@@ -4534,10 +4529,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the check's instructions (default: prompts/verify.txt beside the script)")
 
     g = p.add_argument_group("review")
-    g.add_argument("--review", action="store_true",
-                   help="serve a page of each image beside its captions, state and findings, to edit (saved as hand "
-                        "edits) and approve; give it the flags of your run; with --report FILE it shows that run's "
-                        "failures; loads no model, calls nothing; runs until Ctrl-C")
+    g.add_argument("--review", action="store_true", help="serve a page of each image beside its captions, state and "
+                   "findings, to edit (saved as hand edits) and approve; give it the flags of your run; with --report "
+                   "FILE it shows that run's failures; loads no model, calls nothing; runs until Ctrl-C")
     g.add_argument("--port", type=int, default=0, help="the review page's port (default: a free one)")
     g.add_argument("--host", default="127.0.0.1", help="the address the review page listens on; another than "
                                                       "loopback lets other machines reach it")
