@@ -3653,7 +3653,6 @@ def caption_counter(cfg: Config) -> Callable[[str], int] | None:
 
 
 def budget_problem(text: str, budget: int, count: Callable[[str], int], what: str = "reply") -> str | None:
-    """Why a caption is too long for the trainer, or None when it fits."""
     tokens = count(text)
     return f"{what} is {tokens} tokens, the limit is {budget}" if tokens > budget else None
 
@@ -3972,14 +3971,12 @@ def no_images(cfg: Config) -> str:
 
 
 def run_audit(cfg: Config) -> int:
-    """--audit: report what in the finished captions would hurt training. No lock, no model, no request."""
-    try:
-        count = caption_counter(cfg)
-        if not (plan := plan_work(cfg, keep_texts=True)).items:
-            raise UsageError(no_images(cfg))
-    except UsageError as e:
-        say(f"error: {e}", sys.stderr)
-        return EXIT_USAGE
+    """--audit: report what in the finished captions would hurt training. No lock, no model, no request. Raises
+    UsageError before anything is printed."""
+    count = caption_counter(cfg)
+    plan = plan_work(cfg, keep_texts=True)
+    if not plan.items:
+        raise UsageError(no_images(cfg))
     findings = audit_dataset(cfg, plan, count)
     approved = approved_count(cfg, plan)
     code = EXIT_FAILED if any(f.kind != STALE_CHECK for f in findings) else EXIT_OK
@@ -4363,8 +4360,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
 
 def run_review(cfg: Config, host: str, port: int, open_browser: bool) -> int:
-    """--review: serve the page until Ctrl-C or SIGTERM. Loads no model and sends no request. Raises UsageError
-    before the page is served."""
+    """--review: serve the page until Ctrl-C or SIGTERM; no model, no request. Raises UsageError before serving."""
     review = Review(cfg, secrets.token_urlsafe(24))
     if not review.entries:
         raise UsageError(no_images(cfg))
@@ -4723,11 +4719,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.review:  # no model, no endpoint; takes the lock only for the moment of each save
             return run_review(cfg, args.host, args.port, args.open)
+        if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
+            return run_audit(cfg)
     except UsageError as e:
         say(f"error: {e}", sys.stderr)
         return EXIT_USAGE
-    if cfg.audit:  # reads finished files only: no lock, no model, no endpoint
-        return run_audit(cfg)
     state = make_state()
     reporter = Reporter(cfg.verbosity, state.is_main_process, processes=state.num_processes)
     lock = DatasetLock(dataset_root(cfg.dataset_dir))
@@ -4847,8 +4843,7 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
 
 
 def stream_closed(stream) -> None:
-    """The reader of this stream went away: what is left of the output goes to /dev/null, so neither a later print
-    nor the interpreter's last flush prints a traceback about it."""
+    """The reader went away: the rest goes to /dev/null, so no later print or last flush prints a traceback."""
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
