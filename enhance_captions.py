@@ -285,7 +285,6 @@ class Item:
         return Path(self.caption_file)
 
     def cache_file(self, kind: str) -> str:
-        """generated -> {stem}_generated.txt, combined_NAME -> {stem}_combined_NAME.txt"""
         return self.beside(f"_{kind}.txt")
 
     def cache_path(self, kind: str) -> Path:
@@ -763,9 +762,8 @@ def clean_reply(text: str | None, manual: str | None = None) -> str:
 
 
 def strip_echo(text: str, prompt: str | None) -> str:
-    """text without the prompt at its start, however the model re-spelled it (BLIP lower-cases it and spaces its
-    tokens, an uncased tokenizer drops accents, a character tokenizer spaces letters apart): the two are compared as
-    their words' letters alone, and the echo is cut after the text's word where the prompt's letters end."""
+    """text without the prompt echoed at its start, however re-spelled (BLIP lower-cases and spaces tokens, uncased
+    tokenizers drop accents, character ones space letters): matched by letters alone, and cut at a word's end."""
     def fold(word: str) -> str:  # without case or accents, as uncased tokenizers give it back
         return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
@@ -925,13 +923,11 @@ OURS, EDITED, UNRECORDED = "ours", "edited", "unrecorded"
 
 
 class Records:
-    """The record of every cache this script wrote, in `.enhance_captions/` at the dataset root.
-
-    `records.jsonl` holds one JSON line per cache (and one per distinct set of settings); each process appends
-    to a journal of its own, `journal/<time>-<host>-<pid>.jsonl`, so no two processes or machines write one file.
-    A record is appended before its cache is renamed into place: a kill between the two leaves the old file, whose
-    record is kept for that (`previous`), so a cache is never mistaken for a hand edit. The main process folds
-    the journals into records.jsonl at the end of a run; a killed run's journal is read, and folded in next run."""
+    """The record of every cache this script wrote, in `.enhance_captions/` at the dataset root: `records.jsonl`, one
+    JSON line per cache (and one per distinct set of settings), and a journal that each process alone appends to,
+    `journal/<time>-<host>-<pid>.jsonl`. A record is appended before its cache is renamed into place: a kill between
+    the two leaves the old file, whose record is kept for that (`previous`), so a cache is never mistaken for a hand
+    edit. The main process folds the journals into records.jsonl at the end of a run (a killed run's, at the next)."""
 
     def __init__(self, root: Path):
         self.root, self.folder = root, root / RECORDS_DIR
