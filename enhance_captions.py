@@ -869,9 +869,8 @@ KIND_GENERATED, KIND_COMBINED, KIND_TRAINER = "generated", "combined", "trainer"
 
 
 def dataset_root(folder: Path) -> Path:
-    """The dataset a folder is part of: the outermost folder at or above it that has records, so that a run on a
-    sub-folder judges and records its caches with the dataset's records, under the dataset's lock (records a
-    sub-folder kept before a run on the whole dataset are stale since). Without any, the folder itself."""
+    """The dataset a folder is part of: the outermost folder at or above it with records (else the folder itself), so
+    a run on a sub-folder uses the dataset's records and lock (its own went stale when the whole dataset ran)."""
     return next((p for p in reversed((folder, *folder.parents)) if (p / RECORDS_DIR).is_dir()), folder)
 
 
