@@ -2480,8 +2480,7 @@ class Plan:
 class Refinish:
     """A merged caption whose recorded reply gets this run's --keep_tokens, --prefix, --suffix or budget: no request."""
 
-    merge: Merge
-    record: Record
+    merge: Merge  # its record is the one the reply comes from
     reply: str
     text: str
     change: str  # in words, e.g. "another --keep_tokens (0 → 1)"
@@ -2550,10 +2549,8 @@ def plan_work(cfg: Config, count: Callable[[str], int] | None = None, keep_texts
 
 
 def one_record_set(folder: Path, root: Path, nested: list[Path]) -> None:
-    """A dataset has one record set. Records kept by a folder inside it (a run there before any run above it) are
-    the ones that judge that folder's caches: this run's would find them unrecorded, adopt each as it is, and so never
-    merge the edits made since that folder's last run. Refuse, naming the folder (the mirror of a run on a
-    sub-folder, which simply uses the dataset's records)."""
+    """A dataset has one record set. A folder inside it with records of its own is refused, naming it: this run would
+    find its caches unrecorded, adopt them as they are, and never merge the edits made since that folder's last run."""
     inner = nested + [p for p in (folder, *folder.parents) if root in p.parents and (p / RECORDS_DIR).is_dir()]
     if not inner:
         return
@@ -2569,9 +2566,8 @@ def one_record_set(folder: Path, root: Path, nested: list[Path]) -> None:
 
 
 def forget_texts(item: Item) -> None:
-    """An item this run leaves as it is, once counted: no stage needs its captions' texts (the export reads them from
-    their files). Kept, they were 280 bytes an image of a cached rerun with the bench's short captions (real ones are
-    longer)."""
+    """An item this run leaves as it is needs no caption texts (the export reads the files): kept, they were 280
+    bytes an image of a cached rerun with the bench's short captions."""
     item.manual = item.generated = None
     for merge in item.merges:
         merge.text = None
@@ -2598,12 +2594,10 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
             item.vision = REASON_MISSING
         raise
     item.generated, item.generated_sha = gen.text, gen.sha
-    refresh = cfg.refresh != "none"
-
     if gen.sha is not None:
         if cfg.overwrite in ("generated", "all"):
             item.vision = REASON_OVERWRITE
-        elif not refresh:
+        elif cfg.refresh == "none":
             pass
         elif gen.status == EDITED:
             item.kept += (KIND_GENERATED,)
@@ -2619,17 +2613,15 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
                 plan.differ[(KIND_GENERATED, f"were made with {change}")] += 1
     if item.vision:
         item.generated = None  # it is being made again: nothing downstream may use the old text
-
     for merge in item.merges:
-        decide_merge(merge, cfg, plan, refresh)
-
+        decide_merge(merge, cfg, plan)
     if item.generated is None and not item.vision and any(m.reason and m.unless is None for m in item.merges):
         if gen.error:  # a hand-edited vision caption that cannot be read: never replaced, so no merge either
             raise ItemError(f"{gen.error}; re-save it as UTF-8 (or delete it to caption the image again)")
         item.vision = REASON_MISSING  # a merge needs a vision caption that is not there
 
 
-def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
+def decide_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     item, settings = merge.item, plan.settings
     found = inspect_cache(plan.records, item.cache_file(merge.variant.kind))
     merge.text, merge.sha, merge.record = found.text, found.sha, found.record
@@ -2637,7 +2629,7 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan, refresh: bool) -> None:
         merge.reason = REASON_MISSING
     elif cfg.overwrite in ("combined", "all"):
         merge.reason = REASON_OVERWRITE
-    elif not refresh:
+    elif cfg.refresh == "none":
         pass
     elif found.status == EDITED:
         item.kept += (merge.variant.kind,)
@@ -2675,36 +2667,31 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     if change:
         plan.differ[(merge.variant.kind, f"were made with {change}")] += 1
     if record.finish and record.finish != settings.finish_id and merge.text is not None:
-        refinish_merge(merge, record, cfg, plan)
+        refinish_merge(merge, cfg, plan)
 
 
 def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
     """--write_captions: the trainer's file is one more cache, a copy of the combined caption that follows it (see
     copy_for_trainer). A file there that this script did not write, or that was edited since, is a person's: kept,
     unless it is the combined caption's very bytes or --overwrite all says otherwise."""
-    found, combined = inspect_cache(plan.records, trainer_file(item, cfg)), item.merges[0]
+    found, combined = inspect_cache(plan.records, item.beside(cfg.write_captions)), item.merges[0]
     ours = found.status == OURS
     kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
     item.trainer = TrainerFile(found.sha, found.record.combined if ours else None, kept)
 
 
-def trainer_file(item: Item, cfg: Config) -> str:
-    """{stem}EXT (--write_captions): a string, as planning uses it (trainer_path is its Path)."""
-    return item.beside(cfg.write_captions)
-
-
 def trainer_path(item: Item, cfg: Config) -> Path:
-    return Path(trainer_file(item, cfg))
+    """{stem}EXT (--write_captions)."""
+    return Path(item.beside(cfg.write_captions))
 
 
 TRAINER_SETTINGS = settings_id(KIND_TRAINER, {"copy_of": KIND_COMBINED})
 
 
 def copy_for_trainer(cfg: Config, records: Records, merge: Merge, stats: Stats, sha: str | None = None) -> None:
-    """--write_captions: the combined caption as it is on disk copied to the trainer's file, after a last look, unless
-    the copy is current or a person's. Called once per image: at the start of the run, or once its merge is over
-    (made, failed, or waiting for a vision caption that failed). `sha`: the combined caption's hash as this run knows
-    it, if it does (then a current copy costs no read)."""
+    """--write_captions: the combined caption on disk copied to the trainer's file after a last look, unless the copy is
+    current or a person's. Once per image: at the start of the run, or once its merge is over (made, failed, or
+    waiting for a failed vision caption). `sha`: the combined caption's hash, if known (a current copy costs no read)."""
     item, trainer = merge.item, merge.item.trainer
     if trainer is None or trainer.kept or merge.variant.name:
         return
@@ -2737,10 +2724,10 @@ def finish_reply(reply: str, kept: Sequence[str], cfg: Config, count: Callable[[
     return training_caption(keep_tokens_first(reply, kept), kept, cfg, count)
 
 
-def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> None:
+def refinish_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     """This run's --keep_tokens, --prefix, --suffix applied to the reply as recorded. One over a new
     --max_caption_tokens needs the LLM to shorten it: counted, or with --refresh settings redone."""
-    settings = plan.settings
+    settings, record = plan.settings, merge.record
     reply = record.reply if record.reply is not None else merge.text
     text = finish_reply(reply, keep_token_parts(merge.item.manual, cfg.keep_tokens), cfg)
     if plan.count is not None and cfg.max_caption_tokens and budget_problem(text, cfg.max_caption_tokens, plan.count):
@@ -2750,7 +2737,7 @@ def refinish_merge(merge: Merge, record: Record, cfg: Config, plan: Plan) -> Non
             plan.differ[(merge.variant.kind, f"are over the new --max_caption_tokens {cfg.max_caption_tokens}")] += 1
         return
     change = settings_change(plan.records, record.finish, settings.finish_id, settings.finish) or "other settings"
-    plan.refinish.append(Refinish(merge, record, reply, text, change))
+    plan.refinish.append(Refinish(merge, reply, text, change))
 
 
 FAILURES_FILE = "failures.jsonl"  # in RECORDS_DIR: the bad inputs, each until its file changes
@@ -2853,9 +2840,8 @@ class SharedWork:
     the main process's plan, so a chunk number names the same items everywhere; each stage hands out chunk numbers
     from its own counter, so a process that drew slow work takes fewer, and one that dies leaves only its claimed
     chunks undone. At the end the main process waits for each one's Stats while its heartbeat goes on: a collective
-    there times out (NCCL's default is 10 minutes) when one process finishes long after the others, and takes the
-    summary, the report and the export with it. The keys carry the run's id, so a rerun in the same store never sees
-    old counts. One process has no store, and takes every chunk in order."""
+    there would time out (NCCL's default is 10 minutes) when one process finishes long after the others. The keys
+    carry the run's id: a rerun in the same store never sees old counts. One process has no store."""
 
     def __init__(self, store=None, run_id: str = "", rank: int = 0, processes: int = 1):
         self.store, self.run_id, self.rank, self.processes = store, run_id, rank, processes
@@ -2949,9 +2935,8 @@ def make_chat(cfg: Config, state):
 def endpoint_chat(cfg: Config, state, stage: str, endpoints: Sequence[tuple[str | None, str | None]],
                   model: str | None, rpm: int, tpm: int, max_tokens: int, temperature: float):
     """The one place that builds endpoint clients: each (url, key) gets its own limiter with this process's share of
-    --rpm/--tpm, which so hold per endpoint. One endpoint is a pool of one: set aside when it stops answering.
-    Where several processes call one endpoint, a 429's pause reaches all of them through a file (one process keeps it
-    in memory); in a pool each endpoint has its own, named with a short hash of its URL."""
+    --rpm/--tpm, which so hold per endpoint; one endpoint is a pool of one. With several processes a 429's pause
+    reaches all of them through a file, one per endpoint (named with a short hash of its URL in a pool)."""
     chats = []
     for url, key in endpoints:
         name = stage if len(endpoints) == 1 else f"{stage}-{digest(url.encode('utf-8'))[:8]}"
@@ -3332,7 +3317,7 @@ def refinish(plan: Plan, stats: Stats, reporter: Reporter) -> None:
     reply (main process, once the lock is ours): no request, the record keeps the reply and the request's settings."""
     for job in plan.refinish:
         merge = job.merge
-        record = dataclasses.replace(job.record, finish=plan.settings.finish_id,
+        record = dataclasses.replace(merge.record, finish=plan.settings.finish_id,
                                      reply=job.reply if job.reply.strip() != job.text.strip() else None)
         try:
             if not write_cache(plan.records, merge.path, job.text, record, None, merge.sha, plan.settings.finish):
