@@ -2671,9 +2671,8 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
 
 
 def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
-    """--write_captions: the trainer's file is one more cache, a copy of the combined caption that follows it (see
-    copy_for_trainer). A file there that this script did not write, or that was edited since, is a person's: kept,
-    unless it is the combined caption's very bytes or --overwrite all says otherwise."""
+    """--write_captions: the trainer's file is a copy that follows the combined caption. One this script did not write,
+    or edited since, is a person's: kept, unless it is the combined caption's very bytes or --overwrite all."""
     found, combined = inspect_cache(plan.records, item.beside(cfg.write_captions)), item.merges[0]
     ours = found.status == OURS
     kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
@@ -2689,9 +2688,9 @@ TRAINER_SETTINGS = settings_id(KIND_TRAINER, {"copy_of": KIND_COMBINED})
 
 
 def copy_for_trainer(cfg: Config, records: Records, merge: Merge, stats: Stats, sha: str | None = None) -> None:
-    """--write_captions: the combined caption on disk copied to the trainer's file after a last look, unless the copy is
-    current or a person's. Once per image: at the start of the run, or once its merge is over (made, failed, or
-    waiting for a failed vision caption). `sha`: the combined caption's hash, if known (a current copy costs no read)."""
+    """--write_captions: the combined caption on disk copied to the trainer's file after a last look, unless the copy
+    is current or a person's. Once per image: at the start of the run, or once its merge is over (made, failed, or
+    waiting for a failed vision caption). `sha`: the combined caption's hash if known (a current copy costs no read)."""
     item, trainer = merge.item, merge.item.trainer
     if trainer is None or trainer.kept or merge.variant.name:
         return
@@ -2766,9 +2765,8 @@ def read_failing(records: Records) -> dict[str, dict]:
 
 
 def remember_failing(plan: Plan, stats: Stats, folder: Path) -> None:
-    """Keep the bad inputs for the next run: those still failing as they were, and this run's new ones with the time
-    they first failed (main process, at the end). One that changed was tried again, and is here only if it failed.
-    Those outside the folder of this run (a sub-folder of the dataset) stay as they were."""
+    """Keep the bad inputs for the next run (main process, at the end): those still failing as they were, and this
+    run's new ones with the time they first failed. Those outside the folder of this run stay as they were."""
     records, now = plan.records, time.strftime("%Y-%m-%d %H:%M")
     inside = records.key(folder) + "/" if folder != records.root else ""
     rows = {key: row for key, row in plan.failing.items() if not key.startswith(inside)} | plan.still
@@ -2954,9 +2952,8 @@ def make_vision_chat(cfg: Config, state) -> EndpointPool:
 
 def run(cfg: Config, plan: Plan, state, reporter: Reporter, stop: StopEvent, *,
         count_tokens: Callable[[str], int] | None = None, work: SharedWork | None = None) -> Stats:
-    """This process's part of the plan, in stages that hand on one way: caption, then merge (finish() comes after).
-    The merges of the images it captions follow them; the other merges are claimed by their own counter. Returns
-    its Stats for finish() to gather."""
+    """This process's part of the plan, in stages that hand on one way: caption, then merge. The merges of the images
+    it captions follow them; the other merges are claimed by their own counter. Returns its Stats for finish()."""
     stats, work = Stats(), work or SharedWork()
     if not plan.to_generate and not plan.to_combine:
         return stats
@@ -3150,9 +3147,8 @@ class Merger:
 
     async def checked(self, job: Merge, messages: list[dict], kept: Sequence[str], reply: str | None,
                       text: str) -> tuple[str | None, str, Check | None]:
-        """--verify: the caption checked; one with findings is merged again once, with the findings in the request,
-        and checked again. Returns the reply and caption to keep (reply None: the caption as it was) and the last
-        check (None: the check failed)."""
+        """--verify: the caption checked; one with findings is merged again once, with the findings, and checked again.
+        Returns the reply (None: the caption as it was) and caption to keep, and the last check (None: it failed)."""
         stats = self.stats
         stats.tally("checks", "checked")
         found, again = await self.check(job, text), False
