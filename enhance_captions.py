@@ -1097,8 +1097,7 @@ def same_origin(url: str, other: str) -> bool:
 
 
 def scaled_wait(seconds: float) -> float:
-    """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE (default 1): the test suite
-    sets it to run every such wait for real, only shorter. No flag: a person never needs it."""
+    """A backoff, Retry-After or set-aside wait, times $ENHANCE_CAPTIONS_WAIT_SCALE: the tests run them all, shorter."""
     return seconds * wait_scale(os.environ.get(WAIT_SCALE_VARIABLE, ""))
 
 
@@ -1112,10 +1111,9 @@ def wait_scale(raw: str) -> float:
 
 
 class SharedPause:
-    """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a small hidden
-    file in the dataset folder, which all the processes share already (next to the lock). Each request costs a
-    stat; the file is read only when it has changed. Two machines' clocks may differ a little, and so may their
-    pauses."""
+    """A Retry-After pause that every process of a run honours: the wall-clock time it ends, in a hidden file in the
+    dataset folder, which they all share already (machines' clocks may differ a little). Each request costs a stat;
+    the file is read only when it has changed."""
 
     def __init__(self, path: Path, wall=time.time):
         self.path, self.wall, self.until, self.seen = path, wall, 0.0, None
@@ -1243,8 +1241,7 @@ class EndpointChat:
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.stage, self.settings = stage, ENDPOINT_SETTINGS[stage]
-        self.limiter, self.api_key = limiter, api_key
-        self.openai = openai
+        self.limiter, self.api_key, self.openai = limiter, api_key, openai
         # A local server needs no key, but the client insists on one.
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0,
                                          timeout=timeout)
@@ -1278,7 +1275,7 @@ class EndpointChat:
                     model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
             except (o.NotFoundError, o.BadRequestError) as e:
                 raise FatalEndpointError(f"the endpoint {self._url()} refused {flag} {self.model!r} "
-                                         f"({e.status_code}: {self._reason(e)}); it serves: "
+                                         f"({e.status_code}: {server_reason(e, self.api_key)}); it serves: "
                                          f"{model_names(served) if served else 'no models listed'}") from e
             except (o.AuthenticationError, o.PermissionDeniedError) as e:
                 raise FatalEndpointError(self._explain(e)) from e
@@ -1289,12 +1286,9 @@ class EndpointChat:
     def _url(self) -> str:
         return redact(str(self.client.base_url), self.api_key)
 
-    def _reason(self, e: Exception) -> str:
-        return server_reason(e, self.api_key)
-
     def _explain(self, e) -> str:
         """A 401, 403 or 404, which every request would get, as what to change."""
-        url, reason, settings = self._url(), self._reason(e), self.settings
+        url, reason, settings = self._url(), server_reason(e, self.api_key), self.settings
         return {401: f"the endpoint {url} rejected the API key (401: {reason}); check {settings['key']}",
                 403: f"the endpoint {url} refused access (403: {reason}); check {settings['key']} and its permissions",
                 404: f"the endpoint {url} answered 404 for {settings['model']} {self.model!r} ({reason}): "
@@ -1307,8 +1301,7 @@ class EndpointChat:
         if response_format is not None and not self.structured:
             messages, response_format = format_in_prompt(messages, response_format), None
         options = {"response_format": response_format} if response_format is not None else {}
-        # The tokens it may spend, for --tpm; without a token limit, a vision request's ~100 KB of image is not
-        # measured for nothing.
+        # The tokens it may spend, for --tpm; not measured without it (a vision request carries ~100 KB of image).
         estimate = estimate_tokens(json.dumps(messages)) + self.max_tokens if self.limiter.tokens else 0
         entry = await self.limiter.acquire(estimate)
         on_the_wire()
@@ -1319,10 +1312,11 @@ class EndpointChat:
         except (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError) as e:
             raise FatalEndpointError(self._explain(e)) from e
         except o.APIStatusError as e:
-            if options and e.status_code == 400 and FORMAT_REFUSED.search(self._reason(e)):
+            reason = server_reason(e, self.api_key)
+            if options and e.status_code == 400 and FORMAT_REFUSED.search(reason):
                 # Not a retry: the same attempt, sent in the form this endpoint takes, once for the run.
                 self.structured = False
-                warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({self._reason(e)}); the "
+                warn_stderr(f"warning: endpoint {self._url()} refuses response_format ({reason}); the "
                             "check asks for its JSON in the prompt instead")
                 return await self.complete(messages, temperature, response_format)
             # A 429 or 503 with Retry-After pauses every request to this endpoint (of every process), not only this.
@@ -1331,9 +1325,9 @@ class EndpointChat:
                 with contextlib.suppress(ValueError):
                     self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
             if e.status_code == 429:
-                raise RetryableReply(f"rate limited (429): {self._reason(e)}") from e
+                raise RetryableReply(f"rate limited (429): {reason}") from e
             error = EndpointDown if e.status_code >= 500 else ItemError
-            raise error(f"endpoint answered {e.status_code}: {self._reason(e)}") from e
+            raise error(f"endpoint answered {e.status_code}: {reason}") from e
         except o.APITimeoutError as e:
             raise EndpointDown("request timed out (--timeout)") from e
         except o.APIConnectionError as e:  # ConnectError (httpx, httpx2): no connection was made at all
@@ -1369,16 +1363,15 @@ class PoolMember:
 
 
 class EndpointPool:
-    """The endpoints of one stage, one or several servers of one model, each with its own limiter (so --rpm and
-    --tpm hold per endpoint). A request goes to the one with the fewest in flight, then the fewest sent.
+    """The endpoints of one stage (servers of one model), each with its own limiter, so --rpm and --tpm hold per
+    endpoint. A request goes to the one with the fewest in flight, then the fewest sent.
 
-    An endpoint that stops answering is set aside with one warning line: at once when no connection can be made,
-    else after SET_ASIDE_AFTER failed requests in a row (5xx, timeouts, dropped connections) from more than one
-    item (one item that fails alone is that item's fault). It is tried again after SET_ASIDE_SECONDS, one request at
-    a time, the wait doubled each time it fails again. Meanwhile requests go to the others; with none left they
-    wait, spending no attempts. Once every endpoint is set aside and none has answered for `give_up_after` seconds
-    since the stage's last answer (or its first request), every item waiting and every request in flight ends with
-    GaveUp, so a hung server costs minutes, not hours."""
+    An endpoint that stops answering is set aside with one warning: at once when no connection can be made, else
+    after SET_ASIDE_AFTER failed requests in a row from more than one item (one item failing alone is its own fault).
+    It is tried again after SET_ASIDE_SECONDS, one request at a time, the wait doubled each time it fails again;
+    meanwhile requests go to the others, or wait, spending no attempts. Once every endpoint is set aside and none has
+    answered for `give_up_after` seconds since the stage's last answer (or first request), every item waiting and
+    every request in flight ends with GaveUp: a hung server costs minutes, not hours."""
 
     def __init__(self, chats: Sequence[EndpointChat], warn: Callable[[str], None] | None = None,
                  give_up_after: float = GIVE_UP_AFTER, clock=time.monotonic):
@@ -1679,8 +1672,7 @@ def check_messages(prompt: str, manual: str | None, generated: str, caption: str
 
 
 def parse_check(text: str) -> Check | None:
-    """The check's answer, strictly: one JSON object (possibly in a code fence) with exactly the three keys, each a
-    list of strings. None for anything else."""
+    """The check's answer as one JSON object (maybe fenced) of CHECK_KEYS, each a list of strings; else None."""
     fenced = CODE_FENCE.match(text.strip())
     try:
         data = json.loads(fenced.group(1) if fenced else text)
@@ -1762,13 +1754,11 @@ class LocalCaptioner:
             "and plain image captioners (BLIP)"
 
     def __init__(self, processor, model, prompt: str | None, system_prompt: str | None, generate_kwargs: dict):
-        self.processor, self.model = processor, model
-        self.kind = self.kind_of(processor)
+        self.processor, self.model, self.kind = processor, model, self.kind_of(processor)
+        self.system_prompt, self.generate_kwargs = system_prompt, generate_kwargs
         self.decode_side = decode_side(processor.image_processor)
         self.prompt = prompt if prompt is not None else \
             {"task": DEFAULT_TASK_PROMPT, "chat": DEFAULT_CHAT_PROMPT, "plain": ""}[self.kind]
-        self.system_prompt = system_prompt
-        self.generate_kwargs = generate_kwargs
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None and not getattr(model.config, "is_encoder_decoder", False):
             tokenizer.padding_side = "left"  # decoder-only: pad on the left so batching keeps captions equal
@@ -2025,8 +2015,7 @@ def inline_small_tensors(inputs) -> None:
 
 
 def warn_stderr(message: str, stream=None) -> None:
-    """A line while progress bars may show (a warning from inside a stage, where no Reporter reaches, or the
-    Reporter's own): printed between the bars."""
+    """A line between any progress bars: a stage's warning (where no Reporter reaches) or the Reporter's own."""
     from tqdm import tqdm
 
     tqdm.write(printable(message), file=stream or sys.stderr)
