@@ -1385,8 +1385,7 @@ class EndpointPool:
         self.watch: asyncio.Task | None = None
 
     async def check(self) -> str:
-        """Every endpoint's own check, in turn. The first settles the model (the one configured, or the one it
-        lists); the others must serve that model."""
+        """Each endpoint's check in turn: the first settles the model, which the others must serve."""
         model = self.members[0].chat.model
         for member in self.members:
             member.chat.model = model
@@ -1747,8 +1746,7 @@ def decode_side(image_processor) -> int:
 
 
 class LocalCaptioner:
-    """A transformers image-to-text model, of the kind its processor's capabilities say (kind_of). `collate` runs
-    in DataLoader workers, `caption` on the device."""
+    """A transformers image-to-text model of its processor's kind (kind_of); `collate` runs in DataLoader workers."""
 
     KINDS = "task-token models (Florence-2), chat-template vision models (Qwen-VL, SmolVLM, LLaVA, Janus, ...) " \
             "and plain image captioners (BLIP)"
@@ -1976,8 +1974,7 @@ def release_memory() -> None:
 
 
 class ImageFolder:
-    """A torch Dataset of items: each read returns (position, image or None, error or None). No __len__: the
-    DataLoader takes its positions from the batch sampler alone."""
+    """A torch Dataset: reads are (position, image or None, error or None). No __len__: a batch_sampler drives it."""
 
     def __init__(self, items: Sequence[Item], min_side: int = 0):
         self.items, self.min_side = items, min_side
