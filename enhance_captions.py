@@ -1503,8 +1503,7 @@ class LocalChat:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device, self.batch_size = device, batch_size
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.device, self.batch_size, self.max_tokens, self.temperature = device, batch_size, max_tokens, temperature
         self.queue: list[tuple[list[dict], float, asyncio.Future]] = []
         self.draining: asyncio.Task | None = None  # held, so that the loop cannot drop it halfway
 
