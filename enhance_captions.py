@@ -263,6 +263,7 @@ class Item:
     vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
     merges: tuple[Merge, ...] = ()    # the default merge, then one per --variant (a list: 48 bytes more an image)
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
+    outdated: tuple[str, ...] = ()    # ...of them, older than a change to their manual caption or image
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
     trainer: TrainerFile | None = None  # --write_captions: the trainer's copy of the combined caption
 
@@ -2585,7 +2586,7 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         elif cfg.refresh == "none":
             pass
         elif gen.status == EDITED:
-            item.kept += (KIND_GENERATED,)
+            keep_hand_edit(item, KIND_GENERATED, gen.record)
         elif gen.status == UNRECORDED:
             adopt(plan, item, KIND_GENERATED, Record(gen.sha, settings.vision_id, image=item.stamp))
         else:
@@ -2606,6 +2607,29 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
         item.vision = REASON_MISSING  # a merge needs a vision caption that is not there
 
 
+def keep_hand_edit(item: Item, kind: str, record: Record | None) -> None:
+    """A cache a person edited stays as it is, and nothing redoes it: so where an input it was made from (the image;
+    for a merged caption, the manual caption too) changed after the edit, it is outdated, and the run says so."""
+    item.kept += (kind,)
+    if record is None or record.image is None:  # a record that knows no inputs (a page save of a new file)
+        return
+    inputs = [item.image_file] if record.image != item.stamp else []
+    if kind != KIND_GENERATED and record.manual != item.manual_sha:
+        inputs.append(item.caption_file)
+    if any(changed_after(path, item.cache_file(kind)) for path in inputs):
+        item.outdated += (kind,)
+
+
+def changed_after(path: str, edit: str) -> bool:
+    """Whether `path` changed after the file `edit` was last written; a deleted one counts as changed."""
+    try:
+        return os.stat(path).st_mtime_ns > os.stat(edit).st_mtime_ns
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 def decide_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     item, settings = merge.item, plan.settings
     found = inspect_cache(plan.records, item.cache_file(merge.variant.kind))
@@ -2617,7 +2641,7 @@ def decide_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
     elif cfg.refresh == "none":
         pass
     elif found.status == EDITED:
-        item.kept += (merge.variant.kind,)
+        keep_hand_edit(item, merge.variant.kind, found.record)
     else:
         if found.status == UNRECORDED:  # adopted as it is now; a vision caption made again may change it
             merge.record = adopt(plan, item, merge.variant.kind, Record(
@@ -3369,11 +3393,16 @@ def output_label(kind: str) -> str:
     return labels.get(kind) or f"{kind.removeprefix(KIND_COMBINED + '_')} variant captions"
 
 
+OUTDATED = ", older than a change to its manual caption or image"  # a hand edit nothing redoes (keep_hand_edit)
+
+
 def kept_lines(plan: Plan) -> list[str]:
-    kept = collections.Counter(k for i in plan.items for k in i.kept)
-    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
-    return [f"  edited by hand (kept): {sum(kept.values())} ({breakdown(kept)})",
-            f"  adopted: {sum(adopted.values())} ({breakdown(adopted)})"]
+    kept, adopted, outdated = (collections.Counter(k for i in plan.items for k in getattr(i, name))
+                               for name in ("kept", "adopted", "outdated"))
+    return [f"  edited by hand (kept): {kept.total()} ({breakdown(kept)})",
+            *([f"  hand edits older than a change to their manual caption or image: {outdated.total()} "
+               f"({breakdown(outdated)}); kept: delete one to have it made again (-v names them)"] if outdated else []),
+            f"  adopted: {adopted.total()} ({breakdown(adopted)})"]
 
 
 def settings_lines(plan: Plan) -> list[str]:
@@ -3392,7 +3421,7 @@ def plan_items(cfg: Config, plan: Plan) -> Iterable[str]:
                 verb, name = "check" if merge.check_only else "merge", merge.variant.name
                 yield f"    {verb} {item.image}{f' ({name})' if name else ''}: {merge.reason}"
         for kind in item.kept:
-            yield f"    kept {item.cache_path(kind)}: edited by hand"
+            yield f"    kept {item.cache_path(kind)}: edited by hand{OUTDATED if kind in item.outdated else ''}"
         for kind in item.adopted:
             yield f"    adopted {item.cache_path(kind)}"
         if item.trainer is not None and item.trainer.kept:
@@ -4139,7 +4168,8 @@ class Review:
         states += [("stale", f"vision caption: made again next run ({item.vision})")] if item.vision else []
         states += [("stale", f"{m.path.name}: merged again next run ({m.reason})"
                     + (", if the new vision caption differs" if m.unless else "")) for m in item.merges if m.reason]
-        states += [("edited", f"{item.cache_path(kind).name}: edited by hand (kept)") for kind in item.kept]
+        states += [("edited", f"{item.cache_path(kind).name}: edited by hand (kept)"
+                    + (OUTDATED if kind in item.outdated else "")) for kind in item.kept]
         return [{"kind": kind, "text": text} for kind, text in states or [("ok", "current")]]
 
     # -- changes ------------------------------------------------------------------------------

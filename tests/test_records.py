@@ -312,6 +312,45 @@ def test_hand_edited_combined_captions_are_kept_until_overwrite_combined(tmp_pat
     assert_quiet(capsys, ds, vlm, llm_server)
 
 
+def test_a_hand_edit_older_than_a_change_to_its_inputs_is_kept_and_named(tmp_path, capsys, vlm, llm_server):
+    """Nothing redoes a hand edit, so one whose manual caption or image changed after it is said to be outdated; one
+    made after the change is the person's latest word and is not."""
+    ds = tmp_path / "ds"
+    images = make_dataset(ds, 3)
+    run(capsys, ds, vlm.good(), llm_server)
+    gen, comb = zip(*(caches(image) for image in images))
+
+    def edit(path: Path, data: bytes, at: int) -> None:  # written `at` seconds after the run, by the clock of mtimes
+        path.write_bytes(data)
+        os.utime(path, ns=(os.stat(path).st_atime_ns, (int(images[0].stat().st_mtime) + at) * 10**9))
+
+    edit(comb[0], UTF8_EDIT, 10)  # edited, then its manual caption changed: outdated
+    edit(ds / "img000.txt", b"subject0, photo number 0, now in blue", 20)
+    edit(ds / "img001.txt", b"subject1, photo number 1, now in blue", 10)  # changed, then edited: the latest word
+    edit(comb[1], CP1252_EDIT, 20)
+    edit(gen[2], UTF8_EDIT, 10)  # a vision caption edited, then the image replaced: outdated
+    make_image(images[2], OTHER_PICTURE)
+    os.utime(images[2], ns=(0, (int(images[0].stat().st_mtime) + 20) * 10**9))
+    before = snapshot(ds)
+
+    out, requests = run(capsys, ds, vlm.broken(), llm_server, "-v")
+    assert subjects(requests) == [2]  # its merge follows the edited vision caption
+    assert changed(before, snapshot(ds)) <= {"img002_combined.txt", ".enhance_captions/records.jsonl"}
+    assert summary(out, "edited by hand \\(kept\\)") == "  edited by hand (kept): 3 (2 combined, 1 generated)"
+    assert summary(out, "hand edits older than a change to their manual caption or image") == (
+        "  hand edits older than a change to their manual caption or image: 2 (1 combined, 1 generated); kept: "
+        "delete one to have it made again (-v names them)")
+    outdated = ", older than a change to its manual caption or image"
+    assert f"kept {comb[0]}: edited by hand{outdated}\n" in out and f"kept {gen[2]}: edited by hand{outdated}\n" in out
+    assert f"kept {comb[1]}: edited by hand\n" in out
+    assert comb[0].read_bytes() == UTF8_EDIT and comb[1].read_bytes() == CP1252_EDIT and gen[2].read_bytes() == UTF8_EDIT
+
+    comb[0].unlink()  # as the line says: deleted, it is merged again from the new manual caption
+    out, requests = run(capsys, ds, vlm.broken(), llm_server)
+    assert subjects(requests) == [0]
+    assert "hand edits older than a change to their manual caption or image: 1 (1 generated)" in out
+
+
 @pytest.mark.slow
 def test_hand_edited_generated_captions_are_kept_until_overwrite_generated(tmp_path, capsys, vlm, llm_server):
     ds = tmp_path / "ds"

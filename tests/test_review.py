@@ -238,6 +238,13 @@ def test_a_saved_cache_is_a_hand_edit_that_the_next_run_keeps(tmp_path, ds, llm_
     code, out, err = run_main(capsys, *endpoint_args(ds, llm_server))
     assert code == 0 and len(llm_server.requests) == 1  # and so on, every run
 
+    # its manual caption changed after the hand edit: the edit is kept, and the card says it is older
+    with ReviewServer(tmp_path, ds) as review:
+        status, answer = review.save("img001.jpg", "manual", "subject1, now in a red coat")
+        assert status == 200, answer
+        assert {"kind": "edited", "text": "img001_combined.txt: edited by hand (kept), older than a change to its "
+                "manual caption or image"} in answer["card"]["states"]
+
 
 def current_umask() -> int:
     mask = os.umask(0)
