@@ -4752,7 +4752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{len(plan.to_combine) - check_only} to merge"
                       + (f", {check_only} to check only" if check_only else "")
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
-        for line in plan_items(cfg, plan):
+        for line in plan_items(cfg, plan) if state.is_main_process else ():  # the others hold its rows with work
             reporter.detail(line)
         stop, stats = StopEvent(), Stats()
         if state.is_main_process:

@@ -500,9 +500,11 @@ def test_two_processes_record_every_cache_and_lose_no_line(tmp_path, capsys, vlm
     # both processes merge again (no load in either), and both journals are folded in
     edit_manual_captions(ds, len(images))
     asked = len(llm_server.requests)
-    result = run_two_processes(*run_args(ds, vlm.broken(), llm_server))
+    result = run_two_processes(*run_args(ds, vlm.broken(), llm_server, "-v"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert subjects(llm_server.requests[asked:]) == list(range(6))
+    planned = [line for line in result.stderr.splitlines() if re.fullmatch(r" {4}merge .*: manual changed", line)]
+    assert len(planned) == 6  # -v lists the one plan once: the main process's, not its rows again in the other
     records = assert_recorded(ds)
     assert set(records) == set(cache_files(ds)) and len(records) == 12
     manual = {f"img{i:03d}_combined.txt": sha(ds / f"img{i:03d}.txt") for i in range(6)}
