@@ -263,7 +263,7 @@ class Item:
     vision: str | None = None         # why the vision caption is made this run (a REASON_*), or None
     merges: tuple[Merge, ...] = ()    # the default merge, then one per --variant (a list: 48 bytes more an image)
     kept: tuple[str, ...] = ()        # kinds of cache edited by hand, kept as they are ("generated", "combined")
-    outdated: tuple[str, ...] = ()    # ...of them, older than a change to their manual caption or image
+    outdated: tuple[str, ...] = ()    # kinds of a person's file kept (trainer too) older than a change to its inputs
     adopted: tuple[str, ...] = ()     # kinds of cache found without a record, taken as they are
     trainer: TrainerFile | None = None  # --write_captions: the trainer's copy of the combined caption
 
@@ -2608,16 +2608,20 @@ def decide(item: Item, cfg: Config, plan: Plan) -> None:
 
 
 def keep_hand_edit(item: Item, kind: str, record: Record | None) -> None:
-    """A cache a person edited stays as it is, and nothing redoes it: so where an input it was made from (the image;
-    for a merged caption, the manual caption too) changed after the edit, it is outdated, and the run says so."""
     item.kept += (kind,)
-    if record is None or record.image is None:  # a record that knows no inputs (a page save of a new file)
-        return
-    inputs = [item.image_file] if record.image != item.stamp else []
-    if kind != KIND_GENERATED and record.manual != item.manual_sha:
-        inputs.append(item.caption_file)
-    if any(changed_after(path, item.cache_file(kind)) for path in inputs):
+    if older_than_inputs(item, record, item.cache_file(kind), manual=kind != KIND_GENERATED):
         item.outdated += (kind,)
+
+
+def older_than_inputs(item: Item, record: Record | None, edit: str, manual: bool) -> bool:
+    """Nothing redoes a person's file, so the run says when an input of what it was made from (the image, and with
+    `manual` the manual caption) changed after their edit. `record`: what our file there was made from."""
+    if record is None or record.image is None:  # a record that knows no inputs (a page save of a new file)
+        return False
+    inputs = [item.image_file] if record.image != item.stamp else []
+    if manual and record.manual != item.manual_sha:
+        inputs.append(item.caption_file)
+    return any(changed_after(path, edit) for path in inputs)
 
 
 def changed_after(path: str, edit: str) -> bool:
@@ -2686,6 +2690,8 @@ def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
     ours = found.status == OURS
     kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
     item.trainer = TrainerFile(found.sha, found.record.combined if ours else None, kept)
+    if kept and older_than_inputs(item, found.record, item.beside(cfg.write_captions), manual=True):
+        item.outdated += (KIND_TRAINER,)
 
 
 def trainer_path(item: Item, cfg: Config) -> Path:
@@ -2710,7 +2716,10 @@ def copy_for_trainer(cfg: Config, records: Records, merge: Merge, stats: Stats, 
         text, sha = read_caption(item.combined_path)
         if text is None:
             return
-        record = Record("", TRAINER_SETTINGS, combined=sha, adopted=trainer.copies is None and trainer.seen is not None)
+        made = records.latest.get(records.key(item.combined_path))  # its inputs, if on record as it is
+        made = made if made is not None and made.sha == sha else Record("", "")
+        record = Record("", TRAINER_SETTINGS, image=made.image, manual=made.manual, combined=sha,
+                        adopted=trainer.copies is None and trainer.seen is not None)
         if sha == trainer.copies:
             stats.count(KIND_TRAINER, "current")
         elif write_cache(records, trainer_path(item, cfg), text, record, None, trainer.seen):
@@ -3425,7 +3434,8 @@ def plan_items(cfg: Config, plan: Plan) -> Iterable[str]:
         for kind in item.adopted:
             yield f"    adopted {item.cache_path(kind)}"
         if item.trainer is not None and item.trainer.kept:
-            yield f"    kept {trainer_path(item, cfg)}: not written by this script, or edited since"
+            yield f"    kept {trainer_path(item, cfg)}: not written by this script, or edited since" + (
+                OUTDATED if KIND_TRAINER in item.outdated else "")
 
 
 def dry_run_report(cfg: Config, plan: Plan) -> list[str]:

@@ -342,16 +342,24 @@ def test_a_hand_edited_trainer_caption_is_kept_and_counted(tmp_path, llm_server,
     assert trainer_line(0, 2, 1) in out.splitlines()
     assert edited.read_bytes() == edit
     assert str(edited) in out  # -v names the file kept
+    assert "older than a change" not in out
 
     images[1].with_suffix(".txt").write_text("sks woman, a newer manual caption", encoding="utf-8")
-    out = run_ok(capsys, args)  # the combined caption moves on; the person's trainer caption stays
+    out = run_ok(capsys, args + ["-v"])  # the combined caption moves on; the person's trainer caption stays
     assert "sks woman, a newer manual caption" in combined(images[1])
     assert edited.read_bytes() == edit
     assert trainer_line(0, 2, 1) in out.splitlines()
+    outdated = ("  hand edits older than a change to their manual caption or image: 1 (1 trainer); kept: delete one to "
+                "have it made again (-v names them)")
+    assert outdated in out.splitlines()  # this run and every later one, until the file is given back
+    assert f"kept {edited}: not written by this script, or edited since, older than a change to its manual " \
+           "caption or image" in out
+    assert outdated in run_ok(capsys, args).splitlines()
 
     edited.unlink()  # given back: written again
     out = run_ok(capsys, args)
     assert trainer_line(1, 2, 0) in out.splitlines()
+    assert "older than a change" not in out
     assert kohya_caption(images[1], ".caption") == combined(images[1])
 
 
