@@ -109,6 +109,7 @@ PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by
 SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections), of 2+ items, that set one aside
 SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
 SET_ASIDE_MAX_SECONDS = 600.0
+REFUSED_AT_START = 8  # requests refused (a 400) before any got a reply that stop a stage: the rest would be too
 GIVE_UP_AFTER = 300.0  # --give_up_after: a stage whose every endpoint is set aside, and none answered this long, stops
 WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retry-After and set-aside wait (tests)
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -163,6 +164,10 @@ class BadInput(ItemError):
 
 class RetryableReply(ItemError):
     """A reply that came back broken (not JSON, no choices) or rate limited: worth asking again."""
+
+
+class Refused(ItemError):
+    """The endpoint refused this request (a 4xx other than 401, 403, 404 and 429): asking again changes nothing."""
 
 
 class EndpointDown(ItemError):
@@ -1327,7 +1332,7 @@ class EndpointChat:
                     self.limiter.pause(scaled_wait(min(float(retry_after), 600.0)))
             if e.status_code == 429:
                 raise RetryableReply(f"rate limited (429): {reason}") from e
-            error = EndpointDown if e.status_code >= 500 else ItemError
+            error = EndpointDown if e.status_code >= 500 else Refused
             raise error(f"endpoint answered {e.status_code}: {reason}") from e
         except o.APITimeoutError as e:
             raise EndpointDown("request timed out (--timeout)") from e
@@ -1380,6 +1385,8 @@ class EndpointPool:
         self.warn = warn or warn_stderr
         self.give_up_after, self.clock = give_up_after, clock
         self.answered = 0.0  # the stage's last answer, or its first request
+        self.replied = False  # whether any request got a reply
+        self.refusal, self.refusals = "", 0  # before one did: the last refusal, and how many in a row said the same
         self.gave_up: str | None = None
         self.changed = asyncio.Event()  # set, and replaced, whenever an endpoint's state changes
         self.over = asyncio.Event()  # set when the stage gives up
@@ -1406,14 +1413,29 @@ class EndpointPool:
             if len(self.members) > 1:
                 raise EndpointDown(f"{member.chat._url()}: {e}", e.refused) from e
             raise
-        except ItemError:  # it answered, though not with a reply to use (a 4xx, a 429, a broken reply)
+        except ItemError as e:  # it answered, though not with a reply to use (a 4xx, a 429, a broken reply)
             self._answered(member)
+            if isinstance(e, Refused) and not self.replied:
+                self._refused(member, e)
             raise
         finally:
             member.in_flight -= 1
             self._wake()
         self._answered(member)
+        self.replied = True
         return reply
+
+    def _refused(self, member: PoolMember, error: Refused) -> None:
+        """The first REFUSED_AT_START requests of the stage all refused alike, none answered: a setting every request
+        carries is one the server does not take (a --max_tokens over its limit), so the stage stops at once. Refusals
+        that differ (a caption too long for the context, an image too small, each saying its own size) are the
+        items' own: they fail, and the run goes on."""
+        self.refusals = self.refusals + 1 if str(error) == self.refusal else 1
+        self.refusal = str(error)
+        if self.refusals >= REFUSED_AT_START:
+            raise FatalEndpointError(f"the {member.chat.stage} endpoint {member.chat._url()} refused each of the "
+                                     f"first {self.refusals} requests and answered none ({error}); the rest is left "
+                                     "for the next run") from error
 
     async def _ready(self) -> PoolMember:
         """The endpoint to send to; one back on trial takes one request at a time. With none ready, wait for one."""

@@ -121,6 +121,61 @@ def test_an_endpoint_that_answers_500_to_everything_gives_up(tmp_path, capsys):
     rerun_does_the_rest(capsys, tmp_path / "ds", images, 6)
 
 
+def test_an_endpoint_that_refuses_every_request_stops_the_run_at_once(tmp_path, capsys):
+    """A 400 for every request (a --max_tokens over the server's limit) fails no item for good: the stage stops after
+    REFUSED_AT_START refusals with none answered, one error line, exit 2, the rest left for the next run."""
+    images = seeded(tmp_path, 40)
+    message = "max_tokens is too large: 512. This model's maximum is 256 tokens."
+    report = tmp_path / "report.jsonl"
+    with FakeLLMServer() as strict:
+        strict.reply = lambda body: status(400, body={"error": {"message": message, "type": "invalid_request_error"}})
+        code, out, err = run_main(capsys, *merge_args(tmp_path / "ds", strict, "--concurrency", "2", "--report",
+                                                      report))
+        asked = len(strict.chat_requests())
+        url = strict.base_url
+    assert code == 2, err
+    assert 8 <= asked <= 10, asked  # not 40: one refusal each
+    errors = lines_with(err, "error:")
+    assert len(errors) == 1 and url in errors[0] and "refused each of the first 8 requests" in errors[0], err
+    assert message in errors[0]
+    summary = json.loads(report.read_text(encoding="utf-8").splitlines()[-1])["summary"]
+    assert summary["exit_code"] == 2 and summary["left"]["llm"] == 40 - summary["llm"]["failed"] >= 30
+    assert merged(images) == []
+    rerun_does_the_rest(capsys, tmp_path / "ds", images, 40)
+
+
+def test_refusals_after_a_reply_fail_their_items_and_the_run_goes_on(tmp_path, capsys):
+    """Once the endpoint has answered, a refusal is that item's (a caption too long for its context): the run goes
+    on, and each refused item fails with the server's reason."""
+    images = seeded(tmp_path, 12)
+    with FakeLLMServer() as picky:
+        picky.reply = lambda body: "a merged caption" if "subject0," in user_message(body) else status(400)
+        code, out, err = run_main(capsys, *merge_args(tmp_path / "ds", picky, "--concurrency", "1"))
+        asked = len(picky.chat_requests())
+    assert code == 1, err
+    assert asked == 12 and len(lines_with(err, "FAILED")) == 11 and not lines_with(err, "error:")
+    assert merged(images) == images[:1]
+
+
+def test_refusals_that_each_give_their_own_reason_fail_their_items_and_the_run_goes_on(tmp_path, capsys):
+    """Refused before any reply, but each for a reason of its own (its own length): the items' fault, not a setting
+    every request carries. Each fails with its reason; the run does the others."""
+    images = seeded(tmp_path, 12)
+
+    def reply(body):
+        subject = int(re.search(r"subject(\d+),", user_message(body)).group(1))
+        if subject < 9:
+            return status(400, body={"error": {"message": f"this request is {4097 + subject} tokens, over 4096"}})
+        return "a merged caption"
+
+    with FakeLLMServer() as picky:
+        picky.reply = reply
+        code, out, err = run_main(capsys, *merge_args(tmp_path / "ds", picky, "--concurrency", "1"))
+    assert code == 1, err
+    assert len(lines_with(err, "FAILED")) == 9 and not lines_with(err, "error:")
+    assert merged(images) == images[9:]
+
+
 def test_a_hung_vision_endpoint_stops_its_stage_and_the_rest_waits_for_the_next_run(tmp_path, capsys):
     ds = tmp_path / "ds"
     images = make_dataset(ds, 4)
