@@ -4819,7 +4819,9 @@ def prepare(cfg: Config, state, lock: DatasetLock, count_tokens: Callable[[str],
     if cfg.dry_run:
         say("\n".join(dry_run_report(cfg, plan)))
         return cfg, plan, None
-    for path in plan.stale:  # the lock is ours: no other run is writing these
+    # The lock is ours: no other run is writing these. A killed run's temporaries of its records (records.jsonl, tens
+    # of MB at 200k images) are found by age: a review page writes its approvals there without the lock.
+    for path in plan.stale + [p for p in plan.records.folder.glob(".*.tmp") if file_age(p) > 60]:
         with contextlib.suppress(OSError):
             path.unlink()
     try:
@@ -4863,6 +4865,14 @@ def finish(cfg: Config, plan: Plan, state, stats: Stats, reporter: Reporter, wor
         count = write_export(cfg, plan, reporter.warn)
         reporter.info(f"exported {count} captions to {cfg.export}")
     return stats.exit_code()
+
+
+def file_age(path: Path) -> float:
+    """Seconds since the file was last written (0 when it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def stream_closed(stream) -> None:

@@ -478,10 +478,16 @@ def test_rerun_after_a_kill_mid_write_leaves_no_half_written_temporaries(tmp_pat
     seed_generated(images[:2])
     (ds / ".img001_combined.txt.k3j9x2.tmp").write_text("MERGED half a capt")
     (ds / ".img002_generated.txt.q8w7e6.tmp").write_text("")
+    (ds / ".enhance_captions").mkdir()
+    killed = ds / ".enhance_captions" / ".records.jsonl.0a1b2c3d.tmp"  # a compaction a kill cut short
+    killed.write_text('{"cache": "img000_combined.txt", "sha": "0')
+    os.utime(killed, (time.time() - 120, time.time() - 120))
+    saving = ds / ".enhance_captions" / ".approved.json.4e5f6a7b.tmp"  # a review page's save, this moment
+    saving.write_text("{")
     code, out, err = run_main(capsys, *run_args_4(ds, model_dir("florence2"), llm_server))
     assert code == 0, err
     assert all(combined_text(image) for image in images)
-    assert tmp_files(ds) == []
+    assert tmp_files(ds) == [saving]
 
 
 @pytest.mark.slow
