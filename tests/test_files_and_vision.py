@@ -242,7 +242,7 @@ def test_a_read_only_dataset_folder_is_one_line_exit_2(tmp_path, capsys, monkeyp
 def test_decoding_workers_started_by_spawn_caption_the_images(tmp_path, model_dir, llm_server):
     """spawn is the default start method on macOS and Windows: the workers unpickle the dataset and the collate."""
     images = make_dataset(tmp_path / "ds", 3)
-    argv = [str(SCRIPT)] + run_args(tmp_path / "ds", model_dir("florence2"), llm_server, num_workers=2)
+    argv = [str(SCRIPT)] + run_args(tmp_path / "ds", model_dir("florence2"), llm_server, num_workers=1)
     startup = ("import multiprocessing, runpy, sys; multiprocessing.set_start_method('spawn', force=True); "
                f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", startup], env=cli_env(), capture_output=True, text=True,
