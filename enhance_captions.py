@@ -109,7 +109,8 @@ PAUSE_NAME = ".enhance_captions.{stage}.pause"  # a Retry-After pause, shared by
 SET_ASIDE_AFTER = 3  # failed requests in a row (5xx, timeouts, dropped connections), of 2+ items, that set one aside
 SET_ASIDE_SECONDS = 30.0  # how long, the first time; doubled each time it fails again on its return, up to:
 SET_ASIDE_MAX_SECONDS = 600.0
-REFUSED_AT_START = 8  # requests refused (a 400) before any got a reply that stop a stage: the rest would be too
+REFUSED_AT_START = 8  # requests refused (a 400) before any got a reply that stop a stage: the rest would be too,
+REQUEST_SETTING = re.compile(r"max_(?:completion_)?tokens|temperature", re.IGNORECASE)  # when they name one of these
 GIVE_UP_AFTER = 300.0  # --give_up_after: a stage whose every endpoint is set aside, and none answered this long, stops
 WAIT_SCALE_VARIABLE = "ENHANCE_CAPTIONS_WAIT_SCALE"  # times every backoff, Retry-After and set-aside wait (tests)
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -1426,10 +1427,13 @@ class EndpointPool:
         return reply
 
     def _refused(self, member: PoolMember, error: Refused) -> None:
-        """The first REFUSED_AT_START requests of the stage all refused alike, none answered: a setting every request
-        carries is one the server does not take (a --max_tokens over its limit), so the stage stops at once. Refusals
-        that differ (a caption too long for the context, an image too small, each saying its own size) are the
-        items' own: they fail, and the run goes on."""
+        """The first REFUSED_AT_START requests of the stage all refused alike for a setting every request carries (a
+        --max_tokens over the model's limit, a --temperature a reasoning model does not take), none answered: every
+        request would be, so the stage stops at once. Any other refusal is the item's own (its length, its size, its
+        content), even when several say the same: those fail, and the run goes on, so a run never stops for good at
+        the same few items."""
+        if not REQUEST_SETTING.search(str(error)):
+            return
         self.refusals = self.refusals + 1 if str(error) == self.refusal else 1
         self.refusal = str(error)
         if self.refusals >= REFUSED_AT_START:

@@ -121,11 +121,14 @@ def test_an_endpoint_that_answers_500_to_everything_gives_up(tmp_path, capsys):
     rerun_does_the_rest(capsys, tmp_path / "ds", images, 6)
 
 
-def test_an_endpoint_that_refuses_every_request_stops_the_run_at_once(tmp_path, capsys):
-    """A 400 for every request (a --max_tokens over the server's limit) fails no item for good: the stage stops after
-    REFUSED_AT_START refusals with none answered, one error line, exit 2, the rest left for the next run."""
+@pytest.mark.parametrize("message", [
+    "max_tokens is too large: 512. This model supports at most 256 completion tokens, whereas you provided 512.",
+    "Unsupported value: 'temperature' does not support 0.3 with this model. Only the default (1) value is supported.",
+])
+def test_an_endpoint_that_refuses_every_request_for_a_setting_stops_the_run_at_once(tmp_path, capsys, message):
+    """The same 400 for every request, naming a setting each one carries: the stage stops after REFUSED_AT_START
+    refusals with none answered, one error line, exit 2, the rest left for the next run."""
     images = seeded(tmp_path, 40)
-    message = "max_tokens is too large: 512. This model's maximum is 256 tokens."
     report = tmp_path / "report.jsonl"
     with FakeLLMServer() as strict:
         strict.reply = lambda body: status(400, body={"error": {"message": message, "type": "invalid_request_error"}})
@@ -155,6 +158,25 @@ def test_refusals_after_a_reply_fail_their_items_and_the_run_goes_on(tmp_path, c
     assert code == 1, err
     assert asked == 12 and len(lines_with(err, "FAILED")) == 11 and not lines_with(err, "error:")
     assert merged(images) == images[:1]
+
+
+def test_alike_refusals_of_the_first_items_content_fail_them_and_the_run_goes_on(tmp_path, capsys):
+    """The first nine images refused alike for their content, before any reply: theirs, not a setting's. A stop
+    here would stop every later run at the same nine images; they fail, and the run does the others."""
+    images = seeded(tmp_path, 12)
+    policy = "Your request was rejected as a result of our safety system."
+
+    def reply(body):
+        if int(re.search(r"subject(\d+),", user_message(body)).group(1)) < 9:
+            return status(400, body={"error": {"message": policy, "code": "content_policy_violation"}})
+        return "a merged caption"
+
+    with FakeLLMServer() as moderated:
+        moderated.reply = reply
+        code, out, err = run_main(capsys, *merge_args(tmp_path / "ds", moderated, "--concurrency", "1"))
+    assert code == 1, err
+    assert len(lines_with(err, "FAILED")) == 9 and not lines_with(err, "error:")
+    assert merged(images) == images[9:]
 
 
 def test_refusals_that_each_give_their_own_reason_fail_their_items_and_the_run_goes_on(tmp_path, capsys):
