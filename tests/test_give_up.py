@@ -160,35 +160,19 @@ def test_refusals_after_a_reply_fail_their_items_and_the_run_goes_on(tmp_path, c
     assert merged(images) == images[:1]
 
 
-def test_alike_refusals_of_the_first_items_content_fail_them_and_the_run_goes_on(tmp_path, capsys):
-    """The first nine images refused alike for their content, before any reply: theirs, not a setting's. A stop
-    here would stop every later run at the same nine images; they fail, and the run does the others."""
-    images = seeded(tmp_path, 12)
-    policy = "Your request was rejected as a result of our safety system."
-
-    def reply(body):
-        if int(re.search(r"subject(\d+),", user_message(body)).group(1)) < 9:
-            return status(400, body={"error": {"message": policy, "code": "content_policy_violation"}})
-        return "a merged caption"
-
-    with FakeLLMServer() as moderated:
-        moderated.reply = reply
-        code, out, err = run_main(capsys, *merge_args(tmp_path / "ds", moderated, "--concurrency", "1"))
-    assert code == 1, err
-    assert len(lines_with(err, "FAILED")) == 9 and not lines_with(err, "error:")
-    assert merged(images) == images[9:]
-
-
-def test_refusals_that_each_give_their_own_reason_fail_their_items_and_the_run_goes_on(tmp_path, capsys):
-    """Refused before any reply, but each for a reason of its own (its own length): the items' fault, not a setting
-    every request carries. Each fails with its reason; the run does the others."""
+@pytest.mark.parametrize("refusal", [
+    lambda subject: "Your request was rejected as a result of our safety system.",  # alike, for each one's content
+    lambda subject: f"this request is {4097 + subject} tokens, over the context of 4096",  # each its own length
+], ids=["alike-for-content", "each-its-own"])
+def test_refusals_of_the_first_items_own_fail_them_and_the_run_goes_on(tmp_path, capsys, refusal):
+    """The first nine images refused before any reply, for reasons of their own, not for a setting every request
+    carries: a stop would stop every later run at the same nine. They fail with their reasons; the run does the
+    others."""
     images = seeded(tmp_path, 12)
 
     def reply(body):
         subject = int(re.search(r"subject(\d+),", user_message(body)).group(1))
-        if subject < 9:
-            return status(400, body={"error": {"message": f"this request is {4097 + subject} tokens, over 4096"}})
-        return "a merged caption"
+        return status(400, body={"error": {"message": refusal(subject)}}) if subject < 9 else "a merged caption"
 
     with FakeLLMServer() as picky:
         picky.reply = reply
