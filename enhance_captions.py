@@ -2712,11 +2712,12 @@ def stale_merge(merge: Merge, cfg: Config, plan: Plan) -> None:
 def decide_trainer(item: Item, cfg: Config, plan: Plan) -> None:
     """--write_captions: the trainer's file is a copy that follows the combined caption. One this script did not write,
     or edited since, is a person's: kept, unless it is the combined caption's very bytes or --overwrite all."""
-    found, combined = inspect_cache(plan.records, item.beside(cfg.write_captions)), item.merges[0]
+    path, combined = item.beside(cfg.write_captions), item.merges[0]
+    found = inspect_cache(plan.records, path)
     ours = found.status == OURS
     kept = found.sha is not None and not ours and found.sha != combined.sha and cfg.overwrite != "all"
     item.trainer = TrainerFile(found.sha, found.record.combined if ours else None, kept)
-    if kept and older_than_inputs(item, found.record, item.beside(cfg.write_captions), manual=True):
+    if kept and older_than_inputs(item, found.record, path, manual=True):
         item.outdated += (KIND_TRAINER,)
 
 
@@ -2742,10 +2743,10 @@ def copy_for_trainer(cfg: Config, records: Records, merge: Merge, stats: Stats, 
         text, sha = read_caption(item.combined_path)
         if text is None:
             return
-        made = records.latest.get(records.key(item.combined_path))  # its inputs, if on record as it is
-        made = made if made is not None and made.sha == sha else Record("", "")
-        record = Record("", TRAINER_SETTINGS, image=made.image, manual=made.manual, combined=sha,
-                        adopted=trainer.copies is None and trainer.seen is not None)
+        made = records.latest.get(records.key(item.combined_path))
+        inputs = {"image": made.image, "manual": made.manual} if made is not None and made.sha == sha else {}
+        record = Record("", TRAINER_SETTINGS, combined=sha, adopted=trainer.copies is None and trainer.seen is not None,
+                        **inputs)  # what the caption it copies was made from, if on record as it is
         if sha == trainer.copies:
             stats.count(KIND_TRAINER, "current")
         elif write_cache(records, trainer_path(item, cfg), text, record, None, trainer.seen):
