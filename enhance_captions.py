@@ -3433,8 +3433,9 @@ OUTDATED = ", older than a change to its manual caption or image"  # a hand edit
 
 
 def kept_lines(plan: Plan) -> list[str]:
-    kept, adopted, outdated = (collections.Counter(k for i in plan.items for k in getattr(i, name))
-                               for name in ("kept", "adopted", "outdated"))
+    kept = collections.Counter(k for i in plan.items for k in i.kept)
+    outdated = collections.Counter(k for i in plan.items for k in i.outdated)
+    adopted = collections.Counter(k for i in plan.items for k in i.adopted)
     return [f"  edited by hand (kept): {kept.total()} ({breakdown(kept)})",
             *([f"  hand edits older than a change to their manual caption or image: {outdated.total()} "
                f"({breakdown(outdated)}); kept: delete one to have it made again (-v names them)"] if outdated else []),
@@ -4789,8 +4790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{len(plan.to_combine) - check_only} to merge"
                       + (f", {check_only} to check only" if check_only else "")
                       + (f", split over {state.num_processes} processes" if state.num_processes > 1 else ""))
-        for line in plan_items(cfg, plan) if state.is_main_process else ():  # the others hold its rows with work
-            reporter.detail(line)
+        if state.is_main_process:  # the plan, once: the others hold only its rows with work
+            for line in plan_items(cfg, plan):
+                reporter.detail(line)
         stop, stats = StopEvent(), Stats()
         if state.is_main_process:
             refinish(plan, stats, reporter)
